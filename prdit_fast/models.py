@@ -1,0 +1,441 @@
+"""The PRDiT reference network, in plain PyTorch (spec sections 1-6 and 12).
+
+Data flow for a volume ``x`` of shape (B, C, S, S, S):
+
+    tokens   = unfold(x)                               # (B, N, D),  D = C p^3, N = (S/s)^3
+    c        = t_embedder(t)                           # (B, hidden)
+    coarse   = coarse.mlp_denoise(tokens, c_coarse)    # (B, N, s^3 Cout)  local denoiser
+    fine     = fine(tokens, c_fine)                    # (B, N, s^3 Cout)  global residual DiT
+    out      = unpatchify(coarse + fine)               # (B, 2C, S, S, S)  [eps_hat, x0_hat]
+
+Parameter names and shapes are those of the official release, so an official
+state dict loads with ``strict=True``. This module is the numerical truth that
+every fast kernel in ``prdit_fast.ops`` is tested against.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# size -> (hidden, heads); spec section 1
+SIZES: dict[str, tuple[int, int]] = {
+    "XS": (192, 6),
+    "S": (384, 6),
+    "B": (768, 12),
+    "L": (1024, 16),
+    "XL": (1152, 16),
+}
+PATCHES = (10, 12, 14, 16)
+DEPTHS = (0, 1, 2, 3, 4, 8, 10, 12)
+STRIDE = 8
+MLP_RATIO = 4.0
+TIMESTEP_FEATURES = 256
+NUM_TIMESTEPS = 1000
+
+_NAME_RE = re.compile(r"^(?:PRDiT-)?(XS|S|B|L|XL)/(\d+)/(\d+)$")
+
+
+@dataclass(frozen=True)
+class PRDiTConfig:
+    """Everything that fixes the architecture. JSON-serializable via ``asdict``."""
+
+    hidden: int
+    heads: int
+    depth: int
+    patch: int
+    input_size: int
+    in_channels: int = 1
+    stride: int = STRIDE
+    pad: int | None = None  # None: (patch - stride) / 2
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.pad is None:
+            object.__setattr__(self, "pad", (self.patch - self.stride) // 2)
+        validate_tiling(self.input_size, self.patch, self.stride, self.pad)
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.depth < 0:
+            raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.depth > 0 and self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+
+    @property
+    def token_dim(self) -> int:  # D = C p^3
+        return self.in_channels * self.patch**3
+
+    @property
+    def out_channels(self) -> int:  # Cout = 2C: [eps_hat, x0_hat]
+        return 2 * self.in_channels
+
+    @property
+    def out_token_dim(self) -> int:  # s^3 Cout
+        return self.stride**3 * self.out_channels
+
+    @property
+    def grid(self) -> int:  # g = S / s
+        return self.input_size // self.stride
+
+    @property
+    def num_tokens(self) -> int:  # N = g^3
+        return self.grid**3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_tiling(input_size: int, patch: int, stride: int, pad: int) -> None:
+    """Raise ValueError unless windows of ``patch`` at ``stride`` over the volume
+    reflect-padded by ``pad`` give exactly ``input_size / stride`` windows per axis,
+    i.e. the input and output token grids agree (spec section 1)."""
+    hint = (
+        f"PRDiT needs stride s = {STRIDE}, an even patch p > s with pad = (p - s) / 2 "
+        f"(standard p: {', '.join(map(str, PATCHES))}), and a volume edge S divisible by s "
+        f"with S > pad (e.g. 32, 64, 128, 256)"
+    )
+    if stride < 1 or patch < stride:
+        raise ValueError(f"patch {patch} / stride {stride} do not tile: {hint}")
+    if 2 * pad != patch - stride:
+        raise ValueError(
+            f"patch {patch}, stride {stride}, pad {pad} do not tile: 2*pad must equal "
+            f"patch - stride = {patch - stride}. {hint}"
+        )
+    if input_size <= 0 or input_size % stride:
+        raise ValueError(f"volume edge {input_size} is not a multiple of stride {stride}. {hint}")
+    if pad >= input_size:
+        raise ValueError(f"reflect padding {pad} needs a volume edge > {pad}, got {input_size}. {hint}")
+
+
+def parse_variant(name: str) -> tuple[str, int, int]:
+    """'PRDiT-B/12/4' (or 'B/12/4') -> ('B', 12, 4). ValueError lists the valid names."""
+    m = _NAME_RE.match(name.strip()) if isinstance(name, str) else None
+    if m is None or int(m.group(2)) not in PATCHES or int(m.group(3)) not in DEPTHS:
+        raise ValueError(
+            f"unknown PRDiT variant {name!r}. Valid names are PRDiT-{{size}}/{{p}}/{{depth}} with size in "
+            f"{list(SIZES)}, p in {list(PATCHES)}, depth in {list(DEPTHS)}, e.g. 'PRDiT-B/12/4'; "
+            f"see prdit_fast.list_models()"
+        )
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def variant_config(name: str, input_size: int, in_channels: int = 1) -> PRDiTConfig:
+    size, patch, depth = parse_variant(name)
+    hidden, heads = SIZES[size]
+    return PRDiTConfig(
+        hidden=hidden, heads=heads, depth=depth, patch=patch, input_size=input_size,
+        in_channels=in_channels, name=f"PRDiT-{size}/{patch}/{depth}",
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Layout helpers: volume <-> tokens (spec sections 3 and 6)
+# --------------------------------------------------------------------------- #
+def unfold3d(x: torch.Tensor, patch: int, stride: int, pad: int) -> torch.Tensor:
+    """Overlapping windows of a reflect-padded volume.
+
+    x: (B, C, S, S, S) -> (B, N, C p^3); tokens in raster order (depth slowest),
+    each window flattened as (channel, d, h, w).
+    """
+    B, C = x.shape[:2]
+    xp = F.pad(x, (pad,) * 6, mode="reflect")
+    w = xp.unfold(2, patch, stride).unfold(3, patch, stride).unfold(4, patch, stride)
+    gd, gh, gw = w.shape[2:5]  # w: (B, C, gd, gh, gw, p, p, p)
+    return w.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, gd * gh * gw, C * patch**3)
+
+
+def unpatchify(tokens: torch.Tensor, size: int, stride: int, channels: int) -> torch.Tensor:
+    """Non-overlapping s^3 cubes, each laid out (d, h, w, channel) channel fastest.
+
+    tokens: (B, N, s^3 Cout) -> (B, Cout, S, S, S)
+    """
+    B = tokens.shape[0]
+    g = size // stride
+    x = tokens.reshape(B, g, g, g, stride, stride, stride, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, Cout, gd, sd, gh, sh, gw, sw)
+    return x.reshape(B, channels, size, size, size)
+
+
+def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features, cosines first: (B,) -> (B, dim) in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def positional_encoding(grid: int, hidden: int) -> torch.Tensor:
+    """Fixed 3D sin/cos encoding on the output token grid: (g^3, hidden), fp32.
+
+    Per token (x, y, z) = (width, height, depth) coordinates (i + 0.5) / g;
+    F = hidden // 6 log-spaced frequencies 2 pi (0.95 g / 2)^(k / (F - 1)); channels
+    [sin x, cos x, sin y, cos y, sin z, cos z], zeros in the last hidden - 6F.
+    """
+    nfreq = hidden // 6
+    if nfreq < 2:
+        raise ValueError(f"hidden {hidden} is too small for the positional encoding (need >= 12)")
+    coords = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    z, y, x = torch.meshgrid(coords, coords, coords, indexing="ij")  # raster: depth slowest
+    k = torch.arange(nfreq, dtype=torch.float64)
+    freqs = 2 * math.pi * (0.95 * grid / 2) ** (k / (nfreq - 1))
+    parts = []
+    for c in (x, y, z):
+        arg = c.reshape(-1, 1) * freqs
+        parts += [torch.sin(arg), torch.cos(arg)]
+    pe = torch.cat(parts, dim=1)
+    pe = F.pad(pe, (0, hidden - 6 * nfreq))
+    return pe.float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine: x (B, N, D), shift/scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- #
+# Timestep embedder (spec section 2)
+# --------------------------------------------------------------------------- #
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, token_dim: int, depth: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FEATURES, hidden), nn.SiLU())
+        self.coarse_head = nn.Linear(hidden, token_dim)
+        self.fine_head = nn.Linear(hidden, hidden) if depth > 0 else nn.Identity()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) integer steps -> shared embedding c (B, hidden); the heads map it to
+        c_coarse = coarse_head(c) (B, D) and c_fine = fine_head(c) (B, hidden)."""
+        return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype))
+
+
+# --------------------------------------------------------------------------- #
+# Local denoiser (spec section 4)
+# --------------------------------------------------------------------------- #
+class SwiGLU(nn.Module):
+    """fc2(norm(SiLU(fc1_g(z)) * fc1_x(z))), hidden width = D."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, dim)
+        self.fc1_x = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(F.silu(self.fc1_g(z)) * self.fc1_x(z)))
+
+
+class LocalDenoiser(nn.Module):
+    """Two adaptive SwiGLU blocks on tokens of width D, conditioned per sample."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mlp1 = SwiGLU(dim)
+        self.mlp2 = SwiGLU(dim)
+        self.linear_final = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) tokens, c: (B, D) -> (B, N, s^3 Cout)."""
+        sh1, sc1, sh2, sc2, sh3, sc3 = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.mlp1(modulate(self.norm1(x), sh1, sc1))
+        h = self.mlp2(modulate(self.norm2(h), sh2, sc2))
+        h = modulate(h + x, sh3, sc3)
+        return self.linear_final(h)
+
+
+class CoarsePath(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.mlp_denoise = LocalDenoiser(dim, out_dim)
+
+
+# --------------------------------------------------------------------------- #
+# Global residual DiT (spec section 5)
+# --------------------------------------------------------------------------- #
+class PatchEmbedder(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(hidden * MLP_RATIO))
+        self.fc2 = nn.Linear(int(hidden * MLP_RATIO), hidden)
+        self.skip = nn.Linear(dim, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) -> (B, N, hidden)."""
+        return self.norm(self.fc2(F.gelu(self.fc1(x), approximate="tanh")) + self.skip(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, Dm = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, Dm // self.heads)  # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        scale = (Dm // self.heads) ** -0.5
+        attn = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, Dm)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, int(hidden * MLP_RATIO))
+        self.fc2 = nn.Linear(int(hidden * MLP_RATIO), hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shm, scm, gm, shf, scf, gf = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gm.unsqueeze(1) * self.attn(modulate(self.norm1(x), shm, scm))
+        x = x + gf.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shf, scf))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class GlobalDiT(nn.Module):
+    def __init__(self, cfg: PRDiTConfig):
+        super().__init__()
+        self.patch_embedder = PatchEmbedder(cfg.token_dim, cfg.hidden)
+        self.register_buffer("pos_embed", positional_encoding(cfg.grid, cfg.hidden)[None], persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden, cfg.heads) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg.hidden, cfg.out_token_dim)
+
+    def forward(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, D), c: (B, hidden) -> (B, N, s^3 Cout)."""
+        x = self.patch_embedder(tokens) + self.pos_embed  # (B, N, hidden)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.final_layer(x, c)
+
+
+# --------------------------------------------------------------------------- #
+# The network
+# --------------------------------------------------------------------------- #
+class PRDiT(nn.Module):
+    """PRDiT: local denoiser + (depth > 0) global residual DiT.
+
+    forward(x (B, C, S, S, S), t (B,) int) -> (B, 2C, S, S, S): channels [0:C] eps_hat,
+    [C:2C] x0_hat. When depth > 0 the coarse path is frozen and runs without gradients.
+    """
+
+    def __init__(self, cfg: PRDiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.t_embedder = TimestepEmbedder(cfg.hidden, cfg.token_dim, cfg.depth)
+        self.coarse = CoarsePath(cfg.token_dim, cfg.out_token_dim)
+        self.fine = GlobalDiT(cfg) if cfg.depth > 0 else None
+        self.initialize_weights()
+        if cfg.depth > 0:
+            self.freeze_coarse()
+
+    def coarse_parameters(self):
+        """Parameters of the coarse path: t_embedder.mlp, coarse_head and the local denoiser."""
+        yield from self.t_embedder.mlp.parameters()
+        yield from self.t_embedder.coarse_head.parameters()
+        yield from self.coarse.parameters()
+
+    def freeze_coarse(self) -> None:
+        for p in self.coarse_parameters():
+            p.requires_grad_(False)
+
+    def initialize_weights(self) -> None:
+        """Spec section 12: a fresh model predicts exactly zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        te = self.t_embedder
+        for lin in (te.mlp[0], te.coarse_head) + ((te.fine_head,) if self.fine is not None else ()):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        zero = [self.coarse.mlp_denoise.adaLN_modulation[1], self.coarse.mlp_denoise.linear_final]
+        if self.fine is not None:
+            nn.init.xavier_uniform_(self.fine.patch_embedder.skip.weight, gain=0.1)
+            zero += [b.adaLN_modulation[1] for b in self.fine.blocks]
+            zero += [self.fine.final_layer.adaLN_modulation[1], self.fine.final_layer.linear]
+        for lin in zero:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        cfg = self.config
+        want = (cfg.in_channels,) + (cfg.input_size,) * 3
+        if x.dim() != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"{cfg.name or 'PRDiT'} expects volumes of shape (B, {', '.join(map(str, want))}), "
+                f"got {tuple(x.shape)}; build the model with input_size={x.shape[-1] if x.dim() == 5 else '?'} "
+                f"or resample the volume"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},) (one step per volume), got {tuple(t.shape)}")
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return unfold3d(x, cfg.patch, cfg.stride, cfg.pad)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, t)
+        cfg = self.config
+        tokens = self.tokens(x)  # (B, N, D)
+        frozen = self.fine is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            c = self.t_embedder(t)  # (B, hidden)
+            out = self.coarse.mlp_denoise(tokens, self.t_embedder.coarse_head(c))  # (B, N, s^3 Cout)
+        if self.fine is not None:
+            out = out + self.fine(tokens, self.t_embedder.fine_head(c))
+        return unpatchify(out, cfg.input_size, cfg.stride, cfg.out_channels)
+
+
+def list_models() -> list[str]:
+    """All named variants, e.g. 'PRDiT-B/12/4'."""
+    return [f"PRDiT-{s}/{p}/{d}" for s in SIZES for p in PATCHES for d in DEPTHS]
+
+
+def create_model(name: str, input_size: int, in_channels: int = 1) -> PRDiT:
+    """Build the reference network of a named variant for volumes of edge ``input_size``."""
+    return PRDiT(variant_config(name, input_size, in_channels))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
