@@ -20,3 +20,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton ops under test run: the GPU when there is one, else the CPU
+    under the Triton interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Sequence
 
 import torch
 
@@ -30,3 +31,42 @@ def triton_runs_on(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpreter_enabled() and not any(t.is_cuda for t in tensors)
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(backend: str, tensors: Sequence[torch.Tensor], unsupported: str | None = None) -> bool:
+    """Resolve ``backend`` for one call of an op in prdit_fast.ops.
+
+    "torch" -> False; "triton" -> True, or ValueError saying why the kernel cannot run;
+    "auto" -> True exactly when the kernel can run. ``unsupported`` is the op's own reason
+    to refuse these inputs (dtype, size), or None.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    why = unsupported
+    if why is None and not triton_runs_on(*tensors):
+        why = (
+            "Triton cannot run on these tensors: it needs CUDA tensors with Triton installed, "
+            "or CPU tensors with TRITON_INTERPRET=1 set before Triton is imported"
+        )
+    if why is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {why}. Use backend='auto' or 'torch'")
+    return False
+
+
+def autotune_configs(tuned: list, interpreted: list) -> list:
+    """Configs for ``triton.autotune``: ``interpreted`` under the interpreter (which pays
+    per operation, so few large programs), the first of ``tuned`` when PRDIT_AUTOTUNE=0
+    (tests on a GPU: correctness needs no tuning, and tuning costs minutes of compiles),
+    else all of ``tuned``."""
+    if interpreter_enabled():
+        return interpreted
+    if os.environ.get("PRDIT_AUTOTUNE", "1") == "0":
+        return tuned[:1]
+    return tuned

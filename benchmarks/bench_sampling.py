@@ -1,0 +1,172 @@
+"""Sampling throughput of PRDiT on one GPU: CUDA graph vs eager vs the official-style loop.
+
+    python benchmarks/bench_sampling.py                      # B/12/4 at 128^3, batch 1
+    python benchmarks/bench_sampling.py --batch-size 4 --json rows.json
+
+What is measured: the GPU wall time of ``--timed-steps`` denoising steps (after a
+warm-up run), divided by the step count. Volumes/hour at 100 and 1000 steps are that step
+time multiplied by the step count, NOT a timed 1000-step run: every step of a sample costs
+the same (same shapes, same kernels), only the scalars differ.
+
+Rows:
+* ``fast+graph``  fast backend (bf16), one CUDA graph per step, fused sampler update;
+* ``fast eager``  the same step without the graph;
+* ``official``    the reference network in fp32, eager, ``IaNDiffusion.sample`` with a
+                  host copy of x0_hat every step, as the official sampling loop does.
+
+The floor: spec section 11, a 1000-step sample of B/12/4 at 128^3 is 680 TFLOP, 0.85 s on
+a GPU sustaining 800 TFLOP/s in bf16; ``floor_ratio`` = GPU s per 1000-step volume / floor.
+Skips (exit 0) without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+import torch
+
+FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the physical floor
+
+
+def _randomized(variant: str, size: int, device: torch.device) -> torch.nn.Module:
+    """Timing does not depend on the weights, but a fresh PRDiT predicts exactly zero;
+    random weights keep the numbers (and any NaN check) honest."""
+    from prdit_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(variant, size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.to(device).eval()
+
+
+def _time_steps(run: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per step of ``run`` (which performs ``steps`` steps), after one warm-up call."""
+    run()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def sampling_rows(
+    variant: str = "PRDiT-B/12/4",
+    size: int = 128,
+    batch_size: int = 1,
+    timed_steps: int = 20,
+    step_counts: tuple[int, ...] = (100, 1000),
+    dtype: torch.dtype = torch.bfloat16,
+    include_official: bool = True,
+    device: str | torch.device = "cuda",
+) -> list[dict]:
+    """One dict per configuration: name, backend, dtype, cuda_graph, batch_size, step_ms
+    (per batch), gpu_s_per_volume_{n}, volumes_per_hour_{n} for n in ``step_counts``,
+    floor_s_per_1000_step_volume, floor_ratio, peak_gpu_memory_gib, note."""
+    from prdit_fast.diffusion import IaNDiffusion
+    from prdit_fast.engine import Sampler, keys_for
+    from prdit_fast.flops import flops_per_step
+
+    device = torch.device(device)
+    model = _randomized(variant, size, device)
+    floor_s = flops_per_step(model.config) * 1000 / (FLOOR_TFLOPS * 1e12)
+    keys = keys_for(0, range(batch_size))
+    rows = []
+
+    def row(name: str, backend: str, row_dtype: torch.dtype, graph: bool, step_s: float, note: str, **extra) -> dict:
+        per_volume_step = step_s / batch_size
+        r = {
+            "name": name, "variant": model.config.name, "size": size, "backend": backend,
+            "dtype": str(row_dtype).replace("torch.", ""), "cuda_graph": graph, "batch_size": batch_size,
+            "step_ms": round(step_s * 1e3, 3),
+        }
+        for n in step_counts:
+            r[f"gpu_s_per_volume_{n}"] = round(per_volume_step * n, 3)
+            r[f"volumes_per_hour_{n}"] = round(3600 / (per_volume_step * n), 1)
+        r["floor_s_per_1000_step_volume"] = float(f"{floor_s:.4g}")
+        r["floor_ratio"] = round(per_volume_step * 1000 / floor_s, 2)
+        r["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        r["note"] = note
+        r.update(extra)
+        rows.append(r)
+        return r
+
+    def engine_row(name: str, net: torch.nn.Module, backend: str, row_dtype: torch.dtype, graph: bool) -> None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        engine = Sampler(net, batch_size, timed_steps, "pc", k=2, dtype=None if backend == "fast" else row_dtype,
+                         cuda_graph=graph)
+        step_s = _time_steps(lambda: engine.sample(keys), timed_steps, device)
+        row(name, backend, engine.dtype, engine.cuda_graph, step_s,
+            f"step time measured over {timed_steps} steps x volumes/hour extrapolated to n steps",
+            attention=engine.describe()["attention"], graph_reason=engine.graph_reason or None)
+        del engine
+
+    try:
+        from prdit_fast.fast import accelerate
+    except ImportError:
+        accelerate = None
+    if accelerate is not None:
+        fast_model = accelerate(model, dtype=dtype)
+        engine_row("fast+graph", fast_model, "fast", dtype, True)
+        engine_row("fast eager", fast_model, "fast", dtype, False)
+        del fast_model
+    engine_row("reference+graph", model, "reference", dtype, True)
+
+    if include_official:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        diffusion = IaNDiffusion()
+        shape = (batch_size, model.config.in_channels) + (size,) * 3
+        official_dtype = next(model.parameters()).dtype
+
+        def official() -> None:
+            noise = diffusion.initial_noise(shape, device=device)
+            # the official loop copies each step's prediction to the host (a sync per step)
+            diffusion.sample(model, noise, timed_steps, "pc", 2, callback=lambda n, x, x0: x0.cpu())
+
+        step_s = _time_steps(official, timed_steps, device)
+        row("official", "reference", official_dtype, False, step_s,
+            "reference network fp32 eager, IaNDiffusion.sample, x0_hat.cpu() every step")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="PRDiT-B/12/4")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--timed-steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--no-official", action="store_true", help="skip the slow fp32 official-style loop")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_sampling: no CUDA GPU, skipped")
+        return 0
+    rows = sampling_rows(
+        args.variant, args.size, args.batch_size, args.timed_steps,
+        dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype], include_official=not args.no_official,
+    )
+    print(f"GPU: {torch.cuda.get_device_name()}  ({args.variant} at {args.size}^3, batch {args.batch_size})")
+    cols = ["name", "dtype", "cuda_graph", "step_ms", "gpu_s_per_volume_100", "volumes_per_hour_100",
+            "gpu_s_per_volume_1000", "volumes_per_hour_1000", "floor_ratio", "peak_gpu_memory_gib"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c)) for c in cols))
+    print(f"floor: {rows[0]['floor_s_per_1000_step_volume']} s per 1000-step volume at {FLOOR_TFLOPS:.0f} TFLOP/s; "
+          f"volumes/hour are the measured step time x the step count")
+    if args.json:
+        from prdit_fast.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Reading and writing PRDiT checkpoints.
+
+Three kinds of file load with ``load_checkpoint``:
+
+* the official release's ``torch.save`` dict (spec section 13): ``model``, ``ema``,
+  ``config`` (nested: ``config["model"]["name"]``, ``config["data"]["image_size"]``,
+  ``config["model"]["in_channels"]``), ``epoch``, ``train_steps``, optional ``optimizer``;
+  keys may carry DDP's ``module.`` prefix;
+* a bare state dict (torch or safetensors file), which needs ``variant=`` and ``input_size=``;
+* our own format, written by ``save_checkpoint``: a torch file holding
+  ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "model": ...,
+  "ema": ... (optional), "extra": ... (optional)}``, or a ``.safetensors`` file with the
+  same config as JSON metadata and the EMA weights under an ``ema.`` prefix.
+
+Files are always read with ``torch.load(..., weights_only=True)``: nothing in a
+checkpoint can run code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .atomic import atomic_path
+from .models import SIZES, STRIDE, PRDiT, PRDiTConfig, parse_variant, variant_config
+
+FORMAT = "prdit_fast"
+FORMAT_VERSION = 1
+BACKENDS = ("reference", "fast")
+_EMA_PREFIX = "ema."
+# DDP wraps the model in ``module.``, torch.compile in ``_orig_mod.``
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_BLOCK_RE = re.compile(r"^fine\.blocks\.(\d+)\.")
+_LISTED = 5  # how many offending keys an error message names
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the requested model."""
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw contents of a checkpoint file as a dict.
+
+    torch files are returned as stored (official dict, bare state dict, or our format).
+    A safetensors file of ours is returned in the same shape as our torch format
+    (``format``, ``version``, ``config``, ``model``, optional ``ema`` and ``extra``); any
+    other safetensors file is returned as a bare state dict. The file kind is detected
+    from its first bytes, not its name. Raises FileNotFoundError, or CheckpointError for
+    an empty, truncated, corrupt or unsafe (arbitrary pickled objects) file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted; use another copy")
+    if not head.startswith(b"PK") and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
+        return _read_safetensors(path, map_location)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers, which "
+                f"prdit_fast refuses to unpickle (torch.load weights_only=True). Re-save it as a dict of "
+                f"state dicts and plain values. Detail: {str(e).splitlines()[0]}"
+            ) from e
+        raise CheckpointError(f"checkpoint {path} is corrupt (not a readable torch file): {e}") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes; torch.load said: "
+            f"{str(e).splitlines()[0]}). Copy or download it again."
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict or checkpoint)")
+    return dict(obj)
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"safetensors checkpoint {path} is truncated or corrupt: {e}. Copy it again.") from e
+    if meta.get("format") != FORMAT:
+        return tensors
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "version": int(meta.get("version", FORMAT_VERSION)),
+        "config": json.loads(meta["config"]),
+        "model": {k: v for k, v in tensors.items() if not k.startswith(_EMA_PREFIX)},
+    }
+    ema = {k[len(_EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EMA_PREFIX)}
+    if ema:
+        out["ema"] = ema
+    if "extra" in meta:
+        out["extra"] = json.loads(meta["extra"])
+    return out
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from every key."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def config_from_official(config: Mapping[str, Any]) -> PRDiTConfig:
+    """PRDiTConfig from the official release's nested config dict."""
+    try:
+        name = config["model"]["name"]
+        size = config["data"]["image_size"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint config lacks {e}: the official format has config['model']['name'] and "
+            f"config['data']['image_size']"
+        ) from e
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise CheckpointError(f"PRDiT needs a cubic volume; the checkpoint config has image_size {list(size)}")
+        size = size[0]
+    return variant_config(name, int(size), int(config["model"].get("in_channels", 1)))
+
+
+def model_from_config(config: Mapping[str, Any]) -> PRDiT:
+    """A freshly initialized PRDiT from a config dict: ours (``PRDiTConfig.to_dict()``)
+    or the official nested one (``{"model": {"name": ...}, "data": {"image_size": ...}}``)."""
+    return PRDiT(_parse_config(config))
+
+
+def _parse_config(config: Mapping[str, Any]) -> PRDiTConfig:
+    if "model" in config and isinstance(config["model"], Mapping):
+        return config_from_official(config)
+    fields = {f.name for f in dataclasses.fields(PRDiTConfig)}
+    unknown = set(config) - fields
+    if unknown:
+        raise CheckpointError(f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}")
+    return PRDiTConfig(**config)
+
+
+def _weights_and_config(ckpt: Mapping[str, Any], ema: bool, path: Path) -> tuple[dict, PRDiTConfig | None, str]:
+    """(state dict, config or None, which weights) of any supported checkpoint kind."""
+    if ckpt.get("format") == FORMAT:
+        version = int(ckpt.get("version", 0))
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has format version {version}; this prdit_fast reads up to "
+                f"{FORMAT_VERSION}: upgrade prdit_fast"
+            )
+        config = _parse_config(ckpt["config"])
+    elif isinstance(ckpt.get("model"), Mapping):
+        config = config_from_official(ckpt["config"]) if isinstance(ckpt.get("config"), Mapping) else None
+    elif _is_state_dict(ckpt):
+        return dict(ckpt), None, "state dict"
+    else:
+        raise CheckpointError(
+            f"{path} is not a PRDiT checkpoint: expected a state dict or a dict with 'model' "
+            f"(and 'ema', 'config'); top-level keys are {sorted(map(str, ckpt))[:10]}"
+        )
+    if ema and isinstance(ckpt.get("ema"), Mapping) and ckpt["ema"]:
+        return dict(ckpt["ema"]), config, "ema"
+    return dict(ckpt["model"]), config, "model"
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """What a state dict's shapes say about the network, or None when the keys needed
+    are absent: ``hidden`` (rows of t_embedder.mlp.0), ``in_channels`` (rows of
+    linear_final / 2 s^3), ``patch`` (rows of coarse_head = C p^3), ``depth`` (highest
+    fine.blocks.N + 1), ``name`` (the variant name when hidden is a named size) and
+    ``evidence`` (a sentence for error messages)."""
+    try:
+        hidden = state["t_embedder.mlp.0.weight"].shape[0]
+        coarse_rows = state["t_embedder.coarse_head.weight"].shape[0]
+        out_rows = state["coarse.mlp_denoise.linear_final.weight"].shape[0]
+    except (KeyError, AttributeError, IndexError):
+        return None
+    channels = max(1, out_rows // (2 * STRIDE**3))
+    patch = round((coarse_rows / channels) ** (1 / 3))
+    if channels * patch**3 != coarse_rows:
+        return None
+    blocks = [int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))]
+    depth = max(blocks) + 1 if blocks else 0
+    size = next((s for s, (h, _) in SIZES.items() if h == hidden), None)
+    evidence = (
+        f"hidden {hidden} (t_embedder.mlp.0), patch {patch} (t_embedder.coarse_head has {coarse_rows} = "
+        f"{channels} x {patch}^3 rows), depth {depth} ("
+        + (f"highest block fine.blocks.{depth - 1}" if depth else "no fine.blocks")
+        + f"), in_channels {channels}"
+    )
+    return {
+        "hidden": hidden,
+        "patch": patch,
+        "depth": depth,
+        "in_channels": channels,
+        "name": f"PRDiT-{size}/{patch}/{depth}" if size else None,
+        "evidence": evidence,
+    }
+
+
+def _check_architecture(arch: dict[str, Any] | None, cfg: PRDiTConfig, path: Path, origin: str) -> None:
+    if arch is None:
+        return
+    want = {"hidden": cfg.hidden, "patch": cfg.patch, "depth": cfg.depth, "in_channels": cfg.in_channels}
+    if all(arch[k] == v for k, v in want.items()):
+        return
+    looks = arch["name"] or "a network with " + ", ".join(f"{k} {arch[k]}" for k in want)
+    raise CheckpointError(
+        f"{path} holds the weights of {looks} ({arch['evidence']}), but {origin} asks for {cfg.name} "
+        f"(hidden {cfg.hidden}, patch {cfg.patch}, depth {cfg.depth}, in_channels {cfg.in_channels}). "
+        + (f"Pass variant={arch['name']!r}." if arch["name"] else "Pass the matching variant.")
+    )
+
+
+def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, cfg: PRDiTConfig) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or wrong):
+        return
+
+    def listed(title: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+        return f"{len(items)} {title}: {', '.join(items[:_LISTED])}{more}"
+
+    problems = [listed(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if i]
+    raise CheckpointError(f"{path} does not match {cfg.name}: " + "; ".join(problems))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    variant: str | None = None,
+    input_size: int | None = None,
+    backend: str = "reference",
+    **backend_kwargs: Any,
+) -> nn.Module:
+    """Build the network a checkpoint describes and load its weights (``strict=True``).
+
+    ema: use the EMA weights when the file has them (what sampling wants), else ``model``.
+    map_location: device of the returned model.
+    variant: e.g. 'PRDiT-B/12/4'; required for a bare state dict, otherwise a check
+        (CheckpointError when the file holds another variant).
+    input_size: volume edge S; required for a bare state dict, otherwise it overrides the
+        size the checkpoint was trained at (the weights do not depend on S).
+    backend: 'reference' returns the PRDiT module (eval mode); 'fast' returns
+        ``prdit_fast.fast.accelerate(model, **backend_kwargs)``.
+
+    The returned PRDiT's ``checkpoint_weights`` says which tensors were loaded:
+    'ema', 'model' or 'state dict'.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend_kwargs and backend != "fast":
+        raise ValueError(f"options {sorted(backend_kwargs)} apply to backend='fast' only")
+    path = Path(path)
+    requested = None
+    if variant is not None:
+        size, patch, depth = parse_variant(variant)
+        requested = f"PRDiT-{size}/{patch}/{depth}"
+    state, cfg, which = _weights_and_config(read_checkpoint(path, map_location), ema, path)
+    state = strip_wrapper_prefixes(state)
+    arch = infer_architecture(state)
+    if cfg is None:
+        if requested is None or input_size is None:
+            hint = f" Its weights look like {arch['name']}." if arch and arch["name"] else ""
+            raise CheckpointError(
+                f"{path} has no model config (a bare state dict, or a checkpoint without 'config'): pass "
+                f"variant= (e.g. 'PRDiT-B/12/4') and input_size= (the volume edge it was trained at).{hint}"
+            )
+        cfg = variant_config(requested, input_size, arch["in_channels"] if arch else 1)
+        origin = f"variant={variant!r}"
+    else:
+        if requested is not None and cfg.name != requested:
+            raise CheckpointError(f"{path} holds a {cfg.name} checkpoint (per its config), but variant={variant!r} was requested")
+        if input_size is not None and input_size != cfg.input_size:
+            cfg = dataclasses.replace(cfg, input_size=input_size)
+        origin = "the checkpoint's config"
+    _check_architecture(arch, cfg, path, origin)
+
+    device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else torch.device("cpu")
+    with device:
+        model = PRDiT(cfg)
+    _check_keys(model, state, path, cfg)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    model.checkpoint_weights = which
+    if backend == "fast":
+        from .fast import accelerate
+
+        return accelerate(model, **backend_kwargs)
+    return model
+
+
+def copy_matching_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``state`` whose name and shape match one of ``model`` (spec
+    section 13: how stage 2 starts from a stage-1 checkpoint). Returns the copied names;
+    the rest of ``model`` keeps its initialization."""
+    state = strip_wrapper_prefixes(state)
+    copied = []
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            source = state.get(name)
+            if source is not None and tuple(source.shape) == tuple(tensor.shape):
+                tensor.copy_(source)
+                copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------- #
+# Writing
+# --------------------------------------------------------------------------- #
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The PRDiT inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _cpu_state(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    return {k: v.detach().cpu().contiguous() for k, v in strip_wrapper_prefixes(state).items()}
+
+
+_SAFE_LEAVES = (type(None), bool, int, float, str, torch.Tensor, torch.dtype, torch.device)
+
+
+def _check_loadable(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` loads again under torch.load(weights_only=True)."""
+    if isinstance(value, _SAFE_LEAVES):
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if type(value) in (list, tuple, torch.Size):
+        for i, v in enumerate(value):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) cannot read back; "
+        f"store tensors, numbers, strings, None, and dicts/lists/tuples of them"
+    )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    ema_model: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (a PRDiT, possibly wrapped by DDP / torch.compile) atomically.
+
+    ``path`` ending in ``.safetensors``: safetensors with the config (and ``extra``) as
+    JSON metadata, EMA weights under the ``ema.`` prefix; ``extra`` must then be
+    JSON-serializable. Any other name: a torch file ``{"format", "version", "config",
+    "model", "ema"?, "extra"?}`` where ``extra`` may hold tensors (optimizer state, RNG
+    states) as long as it loads with ``weights_only=True`` (checked before writing).
+    Returns the path written.
+    """
+    path = Path(path)
+    net = _unwrap(model)
+    cfg = getattr(net, "config", None)
+    if not isinstance(cfg, PRDiTConfig):
+        raise TypeError(f"save_checkpoint needs a PRDiT model (with a PRDiTConfig .config), got {type(net).__name__}")
+    weights = _cpu_state(net)
+    ema_weights = None if ema_model is None else _cpu_state(_unwrap(ema_model) if isinstance(ema_model, nn.Module) else ema_model)
+    if ema_weights is not None and set(ema_weights) != set(weights):
+        raise ValueError("ema_model's state dict has different keys than model's: pass the EMA copy of this model")
+
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict())}
+        if extra is not None:
+            try:
+                meta["extra"] = json.dumps(extra)
+            except TypeError as e:
+                raise ValueError(
+                    f"extra must be JSON-serializable for a .safetensors checkpoint ({e}); "
+                    f"use a .pt path to store tensors such as optimizer state"
+                ) from e
+        tensors = dict(weights)
+        if ema_weights is not None:
+            # safetensors refuses tensors that share memory (an EMA that is the model itself)
+            tensors.update({_EMA_PREFIX + k: v.clone() for k, v in ema_weights.items()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    payload: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "model": weights}
+    if ema_weights is not None:
+        payload["ema"] = ema_weights
+    if extra is not None:
+        _check_loadable(extra, "extra")
+        payload["extra"] = dict(extra)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path

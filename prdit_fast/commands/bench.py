@@ -1,0 +1,87 @@
+"""``prdit-fast bench``: the end-to-end benchmark of every backend in one run.
+
+    prdit-fast bench                       # full: B/12/{0,4,12} at 64^3, 128^3, 256^3 (GPU)
+    prdit-fast bench --quick               # GPU: 64^3 and 128^3; CPU: B/12/0 and B/12/4 at 16^3
+    prdit-fast bench --variants B/12/4 --sizes 128 --batch 1 4 --backends eager-fp32 fast fast-cudagraph
+
+Writes ``OUT/<device-slug>-<YYYY-MM-DD>/bench.{json,md,png}`` (see ``prdit_fast.bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prdit_fast.bench import BACKEND_NAMES, BenchOptions, run_benchmark
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer sizes and reps, torch.compile in default mode; on CPU B/12/0 and B/12/4 at "
+                             "16^3 with the CPU backends (well under 3 minutes on 2 cores)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="results root; files go to OUT/<device-slug>-<date>/ (default: %(default)s)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="variants such as PRDiT-B/12/4 or B/12/4 (default: B/12/0 B/12/4 B/12/12)")
+    parser.add_argument("--sizes", nargs="+", type=int, metavar="S", help="volume edges (default: 64 128 256)")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="B",
+                        help="batch sizes per cell (default: 4 at 128^3 scaled by volume, max 16; 1 at 256^3; 1 on CPU)")
+    parser.add_argument("--backends", nargs="+", metavar="NAME", choices=BACKEND_NAMES,
+                        help=f"backends to run (default: all that exist here): {', '.join(BACKEND_NAMES)}; "
+                             f"eager-fp32 always runs as the reference")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (default: max-autotune; default with --quick)")
+    parser.add_argument("--steps-per-rep", type=int, help="sampler steps per timed rep (default: 10; 4 quick; 1 CPU)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
+    parser.add_argument("--no-capacity", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--capacity-seconds", type=float,
+                        help="time bound of the largest-batch search per backend and edge (default: 60; 20 quick)")
+    parser.add_argument("--capacity-variant", help="variant of the largest-batch search (default: the deepest one)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="cells not started within this many seconds are recorded as skipped")
+    parser.add_argument("--tag", help="name the files bench-TAG.{json,md,png}, so runs split by hand keep apart")
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """An equivalent ``prdit-fast bench ...`` command for the report, rebuilt from the parsed
+    options (the process's own argv may be a test runner's)."""
+    argv = ["prdit-fast", "bench"]
+    for name, value in vars(args).items():
+        if name in ("command", "_module") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag] + [str(v) for v in value]
+        elif name != "out" or value != "benchmarks/results":
+            argv += [flag, str(value)]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = BenchOptions(
+        out=args.out,
+        quick=args.quick,
+        variants=tuple(args.variants) if args.variants else None,
+        sizes=tuple(args.sizes) if args.sizes else None,
+        batches=tuple(args.batch) if args.batch else None,
+        backends=tuple(args.backends) if args.backends else None,
+        device=args.device,
+        compile_mode=args.compile_mode,
+        steps_per_rep=args.steps_per_rep,
+        train=not args.no_train,
+        capacity=not args.no_capacity,
+        capacity_seconds=args.capacity_seconds,
+        capacity_variant=args.capacity_variant,
+        time_budget_s=args.time_budget,
+        tag=args.tag,
+        argv=command_line(args),
+    )
+    try:
+        run_benchmark(opts, log=lambda line: print(line, flush=True))
+    except ValueError as err:
+        print(f"prdit-fast bench: {err}", file=sys.stderr)
+        return 2
+    return 0

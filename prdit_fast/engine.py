@@ -1,0 +1,249 @@
+"""The sampling engine: one denoising step captured once in a CUDA graph, replayed ``steps`` times.
+
+Per batch, everything a step needs lives in static device buffers:
+
+    x        (B, C, S, S, S) fp32   the sampler state, updated in place
+    x0_hat   (B, C, S, S, S) fp32   the clean prediction of the latest model call
+    keys     (B,) int64             per-volume Philox keys, ``sample_key(run_seed, index)``
+    step     (1,) int64             the step counter n, advanced inside the step
+    grid_t   (steps,) int64         the timestep of each step, read at ``step`` on device
+    table    (steps, 5) fp32        [sin_i, cos_i, move, a, sigma] of each step
+
+so a step takes no host input and the same graph serves every step. The initial noise
+(Philox counter 0) and the corrector noise of step n (counter n + 1) come from each
+volume's key alone, so a volume's result depends only on its key, not on the batch size
+or its position in the batch (up to the float rounding of batched GEMMs).
+
+Where graphs are unavailable (CPU, ``cuda_graph=False``, or a failed capture) the same
+step runs eagerly; the reason is logged to ``logging.getLogger("prdit_fast")``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from .diffusion import IaNDiffusion, sampling_grid
+from .ops.sampler_update import build_step_table, initial_noise, sample_key, sampler_update
+
+log = logging.getLogger("prdit_fast")
+
+_WARMUP_STEPS = 2  # the first call compiles / autotunes Triton kernels; the second runs them warm
+
+
+def volume_to_tokens(volume: torch.Tensor, stride: int) -> torch.Tensor:
+    """The inverse of ``models.unpatchify``: output cubes back to tokens.
+
+    volume: (B, Cout, S, S, S) -> (B, (S/s)^3, s^3 Cout), each token's cube laid out
+    (d, h, w, channel) channel fastest, tokens in raster order. The fused sampler update
+    reads tokens; the reference network returns volumes.
+    """
+    B, C, S = volume.shape[0], volume.shape[1], volume.shape[-1]
+    g = S // stride
+    v = volume.reshape(B, C, g, stride, g, stride, g, stride)
+    return v.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, g**3, stride**3 * C)
+
+
+def keys_for(run_seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """Per-volume Philox keys (len(indices),) int64 for volumes ``indices`` of run ``run_seed``."""
+    return torch.tensor([sample_key(run_seed, int(i)) for i in indices], dtype=torch.int64)
+
+
+class Sampler:
+    """Sample PRDiT volumes in batches of ``batch_size`` with ``steps`` model evaluations.
+
+    ``model`` is a reference ``PRDiT`` or a fast backend (``prdit_fast.fast.accelerate``;
+    anything with ``forward_tokens(x, t) -> (B, N, s^3 Cout)`` and ``config``), already on
+    its device and in eval mode. ``sampler`` is 'cold' or 'pc' with predictor step ``k``.
+    ``dtype`` is the compute dtype of a reference network (autocast; None: its parameter
+    dtype); a fast backend computes in the dtype it was built with. The sampler state x and
+    the returned volumes are fp32.
+
+    ``sample(keys)`` -> (x, x0_hat), each (len(keys), C, S, S, S) fp32 on the model's
+    device: the final state and the clean prediction of the last model call (t = 0).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        steps: int,
+        sampler: str = "pc",
+        k: int = 2,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool = True,
+        diffusion: IaNDiffusion | None = None,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.diffusion = diffusion or IaNDiffusion()
+        # validates steps, sampler and k with clear errors
+        self.timesteps = sampling_grid(steps, self.diffusion.num_timesteps)
+        self.diffusion.schedule(steps, sampler, k)
+        self.model = model
+        self.config = model.config
+        self.batch_size = batch_size
+        self.steps = steps
+        self.sampler = sampler
+        self.k = k
+        self.device = _model_device(model)
+        self.uses_forward_tokens = callable(getattr(model, "forward_tokens", None))
+        self.param_dtype = next(model.parameters()).dtype
+        if self.uses_forward_tokens:
+            own = getattr(model, "dtype", None)
+            if dtype is not None and own is not None and dtype != own:
+                raise ValueError(
+                    f"the fast backend was built for {own}; got dtype={dtype}. Build it with "
+                    f"accelerate(model, dtype={dtype}) or leave dtype=None"
+                )
+            self.dtype = own if own is not None else dtype
+        else:
+            self.dtype = dtype or self.param_dtype
+
+        cfg = self.config
+        shape = (batch_size, cfg.in_channels) + (cfg.input_size,) * 3
+        dev = self.device
+        self.volume_shape = shape[1:]
+        self.x = torch.zeros(shape, device=dev, dtype=torch.float32)
+        self.x0_hat = torch.zeros(shape, device=dev, dtype=torch.float32)
+        self.keys = torch.zeros(batch_size, device=dev, dtype=torch.int64)
+        self.step = torch.zeros(1, device=dev, dtype=torch.int64)
+        self.grid_t = torch.tensor(self.timesteps, device=dev, dtype=torch.int64)
+        self.table = build_step_table(self.diffusion, steps, sampler, k, dev)
+
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_reason = self._prepare(cuda_graph)
+
+    # ------------------------------------------------------------------ the step
+    def _autocast(self):
+        if self.uses_forward_tokens or self.dtype == self.param_dtype:
+            return contextlib.nullcontext()
+        # the weight-cast cache must stay off where the step is captured in a graph
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+
+    def _step(self) -> None:
+        """One denoising step on the static buffers; no host input, no host sync."""
+        B = self.batch_size
+        t = self.grid_t.index_select(0, self.step).expand(B)
+        with torch.no_grad(), self._autocast():
+            if self.uses_forward_tokens:
+                tokens = self.model.forward_tokens(self.x, t)
+            else:
+                # autocast casts what the Linears read; the network's own input must match its weights
+                out = self.model(self.x.to(self.param_dtype), t)
+                tokens = volume_to_tokens(out, self.config.stride)
+        # in place (each voxel is read before it is written) and the counter advanced on device
+        sampler_update(
+            tokens, self.x, self.table, self.step, self.keys,
+            stride=self.config.stride, x_out=self.x, x0_out=self.x0_hat, advance=True,
+        )
+
+    # ------------------------------------------------------------------ graph capture
+    def _prepare(self, cuda_graph: bool) -> str:
+        """Capture the step in a CUDA graph when possible; returns why not otherwise ('' if captured)."""
+        if not cuda_graph or self.device.type != "cuda":
+            reason = (
+                "CUDA graphs disabled (cuda_graph=False)" if not cuda_graph else f"no CUDA graphs on device {self.device}"
+            ) + "; running eagerly"
+            log.info(reason)
+            return reason
+        try:
+            self._reset(torch.zeros(self.batch_size, dtype=torch.int64))
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            # warm-up off the default stream, as torch.cuda.graph requires: compiles and
+            # autotunes kernels and settles allocator state before capture
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_STEPS):
+                    self.step.zero_()  # stay inside the step table whatever `steps` is
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+                self._step()
+            torch.cuda.synchronize(self.device)
+        except Exception as err:  # any capture problem: run the identical step eagerly
+            reason = f"CUDA graph capture failed ({type(err).__name__}: {err}); running eagerly"
+            log.warning(reason)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+            return reason
+        self.graph = graph
+        return ""
+
+    @property
+    def cuda_graph(self) -> bool:
+        """True when steps replay a captured CUDA graph."""
+        return self.graph is not None
+
+    # ------------------------------------------------------------------ sampling
+    def _reset(self, keys: torch.Tensor) -> None:
+        self.keys.copy_(keys)
+        self.x.copy_(initial_noise(self.keys, self.volume_shape))
+        self.step.zero_()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        keys: torch.Tensor | Sequence[int],
+        callback: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one volume per key.
+
+        keys: up to ``batch_size`` int64 Philox keys (``sample_key(run_seed, index)``);
+        a shorter list is padded (the padding is computed and dropped).
+        ``callback(n)`` runs on the host after step n is queued (progress bars; it must not
+        read the buffers if timing matters).
+        Returns (x, x0_hat): (len(keys), C, S, S, S) fp32 each, new tensors.
+        """
+        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1).cpu()
+        n = keys.numel()
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"sample() takes 1..{self.batch_size} keys (the batch size), got {n}")
+        if n < self.batch_size:
+            keys = torch.cat([keys, keys[-1:].expand(self.batch_size - n)])
+        self._reset(keys)
+        for i in range(self.steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            if callback is not None:
+                callback(i)
+        return self.x[:n].clone(), self.x0_hat[:n].clone()
+
+    def _attention_backend(self) -> str | None:
+        if self.config.depth == 0:
+            return None  # the local denoiser alone has no attention
+        if not self.uses_forward_tokens:
+            return "reference"
+        chosen = getattr(self.model, "attention", None)
+        if chosen == "auto":  # resolved at the first call (the warm-up, or the first step)
+            from .ops.attention import last_backend
+
+            return last_backend() or chosen
+        return chosen
+
+    def describe(self) -> dict:
+        """What the summary of a run reports about the engine."""
+        return {
+            "device": str(self.device),
+            "backend": "fast" if self.uses_forward_tokens else "reference",
+            "attention": self._attention_backend(),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "cuda_graph": self.cuda_graph,
+            "cuda_graph_reason": self.graph_reason or None,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "sampler": self.sampler,
+            "k": self.k if self.sampler == "pc" else None,
+        }
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device

@@ -1,0 +1,388 @@
+"""The fast PRDiT backend: the reference network's own parameters, a faster forward.
+
+``accelerate(model)`` wraps a reference ``PRDiT`` (or any module with the official
+structure) in a ``FastPRDiT`` that REGISTERS the reference's ``t_embedder``, ``coarse``
+and ``fine`` submodules under the same names: ``state_dict()`` keys are identical, the
+parameters are the same tensors (no copy), ``load_state_dict`` of an official
+checkpoint works on either, and training the FastPRDiT trains the reference.
+
+What runs per step (B volumes, N tokens, hidden h):
+
+* ONE unfold of the input volume; the tokens feed both the local denoiser and the
+  patch embedder.
+* Timestep embedding, ``coarse_head``/``fine_head`` and ALL adaLN modulation vectors in
+  fp32: the ``adaLN_modulation.1`` weights of every block and of the final layer are
+  concatenated into one (6 h depth + 2 h, h) matrix, so the modulation of a whole step is
+  one GEMM on SiLU(c_fine).
+* Patch embedder: ``fc1`` and ``skip`` read the same tokens, so they are one GEMM with
+  W = [fc1; skip] and bias [fc1.bias; fc2.bias]; ``fc2`` then runs as ``addmm`` whose
+  accumulator input is the skip part, so ``fc2(gelu(fc1 x)) + skip x`` needs no separate
+  add. LayerNorm (affine) and the positional encoding in fp32.
+* DiT blocks: the residual stream stays fp32; every ``LayerNorm + modulate`` is one Triton
+  kernel writing the GEMM input in the compute dtype, and every ``x + gate * branch`` is
+  fused with the LayerNorm + modulation that follows it (``prdit_fast.ops.adaln``).
+  Attention through ``prdit_fast.ops.attention`` (flash-attn / cuDNN / flash SDPA / ...).
+  GEMMs are cuBLAS in the compute dtype (bf16 by default); in inference on CUDA the MLP's
+  ``fc1`` + tanh-GELU is one cuBLASLt GEMM with a GELU epilogue, in training GELU is a
+  separate elementwise pass (the epilogue op has no backward).
+* The local denoiser is ``prdit_fast.ops.local_denoiser`` (fused adaptive-SwiGLU GEMMs)
+  on a view of ``coarse.mlp_denoise`` whose parameter slots hold the cached compute-dtype
+  weights.
+* Output assembly in fp32: coarse + fine tokens are summed in fp32 and unpatchified.
+
+Derived weights (the compute-dtype casts and the concatenations above) are cached, keyed
+on each source parameter's identity, ``data_ptr`` and ``_version``: an optimizer step,
+``load_state_dict``, ``.to()`` or any in-place update under ``torch.no_grad()`` refreshes
+them at the next forward. The cache is plain tensors, not parameters or buffers (the
+state dict is unchanged); it costs one compute-dtype copy of the weights. Writes through
+``param.data`` bypass the version counter: call ``invalidate_cache()`` after those. When a
+parameter requires grad and autograd is on, its derived weights are rebuilt every forward
+(differentiably) instead, so training gets exact gradients.
+
+Tolerances (tests/test_fast.py): with ``dtype=torch.float32`` the output and gradients
+match the reference within 1e-4 of their largest magnitude (only summation order
+differs). bf16 (GEMM and attention inputs rounded to 8 mantissa bits; statistics,
+modulation, residual stream and output sum in fp32): the GPU tests allow 3e-2 relative
+RMS error on the output and 5e-2 on gradients; on the CPU (kernels="torch", weights
+N(0, 0.02), 32^3, batch 2) B/12/2 measured 3.5e-3 and B/12/0 4.4e-3 relative RMS.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import models
+from .models import PRDiT, PRDiTConfig
+from .ops.adaln import gated_residual_layernorm_modulate, layernorm_modulate
+from .ops.attention import BACKENDS as ATTENTION_BACKENDS
+from .ops.attention import attention as attention_op
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# "auto": the fused Triton ops wherever they run; "triton": insist; "torch": their
+# plain-torch references (same data flow, same cached weights: for CPU tests and debugging)
+from .ops.common import BACKENDS as KERNEL_BACKENDS
+
+
+class DerivedWeights:
+    """Tensors computed from parameters (dtype casts, concatenations), rebuilt only when a
+    source parameter changes. Not a module: nothing here enters the state dict."""
+
+    def __init__(self):
+        self._store: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        sources = tuple(sources)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
+            return build()  # differentiable; a cached tensor would cut the gradient
+        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in sources)
+        hit = self._store.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            value = build()
+        self._store[name] = (key, value)
+        return value
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+def _optional_op(module: str, name: str):
+    """An op of a sibling module in prdit_fast.ops, or None where that module is absent
+    (the forward then uses the reference piece from ``models``)."""
+    try:
+        return getattr(importlib.import_module(f"prdit_fast.ops.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class FastPRDiT(nn.Module):
+    """PRDiT forward over the reference's parameters: bf16 GEMMs, fused adaLN, fast attention.
+
+    forward(x (B, C, S, S, S), t (B,)) -> (B, 2C, S, S, S) fp32, like ``PRDiT.forward``;
+    forward_tokens(x, t) -> (B, N, s^3 Cout) fp32, the same before unpatchify;
+    token_parts(x, t) -> (coarse, fine) tokens in the compute dtype, before their sum.
+    Build it with ``accelerate``.
+    """
+
+    # the reference's helpers work unchanged on the shared submodules
+    check_input = PRDiT.check_input
+    coarse_parameters = PRDiT.coarse_parameters
+    freeze_coarse = PRDiT.freeze_coarse
+    initialize_weights = PRDiT.initialize_weights
+
+    def __init__(
+        self, reference: PRDiT, dtype: torch.dtype = torch.bfloat16, attention: str = "auto", kernels: str = "auto"
+    ):
+        super().__init__()
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+        if attention != "auto" and attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be 'auto' or one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {kernels!r}")
+        self.config: PRDiTConfig = reference.config
+        self.dtype = dtype
+        self.attention = attention
+        self.kernels = kernels
+        self.t_embedder = reference.t_embedder
+        self.coarse = reference.coarse
+        self.fine = reference.fine
+        # kept out of the module tree so its parameters are not registered twice
+        self.__dict__["_reference"] = reference
+        self._derived = DerivedWeights()
+        # the local denoiser's structure holding compute-dtype views of its weights, for
+        # the fused op, which wants inputs and weights in one dtype (built on first use)
+        self.__dict__["_shadow_denoiser"] = None
+
+    @property
+    def reference(self) -> PRDiT:
+        """The reference network over the same parameters (the numerical truth)."""
+        return self._reference
+
+    def invalidate_cache(self) -> None:
+        """Drop the derived-weight cache (needed only after writes through ``param.data``)."""
+        self._derived.clear()
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, attention={self.attention!r}, kernels={self.kernels!r}"
+
+    # ------------------------------------------------------------------ weights
+    def _cast(self, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or tensor.dtype == self.dtype:
+            return tensor
+        return self._derived.get(name, (tensor,), lambda: tensor.to(self.dtype))
+
+    def _linear(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._cast(name + ".weight", layer.weight), self._cast(name + ".bias", layer.bias)
+
+    def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[blocks.0 adaLN; ...; blocks.{depth-1} adaLN; final adaLN]: (6 h depth + 2 h, h), fp32."""
+        layers = [b.adaLN_modulation[1] for b in self.fine.blocks] + [self.fine.final_layer.adaLN_modulation[1]]
+        weights, biases = [m.weight for m in layers], [m.bias for m in layers]
+        weight = self._derived.get("adaln.weight", weights, lambda: torch.cat(weights))
+        bias = self._derived.get("adaln.bias", biases, lambda: torch.cat(biases))
+        return weight, bias
+
+    def _embed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W = [fc1; skip] (4h + h, D) and bias [fc1.bias; fc2.bias], compute dtype: the
+        skip rows carry fc2's bias, which the following addmm then needs no more."""
+        pe = self.fine.patch_embedder
+        weights, biases = (pe.fc1.weight, pe.skip.weight), (pe.fc1.bias, pe.fc2.bias)
+        weight = self._derived.get("embed.weight", weights, lambda: torch.cat(weights).to(self.dtype))
+        bias = self._derived.get("embed.bias", biases, lambda: torch.cat(biases).to(self.dtype))
+        return weight, bias
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        coarse, fine = self.token_parts(x, t)
+        unpatchify = _optional_op("unpatchify", "unpatchify")
+        if unpatchify is None:
+            total = coarse.float() if fine is None else coarse.float() + fine.float()
+            return models.unpatchify(total, cfg.input_size, cfg.stride, cfg.out_channels)
+        # the coarse + fine sum is fused into the layout kernel, in fp32
+        tokens, residual = (coarse, None) if fine is None else (fine, coarse)
+        return unpatchify(
+            tokens, cfg.input_size, cfg.stride, cfg.out_channels, residual,
+            out_dtype=torch.float32, backend=self.kernels,
+        )
+
+    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, C, S, S, S), t (B,) -> output tokens (B, N, s^3 Cout) fp32, coarse + fine,
+        each an s^3 cube laid out (d, h, w, channel) as ``models.unpatchify`` expects."""
+        coarse, fine = self.token_parts(x, t)
+        return coarse.float() if fine is None else coarse.float() + fine.float()
+
+    def token_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, C, S, S, S), t (B,) -> (coarse tokens, fine tokens or None at depth 0),
+        each (B, N, s^3 Cout) in the compute dtype; their fp32 sum is the output."""
+        self.check_input(x, t)
+        cfg = self.config
+        # ONE unfold per step; casting the volume first (unfold only copies values) writes
+        # the (B, N, D) tokens once, in the compute dtype
+        unfold = _optional_op("unfold3d", "unfold3d")
+        if unfold is not None:
+            tokens = unfold(x.to(self.dtype), cfg.patch, cfg.stride, cfg.pad, backend=self.kernels)
+        else:
+            tokens = models.unfold3d(x.to(self.dtype), cfg.patch, cfg.stride, cfg.pad)
+        frozen = self.fine is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            c = self.t_embedder(t)  # (B, hidden) fp32
+            coarse = self._local_denoiser(tokens, self.t_embedder.coarse_head(c))
+        if self.fine is None:
+            return coarse, None
+        return coarse, self._global(tokens, self.t_embedder.fine_head(c))
+
+    def _local_denoiser(self, tokens: torch.Tensor, c_coarse: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, D) compute dtype, c_coarse (B, D) fp32 -> (B, N, s^3 Cout)."""
+        module = self.coarse.mlp_denoise
+        if self.dtype != module.linear_final.weight.dtype:
+            module = self._compute_dtype_denoiser()
+            c_coarse = c_coarse.to(self.dtype)
+        fused = _optional_op("local_denoiser", "local_denoiser")
+        if fused is None:
+            return module(tokens, c_coarse)
+        return fused(tokens, c_coarse, module, backend=self.kernels)
+
+    def _compute_dtype_denoiser(self) -> nn.Module:
+        """A LocalDenoiser whose parameter slots hold the (cached) compute-dtype casts of
+        ``coarse.mlp_denoise``'s parameters; refreshed every call, so it never goes stale."""
+        module = self.coarse.mlp_denoise
+        shadow = self._shadow_denoiser
+        if shadow is None:
+            with torch.device("meta"):
+                shadow = models.LocalDenoiser(module.linear_final.in_features, module.linear_final.out_features)
+            self.__dict__["_shadow_denoiser"] = shadow
+        for name, param in module.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            # plain tensors in the parameter slots: the casts must stay differentiable
+            shadow.get_submodule(owner)._parameters[leaf] = self._cast("coarse." + name, param)
+        return shadow
+
+    def _global(self, tokens: torch.Tensor, c_fine: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, D) compute dtype, c_fine (B, h) fp32 -> fine tokens (B, N, s^3 Cout)."""
+        fine, cfg, dt = self.fine, self.config, self.dtype
+        B, N, _ = tokens.shape
+        h, heads = cfg.hidden, cfg.heads
+        mod = F.linear(F.silu(c_fine), *self._modulation_weights())  # (B, 6 h depth + 2 h) fp32
+
+        def vector(i: int) -> torch.Tensor:  # the i-th (B, h) modulation vector
+            return mod[:, i * h : (i + 1) * h]
+
+        pe = fine.patch_embedder
+        wide = pe.fc1.out_features
+        z = F.linear(tokens, *self._embed_weights()).view(B * N, wide + h)  # [fc1 x | skip x + fc2.bias]
+        act = F.gelu(z[:, :wide], approximate="tanh")
+        embedded = torch.addmm(z[:, wide:], act, self._cast("embed.fc2.weight", pe.fc2.weight).t())
+        x = F.layer_norm(embedded.float(), (h,), pe.norm.weight, pe.norm.bias, pe.norm.eps).view(B, N, h)
+        x = x + fine.pos_embed  # fp32 residual stream
+
+        blocks = fine.blocks
+        kernels = self.kernels
+        y = layernorm_modulate(x, vector(0), vector(1), blocks[0].norm1.eps, dt, kernels)
+        for i, block in enumerate(blocks):
+            name = f"blocks.{i}"
+            qkv = F.linear(y, *self._linear(name + ".qkv", block.attn.qkv)).view(B, N, 3, heads, h // heads)
+            attended = attention_op(qkv, self.attention).reshape(B, N, h)
+            branch = F.linear(attended, *self._linear(name + ".proj", block.attn.proj))
+            x, y = gated_residual_layernorm_modulate(
+                x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, kernels
+            )
+            hidden = _linear_gelu(y, *self._linear(name + ".fc1", block.mlp.fc1))
+            branch = F.linear(hidden, *self._linear(name + ".fc2", block.mlp.fc2))
+            # the next LayerNorm is the next block's norm1, or the final layer's
+            nxt = 6 * (i + 1)
+            eps = blocks[i + 1].norm1.eps if i + 1 < len(blocks) else fine.final_layer.norm_final.eps
+            x, y = gated_residual_layernorm_modulate(
+                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, kernels
+            )
+        return F.linear(y, *self._linear("final", fine.final_layer.linear))
+
+
+def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU(x W^T + b): (..., K) -> (..., M). On CUDA without autograd, cuBLASLt's
+    bias + GELU epilogue (tanh approximation; the CUDA fallback also applies tanh-GELU)
+    saves a pass over the 4h-wide activations; ``_addmm_activation`` has no backward, and
+    on the CPU it applies the erf GELU, so elsewhere the plain composition runs."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if x.is_cuda and not needs_grad:
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+# --------------------------------------------------------------------------- #
+# Building a FastPRDiT
+# --------------------------------------------------------------------------- #
+def accelerate(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    attention: str = "auto",
+    input_size: int | None = None,
+    kernels: str = "auto",
+) -> FastPRDiT:
+    """A FastPRDiT sharing ``model``'s parameters.
+
+    model: a ``PRDiT``, a ``FastPRDiT`` (re-wrapped with the new options), or any module
+        whose state dict has the official PRDiT structure (e.g. the official code's model,
+        possibly DDP-wrapped); for the latter a reference PRDiT is built whose parameters
+        ARE the module's parameter tensors.
+    dtype: compute dtype of the GEMMs and attention (bf16, fp16 or fp32).
+    attention: 'auto' or a backend of ``prdit_fast.ops.attention``.
+    input_size: volume edge S; needed only for a foreign module whose size cannot be read
+        from it (a depth-0 model without ``config`` / ``input_size`` / ``pos_embed``).
+    kernels: "auto" (fused Triton ops where they run), "triton" or "torch" (their
+        plain-torch references).
+    """
+    if isinstance(model, FastPRDiT):
+        model = model.reference
+    if not isinstance(model, PRDiT):
+        model = _reference_sharing(model, input_size)
+    elif input_size is not None and input_size != model.config.input_size:
+        raise ValueError(
+            f"model was built for input_size={model.config.input_size}; build the reference at "
+            f"{input_size} (the weights do not depend on it) instead of passing input_size"
+        )
+    return FastPRDiT(model, dtype=dtype, attention=attention, kernels=kernels)
+
+
+def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
+    """A reference PRDiT built from ``module``'s state-dict shapes whose parameters are
+    ``module``'s own parameter tensors."""
+    from .checkpoint import infer_architecture, strip_wrapper_prefixes
+
+    params = strip_wrapper_prefixes(dict(module.named_parameters()))
+    state = strip_wrapper_prefixes(module.state_dict())
+    arch = infer_architecture(state)
+    if arch is None:
+        raise ValueError(
+            f"{type(module).__name__} does not have the PRDiT structure: its state dict lacks "
+            f"t_embedder.mlp.0.weight / t_embedder.coarse_head.weight / coarse.mlp_denoise.linear_final.weight"
+        )
+    heads = next((n for hid, n in models.SIZES.values() if hid == arch["hidden"]), None)
+    if heads is None:
+        raise ValueError(f"hidden width {arch['hidden']} is not a PRDiT size {dict(models.SIZES)}")
+    size = input_size or _input_size_of(module, state, arch["hidden"])
+    cfg = PRDiTConfig(
+        hidden=arch["hidden"], heads=heads, depth=arch["depth"], patch=arch["patch"], input_size=size,
+        in_channels=arch["in_channels"], name=arch["name"],
+    )
+    with torch.device("meta"):  # shapes only: every parameter is replaced by the module's
+        reference = PRDiT(cfg)
+    ours = dict(reference.named_parameters())
+    if set(ours) != set(params):
+        missing, extra = sorted(set(ours) - set(params)), sorted(set(params) - set(ours))
+        raise ValueError(
+            f"{type(module).__name__} is not an official PRDiT: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, param in params.items():
+        if param.shape != ours[name].shape:
+            raise ValueError(f"{name}: shape {tuple(param.shape)} differs from {cfg.name}'s {tuple(ours[name].shape)}")
+        owner, _, leaf = name.rpartition(".")
+        setattr(reference.get_submodule(owner), leaf, param)
+    device = next(iter(params.values())).device
+    if reference.fine is not None:
+        reference.fine.pos_embed = models.positional_encoding(cfg.grid, cfg.hidden)[None].to(device)
+    return reference
+
+
+def _input_size_of(module: nn.Module, state: dict[str, torch.Tensor], hidden: int) -> int:
+    config = getattr(module, "config", None)
+    for source in (config, module):
+        for attr in ("input_size", "image_size"):
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, int):
+                return value
+    pos = state.get("fine.pos_embed")
+    if pos is None:
+        pos = next((b for n, b in module.named_buffers() if n.endswith("pos_embed")), None)
+    if pos is not None and pos.shape[-1] == hidden:
+        grid = round(pos.shape[-2] ** (1 / 3))
+        return grid * models.STRIDE
+    raise ValueError(f"cannot tell the volume edge of {type(module).__name__}: pass accelerate(..., input_size=S)")
+

@@ -1,0 +1,554 @@
+"""Adaptive SwiGLU (spec section 4) as two fused Triton GEMMs.
+
+    m = LN(x) * (1 + scale_b) + shift_b              LN without affine, eps norm_eps
+    h = SiLU(m @ Wg^T + bg) * (m @ Wx^T + bx)       kernel 1: both GEMMs share each A tile
+    y = LN_affine(h) @ W2^T + b2                     kernel 2: LN with gamma, beta (eps block.norm.eps)
+
+Kernel 1 normalises and modulates the A tile as it is loaded ("prologue fusion"): the
+tile is centred with the row mean, scaled by rstd and the per-sample 1 + scale, shifted,
+all in fp32 registers, then cast to the weight dtype for ``tl.dot`` (fp32 accumulate).
+Centring on load rather than folding the mean into the epilogue matters here: x * (1 +
+scale) would have to be rounded to bf16 before the GEMM, and CT tokens from air or soft
+tissue have |mean| >> std, so rstd * (x' W^T) - rstd * mean * u would subtract two nearly
+equal, already-rounded quantities.
+
+Kernel 2 folds its LayerNorm into the epilogue instead, so its A tile goes straight from
+shared memory to the tensor cores: h is stored in bf16 exactly as the reference's LN
+reads it, products of bf16 values are exact in fp32, and colsum = rowsum(W2 * gamma) is
+taken from the same rounded folded weights, so rstd * (h W'^T - mean colsum) cancels
+only fp32 accumulation error. W' = W2 * gamma and b' = b2 + W2 beta are derived from the
+live parameters on every call (one pass over W2: 12 MB of traffic at D = 1728 in
+bf16, against a 98 GFLOP GEMM at the paper's shape), never cached.
+
+Row statistics travel as per-64-column partial moments (mean, M2) in a small fp32
+buffer of shape (2, M, ceil(D / 64)): the input's by a cheap stats kernel, the
+hidden ``h``'s by kernel 1's epilogue (each N-tile writes its own groups, so no
+atomics and no zero-init), and the consumer merges them with Chan's parallel
+formula, which does not cancel the way sum(x^2) - n mean^2 does.
+
+The backward recomputes the reference composition with plain torch ops (cuBLAS) and
+autograd; the forward is always the fused kernels on the Triton backend.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from prdit_fast.models import SwiGLU, modulate
+from prdit_fast.ops.common import autotune_configs, interpreter_enabled, triton_importable, triton_runs_on
+
+Backend = Literal["auto", "triton", "torch"]
+
+# Width of the column groups whose partial moments are stored; every BLOCK_N is a
+# multiple of it so an N-tile writes whole groups.
+STATS_GROUP = 64
+SWIGLU_PARAMS = (
+    "fc1_g.weight", "fc1_g.bias", "fc1_x.weight", "fc1_x.bias",
+    "norm.weight", "norm.bias", "fc2.weight", "fc2.bias",
+)
+# Modes of the per-column affine applied to the A tile on load.
+# What the caller modulates with: nothing, (K,) vectors shared by all rows, (B, K) per sample.
+MOD_KIND_NONE, MOD_KIND_SHARED, MOD_KIND_PER_SAMPLE = 0, 1, 2
+# Where the LayerNorm of the A rows happens: nowhere, on load, or folded into the epilogue.
+NORM_NONE, NORM_PROLOGUE, NORM_EPILOGUE = 0, 1, 2
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    def _configs(shapes):
+        return [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for (m, n, k, s, w) in shapes
+        ]
+
+    # The interpreter's cost is per op, not per element: few, large-ish tiles there.
+    _INTERPRETED = _configs([(32, 64, 64, 1, 4)])
+    # Hopper-oriented, checked with ptxas for sm_90a: the gated kernel holds two
+    # accumulators and needs 8 warps at BLOCK_N 128 (4 warps spill); the last two
+    # suit the epilogue-normalised fc2, whose A tile goes straight to wgmma.
+    _CONFIGS_16BIT = autotune_configs(interpreted=_INTERPRETED, tuned=_configs([
+        (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 8), (128, 64, 64, 3, 8),
+        (128, 64, 32, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8),
+    ]))
+    # fp32 tiles are twice the bytes and IEEE dots run on the FMA units: small tiles
+    # (the 16-bit ones exceed shared memory and take ~40 s each to compile).
+    _CONFIGS_FP32 = autotune_configs(interpreted=_INTERPRETED, tuned=_configs([(64, 64, 32, 3, 4), (128, 64, 32, 3, 8)]))
+
+    @triton.jit
+    def _chunk_moments_kernel(
+        x_ptr, stats_ptr, M, D, stride_xm, stride_plane, stride_sm,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        group = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = group * GROUP + tl.arange(0, GROUP)
+        row_mask = rows < M
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        count = tl.minimum(D - group * GROUP, GROUP).to(tl.float32)
+        mean = tl.sum(x, axis=1) / count
+        dev = tl.where(mask, x - mean[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        tl.store(stats_ptr + rows * stride_sm + group, mean, mask=row_mask)
+        tl.store(stats_ptr + stride_plane + rows * stride_sm + group, m2, mask=row_mask)
+
+    @triton.jit
+    def _fold_norm_kernel(
+        w_ptr, b_ptr, gamma_ptr, beta_ptr, wf_ptr, bf_ptr, colsum_ptr, N, K, stride_wn, stride_fn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """W' = W * gamma, b' = b + W beta, colsum = rowsum of the rounded W'."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        w_beta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < K
+            mask = row_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+            w = w.to(tl.float32)
+            gamma = tl.load(gamma_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            wf = (w * gamma[None, :]).to(wf_ptr.dtype.element_ty)
+            tl.store(wf_ptr + rows.to(tl.int64)[:, None] * stride_fn + k[None, :], wf, mask=mask)
+            colsum += tl.sum(wf.to(tl.float32), axis=1)
+            w_beta += tl.sum(w * beta[None, :], axis=1)
+        bias = tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(bf_ptr + rows, bias + w_beta, mask=row_mask)
+        tl.store(colsum_ptr + rows, colsum, mask=row_mask)
+
+    @triton.jit
+    def _row_mean_rstd(stats_ptr, rows, K, eps, stride_plane, stride_sm,
+                       GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr):
+        """Merge the per-group (mean, M2) of each row (Chan et al.) into mean, rstd."""
+        groups = tl.arange(0, GROUPS_POW2)
+        count = tl.minimum(tl.maximum(K - groups * GROUP, 0), GROUP).to(tl.float32)
+        mask = (count > 0)[None, :] & (rows >= 0)[:, None]
+        ptrs = stats_ptr + rows[:, None] * stride_sm + groups[None, :]
+        g_mean = tl.load(ptrs, mask=mask, other=0.0)
+        g_m2 = tl.load(ptrs + stride_plane, mask=mask, other=0.0)
+        mean = tl.sum(g_mean * count[None, :], axis=1) / K
+        dev = g_mean - mean[:, None]
+        m2 = tl.sum(g_m2 + count[None, :] * dev * dev, axis=1)
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _load_affine(ptr, rows, k, k_mask, b_first, b_second, in_first, n_tokens, n_samples, stride_cb,
+                     MOD_MODE: tl.constexpr):
+        """Per-column multiplier/offset for the A tile rows, as fp32 broadcastable to (BM, BK)."""
+        if MOD_MODE == 1:
+            v = tl.load(ptr + b_first * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        elif MOD_MODE == 2:
+            # The tile spans at most two samples: two vector loads and a select.
+            v1 = tl.load(ptr + b_first * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)
+            v2 = tl.load(ptr + b_second * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)
+            v = tl.where(in_first[:, None], v1[None, :], v2[None, :])
+        else:
+            sample = tl.minimum(rows // n_tokens, n_samples - 1)
+            v = tl.load(ptr + sample[:, None] * stride_cb + k[None, :], mask=k_mask[None, :], other=0.0)
+            v = v.to(tl.float32)
+        return v
+
+    @triton.jit
+    def _prologue_gemm_kernel(
+        a_ptr, res_ptr, stats_ptr, colsum_ptr, scale_ptr, shift_ptr,
+        w_ptr, bias_ptr, w2_ptr, bias2_ptr,
+        out_ptr, out_stats_ptr,
+        M, N, K, n_tokens, n_samples, eps,
+        stride_am, stride_rm, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
+        stride_om, stride_out_plane, stride_out_sm,
+        NORM_MODE: tl.constexpr, HAS_RES: tl.constexpr, MOD_KIND: tl.constexpr,
+        GATED: tl.constexpr, EMIT_STATS: tl.constexpr,
+        GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
+    ):
+        """out = epilogue(prologue(A) @ W^T): prologue = ((A + R) - mean) * rstd * scale + shift per
+        row (NORM_MODE 1; mode 2 moves the LN to the epilogue, mode 0 has none), epilogue =
+        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped ordering: consecutive programs share A row-blocks and W column-blocks in L2.
+        per_group = GROUP_M * num_pid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        # Tails wrap around (duplicate valid rows/cols) so the main loop needs no M/N masks.
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        rows64 = offs_m.to(tl.int64)
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :]
+        r_ptrs = res_ptr + rows64[:, None] * stride_rm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        w2_ptrs = w2_ptr + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_k[:, None]
+
+        if NORM_MODE != 0:
+            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
+        b_first = (pid_m * BLOCK_M) // n_tokens
+        b_second = tl.minimum(b_first + 1, n_samples - 1)
+        in_first = (offs_m // n_tokens) == b_first
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < K
+            # K tails: masked A stays finite and masked W is zero, so they add nothing.
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            a = a.to(tl.float32)
+            if HAS_RES:
+                if EVEN_K:
+                    a += tl.load(r_ptrs).to(tl.float32)
+                else:
+                    a += tl.load(r_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
+            if NORM_MODE == 1:
+                a = (a - mean[:, None]) * rstd[:, None]
+            if MOD_MODE != 0:
+                scale = _load_affine(scale_ptr, offs_m, k, k_mask, b_first, b_second, in_first,
+                                     n_tokens, n_samples, stride_cb, MOD_MODE)
+                shift = _load_affine(shift_ptr, offs_m, k, k_mask, b_first, b_second, in_first,
+                                     n_tokens, n_samples, stride_cb, MOD_MODE)
+                a = a * scale + shift
+            a = a.to(w.dtype)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                if EVEN_K:
+                    w2 = tl.load(w2_ptrs)
+                else:
+                    w2 = tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
+                acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+                w2_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        if NORM_MODE == 2:
+            # LN folded into the GEMM: rstd * sum_k (a_k - mean) w_nk = rstd * (a w^T - mean * colsum).
+            colsum = tl.load(colsum_ptr + offs_n)
+            acc = rstd[:, None] * acc - (rstd * mean)[:, None] * colsum[None, :]
+        y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        if GATED:
+            up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
+            y = y * tl.sigmoid(y) * up
+        y_out = y.to(out_ptr.dtype.element_ty)
+
+        out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = out_m < M
+        col_ok = out_n < N
+        out_ptrs = out_ptr + out_m.to(tl.int64)[:, None] * stride_om + out_n[None, :]
+        tl.store(out_ptrs, y_out, mask=row_ok[:, None] & col_ok[None, :])
+
+        if EMIT_STATS:
+            # Moments of the values as stored (rounded), which is what the next LN reads.
+            # (BLOCK_M, BLOCK_N) viewed as (BLOCK_M, BLOCK_N // GROUP, GROUP): one stats group per slice.
+            yr = tl.where(col_ok[None, :], y_out.to(tl.float32), 0.0)
+            first_col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // GROUP) * GROUP
+            count = tl.minimum(tl.maximum(N - first_col, 0), GROUP).to(tl.float32)
+            g_sum = tl.sum(tl.reshape(yr, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+            g_mean = g_sum / tl.maximum(count, 1.0)[None, :]
+            g_mean_full = tl.broadcast_to(g_mean[:, :, None], (BLOCK_M, BLOCK_N // GROUP, GROUP))
+            dev = tl.where(col_ok[None, :], yr - tl.reshape(g_mean_full, (BLOCK_M, BLOCK_N)), 0.0)
+            g_m2 = tl.sum(tl.reshape(dev * dev, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+            groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+            s_ptrs = out_stats_ptr + out_m[:, None] * stride_out_sm + groups[None, :]
+            s_mask = row_ok[:, None] & (count > 0)[None, :]
+            tl.store(s_ptrs, g_mean, mask=s_mask)
+            tl.store(s_ptrs + stride_out_plane, g_m2, mask=s_mask)
+
+
+    def _mod_mode(args) -> int:
+        """How the tile finds its modulation rows: 0 none, 1 one vector (shared, or the
+        tile lies in one sample), 2 the tile straddles two samples, 3 gather per row."""
+        kind, tokens, block_m = args["MOD_KIND"], args["n_tokens"], args["BLOCK_M"]
+        if kind == MOD_KIND_NONE:
+            return 0
+        if kind == MOD_KIND_SHARED or tokens % block_m == 0:
+            return 1
+        return 2 if tokens >= block_m else 3
+
+    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "HAS_RES", "MOD_KIND"]
+    _derived_constants = triton.heuristics({
+        "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+        "MOD_MODE": _mod_mode,
+    })
+    _prologue_gemm_16bit = triton.autotune(_CONFIGS_16BIT, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
+    _prologue_gemm_fp32 = triton.autotune(_CONFIGS_FP32, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
+
+
+def _num_groups(width: int) -> int:
+    return -(-width // STATS_GROUP)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul policy so the fused op and cuBLAS agree; for
+    # 16-bit inputs the setting has no effect and "tf32" is Triton's default.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _rowwise(t: torch.Tensor) -> torch.Tensor:
+    """2D view with a unit column stride (the kernels assume it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def chunk_moments(x: torch.Tensor) -> torch.Tensor:
+    """Per-row partial moments for the fused LayerNorm prologue.
+
+    x: (M, D) -> fp32 (2, M, ceil(D / 64)): [0] the mean, [1] the sum of squared
+    deviations of each 64-column group (the last group may be narrower).
+    """
+    x = _rowwise(x)
+    M, D = x.shape
+    stats = torch.empty((2, M, _num_groups(D)), device=x.device, dtype=torch.float32)
+    block_m = 16 if interpreter_enabled() else 32
+    grid = (triton.cdiv(M, block_m), _num_groups(D))
+    _chunk_moments_kernel[grid](
+        x, stats, M, D, x.stride(0), stats.stride(0), stats.stride(1),
+        BLOCK_M=block_m, GROUP=STATS_GROUP, num_warps=4,
+    )
+    return stats
+
+
+def prologue_gemm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    stats: torch.Tensor | None = None,
+    eps: float = 0.0,
+    colsum: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    tokens_per_sample: int | None = None,
+    up_weight: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    emit_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused GEMM launch: out = epilogue(prologue(a) @ weight^T).
+
+    a, residual: (M, K). prologue(a) = LN(a + residual) * scale + shift, where LN
+    (no affine, ``eps``) is applied when ``stats`` (from ``chunk_moments`` or a previous
+    ``emit_stats``) is given; with ``colsum`` (N,) fp32 = weight.sum(1) the LN is instead
+    applied in the epilogue (A goes straight to the tensor cores; only without
+    residual/scale/shift). scale/shift are either (K,) shared by all rows or
+    (B, K) per sample with row r in sample r // tokens_per_sample. weight: (N, K),
+    bias: (N,). With ``up_weight``/``up_bias`` (N, K)/(N,) the epilogue is the SwiGLU
+    gate SiLU(a' W^T + b) * (a' Wu^T + bu). Returns out (M, N) in the weight dtype and,
+    if ``emit_stats``, its partial moments (2, M, ceil(N / 64)).
+    """
+    a = _rowwise(a)
+    M, K = a.shape
+    N = weight.shape[0]
+    weight = _rowwise(weight)
+    if residual is not None:
+        residual = _rowwise(residual)
+    gated = up_weight is not None
+    if gated:
+        up_weight = _rowwise(up_weight)
+    out = torch.empty((M, N), device=a.device, dtype=weight.dtype)
+    out_stats = torch.empty((2, M, _num_groups(N)), device=a.device, dtype=torch.float32) if emit_stats else None
+
+    if scale is None:
+        mod_kind, n_samples, tokens_per_sample, stride_cb = MOD_KIND_NONE, 1, M, 0
+    elif scale.dim() == 1:
+        mod_kind, n_samples, tokens_per_sample, stride_cb = MOD_KIND_SHARED, 1, M, 0
+    else:
+        # (B, K) vectors are tiny: contiguous copies give scale and shift one batch stride.
+        scale, shift = scale.contiguous(), shift.contiguous()
+        n_samples, stride_cb = scale.shape[0], scale.stride(0)
+        mod_kind = MOD_KIND_PER_SAMPLE
+
+    if colsum is not None and (stats is None or residual is not None or scale is not None):
+        raise ValueError("colsum (LayerNorm in the epilogue) needs stats and no residual/scale/shift")
+    norm_mode = NORM_NONE if stats is None else NORM_PROLOGUE if colsum is None else NORM_EPILOGUE
+
+    dummy = out  # stands in for absent pointers; never dereferenced (constexpr-disabled)
+    stats_t = stats if stats is not None else out_stats if out_stats is not None else torch.empty(
+        (2, 1, 1), device=a.device, dtype=torch.float32)
+    out_stats_t = out_stats if out_stats is not None else stats_t
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    kernel = _prologue_gemm_fp32 if weight.dtype == torch.float32 else _prologue_gemm_16bit
+    kernel[grid](
+        a, residual if residual is not None else a, stats_t, colsum if colsum is not None else stats_t,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        weight, bias, up_weight if gated else weight, up_bias if gated else bias,
+        out, out_stats_t,
+        M, N, K, tokens_per_sample, n_samples, float(eps),
+        a.stride(0), (residual.stride(0) if residual is not None else 0),
+        stats_t.stride(0), stats_t.stride(1), stride_cb,
+        weight.stride(0), (up_weight.stride(0) if gated else 0),
+        out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
+        NORM_MODE=norm_mode, HAS_RES=residual is not None, MOD_KIND=mod_kind,
+        GATED=gated, EMIT_STATS=emit_stats,
+        GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+    )
+    return out, out_stats
+
+
+def folded_norm_linear(
+    weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold an affine LayerNorm into the Linear after it, from the live parameters.
+
+    linear(LN(h)) = rstd * (h W'^T - mean colsum) + b' with W' = W * gamma (N, K) in the
+    weight dtype, b' = b + W beta and colsum = W'.sum(1), both fp32 (N,), colsum summed
+    from the rounded W' so the mean correction cancels exactly what the GEMM adds.
+    One pass over W per call: unlike a cache keyed on ``_version``, it cannot go stale
+    when weights are updated through ``.data`` (which bypasses the version counter).
+    """
+    N, K = weight.shape
+    weight = _rowwise(weight)
+    folded_w = torch.empty_like(weight)
+    folded_b = torch.empty(N, device=weight.device, dtype=torch.float32)
+    colsum = torch.empty(N, device=weight.device, dtype=torch.float32)
+    block_n, block_k = (32, 256) if interpreter_enabled() else (16, 256)
+    _fold_norm_kernel[(triton.cdiv(N, block_n),)](
+        weight, bias, gamma, beta, folded_w, folded_b, colsum, N, K, weight.stride(0), folded_w.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return folded_w, folded_b, colsum
+
+
+def swiglu_params(block: SwiGLU) -> list[torch.Tensor]:
+    """The block's parameters in the order of ``SWIGLU_PARAMS`` (the live tensors)."""
+    named = dict(block.named_parameters())
+    return [named[name] for name in SWIGLU_PARAMS]
+
+
+def fused_adaptive_swiglu_rows(
+    x: torch.Tensor,
+    x_stats: torch.Tensor,
+    tokens_per_sample: int,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    params: list[torch.Tensor],
+    norm_eps: float,
+    inner_eps: float,
+    emit_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two fused launches of one adaptive SwiGLU on flattened tokens.
+
+    x: (M, D) rows, sample-major with ``tokens_per_sample`` rows per sample; x_stats:
+    its ``chunk_moments``; shift, scale: (B, D); params: ``swiglu_params(block)``.
+    Returns y (M, D) and, if ``emit_stats``, y's partial moments for a following LN.
+    """
+    wg, bg, wx, bx, gamma, beta, w2, b2 = params
+    h, h_stats = prologue_gemm(
+        x, wg, bg, stats=x_stats, eps=norm_eps,
+        scale=1.0 + scale.float(), shift=shift, tokens_per_sample=tokens_per_sample,
+        up_weight=wx, up_bias=bx, emit_stats=True,
+    )
+    # h is stored exactly as the reference's LN reads it, so its LN folds into fc2
+    # without the cancellation that centring on load avoids for x.
+    w2_folded, b2_folded, colsum = folded_norm_linear(w2, b2, gamma, beta)
+    return prologue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum, emit_stats=emit_stats)
+
+
+def reference_adaptive_swiglu(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: SwiGLU, norm_eps: float = 1e-6
+) -> torch.Tensor:
+    """The plain-torch composition: block(modulate(LN(x), shift, scale)); (B, N, D) -> (B, N, D)."""
+    return block(modulate(F.layer_norm(x, x.shape[-1:], eps=norm_eps), shift, scale))
+
+
+class _AdaptiveSwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, block, norm_eps, *params):
+        ctx.block, ctx.norm_eps = block, norm_eps
+        ctx.save_for_backward(x, shift, scale, *params)
+        B, N, D = x.shape
+        x2d = x.reshape(B * N, D)
+        y, _ = fused_adaptive_swiglu_rows(x2d, chunk_moments(x2d), N, shift, scale, params, norm_eps, block.norm.eps)
+        return y.view(B, N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, shift, scale, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        inputs = [x, shift, scale, *params]
+        wants = [needs[0], needs[1], needs[2], *needs[5:]]
+        leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wants)]
+        with torch.enable_grad():
+            m = modulate(F.layer_norm(leaves[0], leaves[0].shape[-1:], eps=ctx.norm_eps), leaves[1], leaves[2])
+            out = torch.func.functional_call(ctx.block, dict(zip(SWIGLU_PARAMS, leaves[3:])), (m,))
+        wanted = [t for t, w in zip(leaves, wants) if w]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
+        result = [next(grads) if w else None for w in wants]
+        return (*result[:3], None, None, *result[3:])
+
+
+def check_backend(backend: str) -> None:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def triton_usable(backend: str, tensors: list[torch.Tensor], what: str) -> bool:
+    """Whether to take the Triton path; raises for backend='triton' when it cannot run."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    dtypes = {t.dtype for t in tensors}
+    reason = None
+    if not triton_runs_on(*tensors):
+        reason = "Triton cannot run on these tensors (needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)"
+    elif len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+        reason = (f"the fused kernel needs inputs and parameters of one dtype among fp32/bf16/fp16, "
+                  f"got {sorted(map(str, dtypes))}")
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"{what}: backend='triton' requested but {reason}; use backend='auto' or 'torch'")
+    return False
+
+
+def adaptive_swiglu(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    block: SwiGLU,
+    norm_eps: float = 1e-6,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """block(modulate(LN(x), shift, scale)) = fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))).
+
+    x: (B, N, D) tokens; shift, scale: (B, D) per-sample modulation; block: the
+    reference ``SwiGLU`` whose live parameters are used; LN has no affine and eps
+    ``norm_eps``. Returns (B, N, D). backend: "triton" (fused kernels, error if they
+    cannot run), "torch" (the reference composition) or "auto" (Triton when possible).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, D) tokens, got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t.shape != (B, D):
+            raise ValueError(f"{name} must have shape (B, D) = ({B}, {D}), got {tuple(t.shape)}")
+    if block.fc1_g.in_features != D:
+        raise ValueError(f"the SwiGLU block has width {block.fc1_g.in_features}, but tokens have width {D}")
+    params = swiglu_params(block)
+    if N == 0 or not triton_usable(backend, [x, *params], "adaptive_swiglu"):
+        return reference_adaptive_swiglu(x, shift, scale, block, norm_eps)
+    return _AdaptiveSwiGLUFunction.apply(x, shift, scale, block, norm_eps, *params)

@@ -1,0 +1,602 @@
+"""Two-stage PRDiT training: stage 1 (depth 0, local denoiser) and stage 2 (depth > 0,
+global residual DiT over a frozen stage-1 coarse path), spec sections 7, 9, 12 and 13.
+
+``train(config)`` runs on one device, or on every rank of a ``torchrun`` launch
+(DistributedDataParallel; NCCL on GPU, gloo on CPU). ``training.batch_size`` is the
+GLOBAL batch, as in the official configs: each of W ranks takes batch_size / W volumes
+per step (batch_size must be divisible by W).
+
+Data order. The training stream is the concatenation of per-epoch permutations of the
+dataset (epoch e shuffled by ``(training.seed, e)``); step n consumes stream positions
+[n B, (n + 1) B), rank r the slice [n B + r B / W, n B + (r + 1) B / W). The position
+is stored in every checkpoint, so ``--resume`` continues the stream exactly where it
+stopped, and on one CPU process the resumed run is bit-for-bit the uninterrupted one.
+
+Checkpoints (``<output.results_dir>/<output.checkpoint_dir>/<step:07d>.pt``, written
+atomically by rank 0) have the official layout of spec section 13 (``model``, ``ema``,
+``config`` nested, ``train_steps``, ``epoch``, ``optimizer``) plus ``rng`` (one state
+per rank: torch CPU, CUDA, numpy, python ``random`` and the diffusion noise generator),
+``data_position`` and ``world_size``, so the official tools and
+``prdit_fast.checkpoint.load_checkpoint`` read them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .atomic import atomic_path
+from .checkpoint import copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
+from .diffusion import IaNDiffusion
+from .models import DiTBlock, PRDiT, SwiGLU, create_model, parse_variant
+
+log = logging.getLogger("prdit_fast.train")
+
+REQUIRED = object()  # marks config keys without a default
+
+# Every key train() reads, with its default. Official configs' keys that prdit_fast
+# does not use are listed in IGNORED; anything else draws a warning.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "image_size": REQUIRED,  # volume edge S the model sees; preprocessed volumes are average-pooled to it
+        "path": None,  # folder / list of preprocessed .npy; None -> the synthetic phantom
+        "num_workers": 4,
+        "phantom_length": 64,  # number of phantom volumes when data.path is None
+    },
+    "model": {
+        "name": REQUIRED,  # e.g. PRDiT-B/12/0 (stage 1) or PRDiT-B/12/4 (stage 2)
+        "in_channels": 1,
+        "out_channels": None,  # checked against 2 * in_channels when given
+        "pretrained_path": None,  # stage-1 checkpoint to start stage 2 from
+        "backend": "reference",  # "reference" | "fast" (prdit_fast.fast.accelerate)
+    },
+    "training": {
+        "batch_size": REQUIRED,  # global batch over all ranks
+        "learning_rate": REQUIRED,
+        "total_steps": None,  # None -> epochs * ceil(len(dataset) / batch_size)
+        "epochs": None,
+        "gradient_clip": 1.0,  # max global grad norm; 0 or None disables clipping
+        "ema_decay": 0.9999,
+        "weight_decay": 0.0,
+        "log_every": None,  # None -> logging.log_every, else 100
+        "ckpt_every": None,  # None -> logging.ckpt_every, else 1000
+        "seed": 0,
+        "bf16": False,  # autocast to bf16 (reference backend) / bf16 GEMMs (fast backend)
+        "grad_checkpointing": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
+        "max_bad_steps": 10,  # consecutive non-finite gradient steps before giving up
+    },
+    "logging": {"log_every": 100, "ckpt_every": 1000},
+    "output": {"results_dir": "results", "checkpoint_dir": "checkpoints"},
+}
+IGNORED: dict[str, set[str]] = {
+    "data": {"train_list", "val_list", "task", "val_frac", "augment", "normalize"},
+    "model": {"num_classes", "checkpoint", "flash_attn"},
+    "training": {"compile_model", "compile_mode", "fine_tune_lr"},
+    "logging": {"eval_every"},
+    "wandb": {"*"},
+}
+BACKENDS = ("reference", "fast")
+_CKPT_RE = re.compile(r"^(\d+)\.pt$")
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+def load_config(path: str | os.PathLike) -> dict:
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a training config is a YAML mapping with sections data, model, training")
+    return config
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """``["training.batch_size=8", "data.path=/x"]`` -> a copy of config with those keys
+    set; values are parsed as YAML (numbers, booleans, null, lists)."""
+    import yaml
+
+    out = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.batch_size=8")
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ValueError(f"override {item!r}: config section {parts[0]!r} is not a mapping")
+        section[parts[1]] = yaml.safe_load(value)
+    return out
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Values as the type of their default (YAML reads 1e-4 as a string)."""
+    if value is None or default is None or default is REQUIRED:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            return float(value)
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, (bool, int)):
+                raise TypeError
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def resolve_config(config: Mapping[str, Any]) -> dict:
+    """A complete, typed copy of a training config: defaults filled in, numeric strings
+    parsed, required keys checked (ValueError names the missing ones), keys that
+    prdit_fast does not use warned about."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in config.items():
+        if not isinstance(values, Mapping):
+            if section in DEFAULTS:
+                raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+            warnings.warn(f"unknown config key {section!r} ignored", stacklevel=2)
+            continue
+        for key in values:
+            known = section in DEFAULTS and key in DEFAULTS[section]
+            ignored = section in IGNORED and ({key, "*"} & IGNORED[section])
+            if not known and not ignored:
+                warnings.warn(f"unknown config key {section}.{key} ignored", stacklevel=2)
+    missing = []
+    for section, defaults in DEFAULTS.items():
+        given = config.get(section) or {}
+        out[section] = {}
+        for key, default in defaults.items():
+            value = given.get(key, default)
+            if value is REQUIRED:
+                missing.append(f"{section}.{key}")
+                continue
+            out[section][key] = _coerce(value, default, f"{section}.{key}")
+    if missing:
+        raise ValueError(
+            f"training config lacks {', '.join(missing)}; set them in the YAML or on the command line "
+            f"(e.g. prdit-fast train --config FILE data.image_size=128)"
+        )
+    tr, model = out["training"], out["model"]
+    for key in ("log_every", "ckpt_every"):
+        tr[key] = int(tr[key] if tr[key] is not None else out["logging"][key])
+        if tr[key] < 1:
+            raise ValueError(f"training.{key} must be >= 1, got {tr[key]}")
+    tr["learning_rate"] = float(tr["learning_rate"])
+    tr["batch_size"] = int(tr["batch_size"])
+    tr["gradient_clip"] = float(tr["gradient_clip"] or 0.0)
+    out["data"]["image_size"] = int(out["data"]["image_size"])
+    if tr["batch_size"] < 1 or tr["learning_rate"] <= 0:
+        raise ValueError(f"training.batch_size must be >= 1 and learning_rate > 0, got {tr['batch_size']}, {tr['learning_rate']}")
+    if not 0.0 <= tr["ema_decay"] <= 1.0:
+        raise ValueError(f"training.ema_decay must be in [0, 1], got {tr['ema_decay']}")
+    if tr["total_steps"] is None and tr["epochs"] is None:
+        raise ValueError("set training.total_steps (or training.epochs)")
+    if model["backend"] not in BACKENDS:
+        raise ValueError(f"model.backend must be one of {BACKENDS}, got {model['backend']!r}")
+    if model["out_channels"] is not None and int(model["out_channels"]) != 2 * model["in_channels"]:
+        raise ValueError(
+            f"model.out_channels {model['out_channels']} must be 2 * in_channels = {2 * model['in_channels']} "
+            f"(noise and clean predictions)"
+        )
+    model["pretrained_path"] = model["pretrained_path"] or None
+    out["data"]["path"] = out["data"]["path"] or None
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Data order
+# --------------------------------------------------------------------------- #
+class StreamSampler(Sampler[int]):
+    """This rank's indices of the endless training stream from ``position`` on (see the
+    module docstring): per step, the global batch's slice [rank b, (rank + 1) b)."""
+
+    def __init__(self, length: int, global_batch: int, rank: int, world: int, seed: int, position: int):
+        self.length, self.global_batch, self.rank, self.world = length, global_batch, rank, world
+        self.per_rank = global_batch // world
+        self.seed, self.position = seed, position
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.length)
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.position
+        epoch, perm = -1, None
+        while True:
+            for j in range(self.per_rank):
+                e, i = divmod(start + self.rank * self.per_rank + j, self.length)
+                if e != epoch:
+                    epoch, perm = e, self.permutation(e)
+                yield int(perm[i])
+            start += self.global_batch
+
+
+# --------------------------------------------------------------------------- #
+# Model helpers
+# --------------------------------------------------------------------------- #
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every trainable DiTBlock and SwiGLU block in the backward pass instead of
+    storing its activations (torch.utils.checkpoint, non-reentrant), by wrapping the
+    instances' forward methods. Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, (DiTBlock, SwiGLU)) and any(p.requires_grad for p in module.parameters()):
+            inner = module.forward
+
+            def forward(*args, _inner=inner):
+                return checkpoint(_inner, *args, use_reentrant=False)
+
+            module.forward = forward
+            wrapped += 1
+    return wrapped
+
+
+def load_pretrained(model: PRDiT, path: str | os.PathLike) -> list[str]:
+    """Stage 2 from stage 1 (spec section 13): copy every tensor of the checkpoint's
+    ``model`` weights (as the official code does; ``ema`` when there is no ``model``, or a
+    bare state dict) whose name and shape match; the rest keeps its fresh initialization.
+    Raises ValueError when the coarse path is not fully covered (wrong file)."""
+    ckpt = read_checkpoint(path)
+    state = next((ckpt[k] for k in ("model", "ema") if isinstance(ckpt.get(k), Mapping)), ckpt)
+    copied = set(copy_matching_weights(model, strip_wrapper_prefixes(state)))
+    coarse = {n for n, p in model.named_parameters() if any(p is q for q in model.coarse_parameters())}
+    absent = sorted(coarse - copied)
+    if absent:
+        raise ValueError(
+            f"model.pretrained_path {path} does not provide the coarse path of {model.config.name}: "
+            f"{len(absent)} tensors missing or of another shape (e.g. {absent[0]}); give a stage-1 checkpoint "
+            f"with the same size and patch (e.g. PRDiT-B/12/0 for PRDiT-B/12/4)"
+        )
+    return sorted(copied)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+        "noise": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: Mapping, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available() and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["noise"].cpu())
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``<step>.pt`` with the highest step in ``directory``, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _canonical_name(name: Any) -> str | None:
+    try:
+        return "PRDiT-{}/{}/{}".format(*parse_variant(name))
+    except ValueError:
+        return None
+
+
+def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- #
+# The trainer
+# --------------------------------------------------------------------------- #
+class Trainer:
+    """One rank's training state. ``run()`` trains to ``training.total_steps`` and returns
+    the last checkpoint's path. ``model`` (the PRDiT being trained) and ``ema`` are
+    exposed for inspection."""
+
+    def __init__(self, config: Mapping[str, Any], resume: bool = False):
+        self.config = resolve_config(config)
+        cfg_data, cfg_model, tr = self.config["data"], self.config["model"], self.config["training"]
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device = torch.device("cpu")
+        if tr["batch_size"] % self.world:
+            raise ValueError(
+                f"training.batch_size {tr['batch_size']} is the global batch and must be divisible by the "
+                f"number of ranks {self.world}"
+            )
+        self.global_batch = tr["batch_size"]
+        self.run_dir = Path(self.config["output"]["results_dir"])
+        self.ckpt_dir = self.run_dir / self.config["output"]["checkpoint_dir"]
+
+        seed = tr["seed"]
+        torch.manual_seed(seed)  # the same initialization on every rank
+        np.random.seed(seed)
+        random.seed(seed)
+        self.dataset: Dataset = self._dataset()
+        n = len(self.dataset)
+        per_epoch = math.ceil(n / self.global_batch)
+        self.total_steps = int(tr["total_steps"] if tr["total_steps"] is not None else tr["epochs"] * per_epoch)
+
+        self.model: PRDiT = create_model(cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"]).to(self.device)
+        ckpt_path = latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and ckpt_path is None:
+            log.info("--resume: no checkpoint in %s yet; starting from step 0", self.ckpt_dir)
+        if cfg_model["pretrained_path"] and ckpt_path is None:
+            copied = load_pretrained(self.model, cfg_model["pretrained_path"])
+            self._info(f"stage 2: copied {len(copied)} tensors from {cfg_model['pretrained_path']}")
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        ema_by_name = dict(self.ema.named_parameters())
+        self.ema_params = [ema_by_name[n] for n, p in self.model.named_parameters() if p.requires_grad]
+
+        net: nn.Module = self.model
+        if tr["grad_checkpointing"]:
+            if cfg_model["backend"] == "fast":
+                warnings.warn("training.grad_checkpointing applies to the reference backend only; ignored", stacklevel=2)
+            else:
+                self._info(f"activation checkpointing on {enable_activation_checkpointing(self.model)} blocks")
+        if cfg_model["backend"] == "fast":
+            from .fast import accelerate
+
+            net = accelerate(self.model, dtype=torch.bfloat16 if tr["bf16"] else torch.float32)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True,
+            )
+        self.net = net
+        self.diffusion = IaNDiffusion()
+        # one fused kernel on CUDA; elsewhere the multi-tensor (foreach) path, not a loop
+        impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=tr["learning_rate"], weight_decay=tr["weight_decay"], **impl)
+        self.noise = torch.Generator(device=self.device)
+        self.noise.manual_seed(seed * 1_000_003 + self.rank)  # differs per rank: independent noise and t
+        self.step = 0
+        self.position = 0  # samples of the training stream consumed (all ranks)
+        self.last_checkpoint: Path | None = None
+        if ckpt_path is not None:
+            self._restore(ckpt_path)
+        self.model.train()
+
+        n_train = sum(p.numel() for p in self.trainable)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        self._info(
+            f"{self.model.config.name} at {cfg_data['image_size']}^3 on {self.world} x {self.device.type}: "
+            f"{n_train:,} trainable / {n_all:,} parameters; dataset {n} volumes "
+            f"({cfg_data['path'] or 'synthetic phantom'}); global batch {self.global_batch}; "
+            f"step {self.step} of {self.total_steps}"
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _info(self, message: str) -> None:
+        if self.rank == 0:
+            log.info(message)
+
+    def _dataset(self) -> Dataset:
+        from .data.dataset import build_dataset
+
+        data = self.config["data"]
+        return build_dataset(data, self.config["model"]["in_channels"], self.config["training"]["seed"])
+
+    def _loader(self) -> Iterator[torch.Tensor]:
+        sampler = StreamSampler(
+            len(self.dataset), self.global_batch, self.rank, self.world, self.config["training"]["seed"], self.position
+        )
+        workers = self.config["data"]["num_workers"]
+        loader = DataLoader(
+            self.dataset, batch_size=self.global_batch // self.world, sampler=sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=False,
+        )
+        return iter(loader)
+
+    def _restore(self, path: Path) -> None:
+        ckpt = read_checkpoint(path, map_location=self.device)
+        saved = ckpt.get("config", {})
+        mine = (self.model.config.name, self.config["data"]["image_size"], self.config["model"]["in_channels"])
+        theirs = (_canonical_name(saved.get("model", {}).get("name")), saved.get("data", {}).get("image_size"),
+                  saved.get("model", {}).get("in_channels", 1))
+        if mine != theirs:
+            raise ValueError(
+                f"cannot resume from {path}: it trains {theirs[0]} at {theirs[1]}^3 with {theirs[2]} channels, "
+                f"the config asks for {mine[0]} at {mine[1]}^3 with {mine[2]}; use another output.results_dir"
+            )
+        self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+        self.ema.load_state_dict(strip_wrapper_prefixes(ckpt["ema"]))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["train_steps"])
+        self.position = int(ckpt.get("data_position", self.step * self.global_batch))
+        states = ckpt.get("rng") or []
+        if len(states) == self.world:
+            _set_rng_state(states[self.rank], self.noise)
+        else:
+            warnings.warn(
+                f"{path} was written by {len(states)} ranks, this run has {self.world}: the data order continues, "
+                f"the noise streams are reseeded",
+                stacklevel=2,
+            )
+            self.noise.manual_seed((self.config["training"]["seed"] * 1_000_003 + self.rank) ^ (self.step << 20))
+        self.last_checkpoint = path
+        self._info(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """Write ``<step>.pt`` (rank 0), all ranks meeting at barriers around the write."""
+        path = self.ckpt_dir / f"{self.step:07d}.pt"
+        states = [_rng_state(self.noise)]
+        if self.distributed:
+            states = [None] * self.world
+            dist.all_gather_object(states, _rng_state(self.noise))
+            dist.barrier()
+        if self.rank == 0:
+            payload = {
+                "model": _state_on_cpu(self.model),
+                "ema": _state_on_cpu(self.ema),
+                "optimizer": self.optimizer.state_dict(),
+                "config": self.config,
+                "train_steps": self.step,
+                "epoch": self.position // len(self.dataset),
+                "data_position": self.position,
+                "world_size": self.world,
+                "rng": states,
+            }
+            with atomic_path(path) as tmp:
+                torch.save(payload, tmp)
+        if self.distributed:
+            dist.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _write_run_config(self) -> None:
+        import yaml
+
+        if self.rank == 0:
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def _log_metrics(self, record: dict) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # ema <- decay * ema + (1 - decay) * model, all tensors in one foreach kernel
+        torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.trainable], 1.0 - self.config["training"]["ema_decay"])
+
+    def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on this rank's batch x (b, C, S, S, S); returns (loss, applied)."""
+        tr = self.config["training"]
+        bf16_autocast = tr["bf16"] and self.config["model"]["backend"] == "reference"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
+        with autocast:
+            loss = self.diffusion.training_losses(self.net, x, generator=self.noise)["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # the norm is identical on every rank (gradients are all-reduced), so all skip together
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, tr["gradient_clip"] if tr["gradient_clip"] > 0 else math.inf)
+        if not math.isfinite(norm.item()):
+            return loss.detach(), False
+        self.optimizer.step()
+        self.update_ema()
+        return loss.detach(), True
+
+    def run(self) -> Path:
+        tr = self.config["training"]
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_config()
+        if self.step >= self.total_steps:
+            self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
+            return self.last_checkpoint or self.save()
+        batches = self._loader()
+        window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        window_steps, bad_steps = 0, 0
+        t_window = time.perf_counter()
+        while self.step < self.total_steps:
+            x = next(batches).to(self.device, non_blocking=True)
+            loss, applied = self.train_step(x)
+            self.position += self.global_batch
+            if not applied:
+                bad_steps += 1
+                warnings.warn(f"step {self.step + 1}: non-finite gradient norm; optimizer step skipped", stacklevel=2)
+                if bad_steps >= tr["max_bad_steps"]:
+                    raise RuntimeError(
+                        f"{bad_steps} consecutive steps with non-finite gradients at step {self.step + 1}: training "
+                        f"diverged; lower training.learning_rate or check the data"
+                    )
+                continue
+            bad_steps = 0
+            self.step += 1
+            window_loss += loss
+            window_steps += 1
+            if self.step % tr["log_every"] == 0 or self.step == self.total_steps:
+                self._log_window(window_loss, window_steps, time.perf_counter() - t_window)
+                window_loss.zero_()
+                window_steps = 0
+                t_window = time.perf_counter()
+            if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
+                path = self.save()
+                self._info(f"checkpoint {path}")
+        return self.last_checkpoint
+
+    def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> None:
+        mean = loss_sum / steps
+        if self.distributed:
+            dist.all_reduce(mean)
+            mean /= self.world
+        mean = float(mean.item())
+        steps_per_s = steps / max(seconds, 1e-9)
+        remaining = self.total_steps - self.step
+        hours_left = remaining / steps_per_s / 3600
+        unit = "GPU" if self.device.type == "cuda" else "CPU-process"
+        if self.rank == 0:
+            record = {
+                "step": self.step, "loss": mean, "samples_per_s": steps_per_s * self.global_batch,
+                "steps_per_s": steps_per_s, "hours_to_finish": hours_left,
+                "device_hours_to_finish": hours_left * self.world, "world_size": self.world, "time": time.time(),
+            }
+            self._log_metrics(record)
+            log.info(
+                "step %d/%d  loss %.5f  %.2f samples/s  %.1f %s-hours to finish (%.2f h on %d)",
+                self.step, self.total_steps, mean, record["samples_per_s"], record["device_hours_to_finish"],
+                unit, hours_left, self.world,
+            )
+
+
+def train(config: Mapping[str, Any], resume: bool = False) -> Path:
+    """Train as ``config`` says (see DEFAULTS); under ``torchrun`` (WORLD_SIZE > 1) every
+    rank calls this and the process group is set up here. Returns the last checkpoint."""
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        created = True
+    try:
+        return Trainer(config, resume=resume).run()
+    finally:
+        if created:
+            dist.destroy_process_group()

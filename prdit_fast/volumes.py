@@ -1,0 +1,147 @@
+"""Writing and reading CT volumes: NIfTI, mid-slice PNG previews, .npy.
+
+In memory a volume is ``v[d, h, w]`` in HU with depth superior -> inferior, height
+anterior -> posterior, width patient right -> left (see ``prdit_fast.phantom``). On disk
+NIfTI stores (x, y, z) = (width, height, depth) with an affine that says exactly that
+(voxel axes toward patient Left, Posterior, Inferior), so viewers show the anatomy the
+right way round and ``load_volume`` returns the same array.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+
+# (low, high) HU shown from black to white
+WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-1350.0, 150.0),  # level -600, width 1500
+    "mediastinal": (-160.0, 240.0),  # level 40, width 400
+    "bone": (-450.0, 1050.0),  # level 300, width 1500
+}
+# array axes (width, height, depth) point toward patient Left, Posterior, Inferior
+_AXCODES = ("L", "P", "I")
+
+
+def _as_volume(volume: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(S, S, S) or a singleton-batch/channel (1, 1, S, S, S) -> float32 numpy (D, H, W)."""
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().float().cpu().numpy()
+    volume = np.asarray(volume)
+    squeezed = volume.reshape(volume.shape[-3:]) if volume.ndim > 3 and np.prod(volume.shape[:-3]) == 1 else volume
+    if squeezed.ndim != 3:
+        raise ValueError(f"expected one volume of shape (D, H, W) (or (1, 1, D, H, W)), got shape {volume.shape}")
+    return squeezed.astype(np.float32, copy=False)
+
+
+def _affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """(x, y, z) voxel -> RAS mm for our storage order, centred on the volume."""
+    sd, sh, sw = spacing
+    return np.diag([-sw, -sh, -sd, 1.0])  # L, P, I are the negative RAS directions
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    volume: np.ndarray | torch.Tensor,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    dtype: str = "int16",
+) -> Path:
+    """Write a HU volume (D, H, W) as NIfTI (``.nii`` or ``.nii.gz``), atomically.
+
+    spacing: voxel size in mm along (depth, height, width).
+    dtype: 'int16' (rounded HU, what scanners store) or 'float32'.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        raise ValueError(f"NIfTI file names end in .nii or .nii.gz, got {path.name}")
+    if dtype not in ("int16", "float32"):
+        raise ValueError(f"dtype must be 'int16' or 'float32', got {dtype!r}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
+    data = _as_volume(volume).transpose(2, 1, 0)  # (W, H, D) = (x, y, z)
+    if dtype == "int16":
+        data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
+    image = nib.Nifti1Image(np.ascontiguousarray(data), _affine(spacing))
+    image.header.set_xyzt_units("mm")
+    image.header.set_qform(image.affine, code=1)  # scanner coordinates
+    image.header.set_sform(image.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
+def load_volume(path: str | os.PathLike) -> np.ndarray:
+    """A volume as float32 (D, H, W) in our axis order: NIfTI (any orientation; reoriented
+    from its affine) or ``.npy`` (taken as already (D, H, W))."""
+    path = Path(path)
+    if path.name.endswith(".npy"):
+        return _as_volume(np.load(path, allow_pickle=False))
+    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        raise ValueError(f"load_volume reads .nii, .nii.gz and .npy files, got {path.name}")
+    import nibabel as nib
+    from nibabel import orientations as ornt
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path} holds a {data.ndim}-D image of shape {data.shape}; expected one 3-D volume")
+    transform = ornt.ornt_transform(ornt.io_orientation(image.affine), ornt.axcodes2ornt(_AXCODES))
+    return np.ascontiguousarray(ornt.apply_orientation(data, transform).transpose(2, 1, 0))
+
+
+def mid_slices(volume: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Axial (seen from the feet), coronal and sagittal mid-slices, each (rows, cols), with
+    superior at the top of the coronal and sagittal views."""
+    v = _as_volume(volume)
+    d, h, w = v.shape
+    return v[d // 2], v[:, h // 2, :], v[:, :, w // 2]
+
+
+def save_slices_png(
+    path: str | os.PathLike,
+    volume: np.ndarray | torch.Tensor,
+    windows: tuple[str | tuple[float, float], ...] = ("lung", "mediastinal"),
+    min_panel: int = 192,
+) -> Path:
+    """Write a PNG of the axial, coronal and sagittal mid-slices side by side, one row per
+    HU window ('lung', 'mediastinal', 'bone', or (low, high) HU). Small volumes are
+    enlarged by an integer factor (nearest neighbour) so each panel is at least
+    ``min_panel`` pixels. Atomic."""
+    from PIL import Image
+
+    panels = mid_slices(volume)
+    scale = max(1, -(-min_panel // max(p.shape[0] for p in panels)))
+    gap = max(2, scale)
+    rows = []
+    for window in windows:
+        if isinstance(window, str) and window not in WINDOWS:
+            raise ValueError(f"unknown window {window!r}; use one of {list(WINDOWS)} or (low, high) HU")
+        lo, hi = WINDOWS[window] if isinstance(window, str) else window
+        if not hi > lo:
+            raise ValueError(f"window {window} must have high > low")
+        scaled = [np.kron(np.clip((p - lo) / (hi - lo), 0, 1), np.ones((scale, scale), np.float32)) for p in panels]
+        height = max(s.shape[0] for s in scaled)
+        row = []
+        for s in scaled:
+            pad = np.zeros((height, s.shape[1] + gap), np.float32)
+            pad[: s.shape[0], : s.shape[1]] = s
+            row.append(pad)
+        rows.append(np.concatenate(row, axis=1)[:, :-gap])
+    width = max(r.shape[1] for r in rows)
+    sheet = np.zeros((sum(r.shape[0] for r in rows) + gap * (len(rows) - 1), width), np.float32)
+    top = 0
+    for r in rows:
+        sheet[top : top + r.shape[0], : r.shape[1]] = r
+        top += r.shape[0] + gap
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.rint(sheet * 255).astype(np.uint8)).save(tmp, format="PNG")
+    return path

@@ -1,0 +1,251 @@
+"""Fused adaptive SwiGLU and local denoiser vs the reference modules.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in fp32 (tiny shapes); bf16 and the
+paper-size shapes need a GPU (requires_cuda).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from prdit_fast.models import LocalDenoiser, SwiGLU, create_model
+from prdit_fast.ops.adaptive_swiglu import adaptive_swiglu, chunk_moments, reference_adaptive_swiglu
+from prdit_fast.ops.common import triton_runs_on
+from prdit_fast.ops.local_denoiser import local_denoiser
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 fused vs fp32 eager: same math, different summation order.
+FP32_TOL = 1e-4
+# bf16 fused (and bf16 eager) vs an fp32 reference, relative Frobenius error.
+BF16_REL_TOL = 2e-2
+
+pytestmark = pytest.mark.skipif(
+    not triton_runs_on(torch.empty(0, device=DEVICE)), reason="Triton cannot run here (no GPU, no interpreter)"
+)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter random (a fresh PRDiT is zero in places, spec section 12)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3)
+    return module
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def assert_close(a: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL) -> None:
+    err = (a - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"max abs error {err:.3e} vs reference max {scale:.3e}"
+
+
+def make_inputs(B: int, N: int, D: int, offset: float = 0.0, dtype=torch.float32):
+    x = torch.randn(B, N, D, device=DEVICE) + offset
+    shift = 0.5 * torch.randn(B, D, device=DEVICE)
+    scale = 0.5 * torch.randn(B, D, device=DEVICE)
+    return x.to(dtype), shift.to(dtype), scale.to(dtype)
+
+
+# Under the interpreter BLOCK_M = 32: token counts 7 (per-row sample gather), 33 (tiles
+# straddling two samples) and 64 (tiles inside one sample), with widths that are not
+# multiples of the 64-wide tiles / statistics groups.
+@pytest.mark.parametrize("B,N,D", [(1, 7, 64), (3, 33, 96), (3, 7, 200), (1, 33, 200), (2, 64, 96)])
+def test_adaptive_swiglu_matches_reference(B, N, D):
+    block = randomize_(SwiGLU(D)).to(DEVICE)
+    x, shift, scale = make_inputs(B, N, D)
+    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    assert y.shape == (B, N, D)
+    assert_close(y, reference_adaptive_swiglu(x, shift, scale, block))
+
+
+def test_adaptive_swiglu_patch10_width():
+    """D = 1000 (p = 10, C = 1): the K tail of every GEMM is partial."""
+    block = randomize_(SwiGLU(1000)).to(DEVICE)
+    x, shift, scale = make_inputs(2, 5, 1000)
+    y = adaptive_swiglu(x, shift, scale, block, norm_eps=1e-6, backend="triton")
+    assert_close(y, reference_adaptive_swiglu(x, shift, scale, block))
+
+
+def test_rows_with_large_mean_do_not_cancel():
+    """Flat CT regions give rows with |mean| >> std; compare against float64 truth."""
+    D = 96
+    block = randomize_(SwiGLU(D)).to(DEVICE)
+    x = 0.9 + 0.01 * torch.randn(2, 33, D, device=DEVICE)
+    shift, scale = 0.5 * torch.randn(2, D, device=DEVICE), 0.5 * torch.randn(2, D, device=DEVICE)
+    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    truth = reference_adaptive_swiglu(x.double(), shift.double(), scale.double(), block.double())
+    assert rel_err(y, truth) < 1e-5
+
+
+def test_chunk_moments_merge_to_row_mean_and_var():
+    x = 100.0 + torch.randn(37, 200, device=DEVICE)
+    stats = chunk_moments(x)
+    assert stats.shape == (2, 37, 4)
+    counts = torch.tensor([64, 64, 64, 8], device=DEVICE, dtype=torch.float32)
+    mean = (stats[0] * counts).sum(1) / 200
+    m2 = (stats[1] + counts * (stats[0] - mean[:, None]) ** 2).sum(1)
+    torch.testing.assert_close(mean, x.double().mean(1).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(m2 / 200, x.double().var(1, unbiased=False).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_swiglu_gradients_match_reference():
+    B, N, D = 2, 33, 96
+    block = randomize_(SwiGLU(D)).to(DEVICE)
+    x, shift, scale = (t.requires_grad_(True) for t in make_inputs(B, N, D))
+    grad_out = torch.randn(B, N, D, device=DEVICE)
+    inputs = [x, shift, scale, *block.parameters()]
+
+    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    fused = torch.autograd.grad(y, inputs, grad_out)
+    ref = torch.autograd.grad(reference_adaptive_swiglu(x, shift, scale, block), inputs, grad_out)
+    for name, g, r in zip(["x", "shift", "scale", *(n for n, _ in block.named_parameters())], fused, ref):
+        assert g is not None and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_parameter_updates_are_seen():
+    """No cached copy of the weights: in-place updates show up in the next call."""
+    block = randomize_(SwiGLU(64)).to(DEVICE)
+    x, shift, scale = make_inputs(1, 7, 64)
+    before = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    with torch.no_grad():
+        block.norm.weight.mul_(2.0)
+        block.fc1_g.weight.add_(0.1)
+    # .data bypasses the version counter: a _version-keyed cache would miss these.
+    block.fc2.weight.data.mul_(0.5)
+    block.norm.bias.data.add_(0.2)
+    after = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    assert not torch.allclose(before, after)
+    assert_close(after, reference_adaptive_swiglu(x, shift, scale, block))
+
+
+def test_torch_backend_and_bad_input():
+    block = randomize_(SwiGLU(64)).to(DEVICE)
+    x, shift, scale = make_inputs(2, 7, 64)
+    torch.testing.assert_close(
+        adaptive_swiglu(x, shift, scale, block, backend="torch"), reference_adaptive_swiglu(x, shift, scale, block)
+    )
+    with pytest.raises(ValueError, match="backend"):
+        adaptive_swiglu(x, shift, scale, block, backend="cuda")
+    with pytest.raises(ValueError, match="shift must have shape"):
+        adaptive_swiglu(x, shift[:1], scale, block)
+    with pytest.raises(ValueError, match="width"):
+        adaptive_swiglu(x[..., :32], shift[:, :32], scale[:, :32], block)
+    with pytest.raises(ValueError, match="dtype"):
+        adaptive_swiglu(x.double(), shift.double(), scale.double(), block, backend="triton")
+
+
+def test_local_denoiser_matches_prdit_xs10_coarse_path():
+    """PRDiT-XS/10/0 at S = 16: D = 1000, N = 8 tokens, out width 1024."""
+    model = randomize_(create_model("PRDiT-XS/10/0", 16)).to(DEVICE)
+    module = model.coarse.mlp_denoise
+    tokens = model.tokens(torch.randn(2, 1, 16, 16, 16, device=DEVICE))
+    c = torch.randn(2, 1000, device=DEVICE)
+    out = local_denoiser(tokens, c, module, backend="triton")
+    assert out.shape == (2, 8, 1024)
+    assert_close(out, module(tokens, c))
+
+
+@pytest.mark.parametrize("N", [7, 32, 33])
+def test_local_denoiser_small_matches_and_gradients(N):
+    B, D = 3, 96
+    module = randomize_(LocalDenoiser(D, 128)).to(DEVICE)
+    tokens = torch.randn(B, N, D, device=DEVICE, requires_grad=True)
+    c = torch.randn(B, D, device=DEVICE, requires_grad=True)
+    out = local_denoiser(tokens, c, module, backend="triton")
+    ref = module(tokens, c)
+    assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    inputs = [tokens, c, *module.parameters()]
+    names = ["tokens", "c", *(n for n, _ in module.named_parameters())]
+    fused, expected = torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)
+    for name, g, r in zip(names, fused, expected):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_local_denoiser_on_a_shadow_module_with_plain_tensor_parameters():
+    """FastPRDiT passes a meta-device LocalDenoiser whose parameter slots hold
+    differentiable casts of the real parameters; gradients must reach the originals."""
+    module = randomize_(LocalDenoiser(64, 32)).to(DEVICE)
+    with torch.device("meta"):
+        shadow = LocalDenoiser(64, 32)
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        shadow.get_submodule(owner)._parameters[leaf] = param * 1.0
+    tokens, c = torch.randn(2, 7, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
+    out = local_denoiser(tokens, c, shadow, backend="triton")
+    ref = module(tokens, c)
+    assert_close(out, ref)
+    weight = module.mlp2.norm.weight
+    (g,), (r,) = torch.autograd.grad(out.sum(), [weight]), torch.autograd.grad(ref.sum(), [weight])
+    torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_local_denoiser_inference_mode_and_strided_tokens():
+    module = randomize_(LocalDenoiser(64, 32)).to(DEVICE)
+    tokens = torch.randn(2, 64, 7, device=DEVICE).transpose(1, 2)  # last-dim stride 7
+    c = torch.randn(2, 64, device=DEVICE)
+    with torch.inference_mode():
+        assert_close(local_denoiser(tokens, c, module, backend="triton"), module(tokens, c))
+
+
+def test_local_denoiser_rejects_bad_shapes():
+    module = LocalDenoiser(64, 32).to(DEVICE)
+    with pytest.raises(ValueError, match="token width"):
+        local_denoiser(torch.randn(1, 4, 32, device=DEVICE), torch.randn(1, 32, device=DEVICE), module)
+    with pytest.raises(ValueError, match="c_coarse"):
+        local_denoiser(torch.randn(2, 4, 64, device=DEVICE), torch.randn(1, 64, device=DEVICE), module)
+
+
+# ----------------------------------------------------------------------------- GPU
+@requires_cuda
+@pytest.mark.parametrize("N", [7, 999, 4096])
+def test_adaptive_swiglu_fp32_cuda_paper_width(N):
+    block = randomize_(SwiGLU(1728)).cuda()
+    x, shift, scale = make_inputs(2, N, 1728)
+    assert_close(adaptive_swiglu(x, shift, scale, block, backend="triton"),
+                 reference_adaptive_swiglu(x, shift, scale, block), tol=2e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("D,N", [(1728, 4096), (1000, 999), (2744, 130)])
+def test_adaptive_swiglu_bf16_cuda(D, N):
+    """bf16 fused vs an fp32 reference: relative error < 2e-2 and no worse than
+    1.5x the bf16 eager reference's own error (+1e-3)."""
+    block = randomize_(SwiGLU(D)).cuda()
+    x, shift, scale = make_inputs(2, N, D, offset=0.5)
+    truth = reference_adaptive_swiglu(x, shift, scale, block)
+    blk16 = SwiGLU(D).cuda().bfloat16()
+    blk16.load_state_dict(block.state_dict())
+    x16, sh16, sc16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
+    fused = adaptive_swiglu(x16, sh16, sc16, blk16, backend="triton")
+    eager = reference_adaptive_swiglu(x16, sh16, sc16, blk16)
+    assert fused.dtype == torch.bfloat16
+    err, eager_err = rel_err(fused, truth), rel_err(eager, truth)
+    assert err < BF16_REL_TOL and err < 1.5 * eager_err + 1e-3, (err, eager_err)
+
+
+@requires_cuda
+def test_local_denoiser_bf16_cuda_b12():
+    """PRDiT-B/12/0 local denoiser at S = 64 (N = 512, D = 1728) in bf16."""
+    model = randomize_(create_model("PRDiT-B/12/0", 64)).cuda()
+    module = model.coarse.mlp_denoise
+    tokens = model.tokens(torch.randn(2, 1, 64, 64, 64, device="cuda"))
+    c = torch.randn(2, 1728, device="cuda")
+    truth = module(tokens, c)
+    module16 = create_model("PRDiT-B/12/0", 64).coarse.mlp_denoise.cuda().bfloat16()
+    module16.load_state_dict(module.state_dict())
+    fused = local_denoiser(tokens.bfloat16(), c.bfloat16(), module16, backend="triton")
+    eager = module16(tokens.bfloat16(), c.bfloat16())
+    err, eager_err = rel_err(fused, truth), rel_err(eager, truth)
+    assert err < BF16_REL_TOL and err < 1.5 * eager_err + 1e-3, (err, eager_err)
+    assert_close(local_denoiser(tokens, c, module, backend="triton"), truth, tol=2e-4)
