@@ -24,6 +24,8 @@ import sys
 import pytest
 import torch
 
+from prdit_fast.devices import resolve_device
+
 STEP_BACKENDS = ("eager-fp32", "tf32", "bf16-autocast", "compile", "fast")
 
 
@@ -47,7 +49,7 @@ def step_rows(
     from prdit_fast import bench
     from prdit_fast.flops import flops_per_step
 
-    device = torch.device(device)
+    device = resolve_device(device)
     peak = bench.measure_matmul_peak(device, 8192, torch.bfloat16)["tflops"]
     model = bench.randomized_model(variant, size).to(device)
     flop = flops_per_step(model.config) * batch

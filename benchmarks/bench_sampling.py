@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from prdit_fast.devices import resolve_device
+
 FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the physical floor
 
 
@@ -71,7 +73,7 @@ def sampling_rows(
     from prdit_fast.engine import Sampler, keys_for
     from prdit_fast.flops import flops_per_step
 
-    device = torch.device(device)
+    device = resolve_device(device)
     model = _randomized(variant, size, device)
     floor_s = flops_per_step(model.config) * 1000 / (FLOOR_TFLOPS * 1e12)
     keys = keys_for(0, range(batch_size))

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .atomic import atomic_path
+from .devices import resolve_device
 from .diffusion import IaNDiffusion
 from .models import PRDiT, PRDiTConfig, create_model, parse_variant, variant_config
 
@@ -1032,7 +1033,7 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print) -> tup
     measured; the chart is drawn at the end.
     """
     try:
-        device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(opts.device)
     except RuntimeError as err:
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {opts.device!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():

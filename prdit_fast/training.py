@@ -77,6 +77,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ckpt_every": None,  # None -> logging.ckpt_every, else 1000
         "seed": 0,
         "bf16": False,  # autocast to bf16 (reference backend) / bf16 GEMMs (fast backend)
+        "device": "auto",  # "auto" (CUDA when available), "cuda" or "cpu"
         "grad_checkpointing": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
         "max_bad_steps": 10,  # consecutive non-finite gradient steps before giving up
     },
@@ -291,7 +292,7 @@ def _set_rng_state(state: Mapping, generator: torch.Generator) -> None:
     if torch.cuda.is_available() and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     generator.set_state(state["noise"].cpu())
@@ -331,7 +332,11 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        if torch.cuda.is_available():
+        if tr["device"] not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"training.device must be 'auto', 'cuda' or 'cpu', got {tr['device']!r}")
+        if tr["device"] == "cuda" and not torch.cuda.is_available():
+            raise ValueError("training.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        if tr["device"] != "cpu" and torch.cuda.is_available():
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local_rank)
             self.device = torch.device("cuda", local_rank)
@@ -590,8 +595,9 @@ def train(config: Mapping[str, Any], resume: bool = False) -> Path:
     rank calls this and the process group is set up here. Returns the last checkpoint."""
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available() and config.get("training", {}).get("device", "auto") != "cpu"
+        backend = "nccl" if on_gpu else "gloo"
+        if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
         created = True

@@ -279,7 +279,7 @@ def _triton_randn(keys: torch.Tensor, step: int, numel: int) -> torch.Tensor:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["step"])  # step == 1 would otherwise become a Python int
     def randn_kernel(KEYS, OUT, step, numel, BLOCK: tl.constexpr):
         v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         b = tl.program_id(1).to(tl.int64)

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion
 
 log = logging.getLogger("prdit_fast")
@@ -92,12 +93,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--ckpt {args.ckpt!r} is not a file")
 
 
-def _pick_device(requested: str | None, local_rank: int) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def _fast_available() -> bool:
@@ -181,7 +176,7 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
     if skipped:
         log.info("rank %d: %d of its %d volumes already on disk; sampling %d", rank, skipped, len(mine), len(todo))
 
-    device = _pick_device(args.device, local_rank)
+    device = resolve_device(args.device, local_rank)
     summary: dict = {
         "checkpoint": str(args.ckpt), "num": args.num, "rank": rank, "world_size": world,
         "seed": args.seed, "format": args.format, "saved": args.save,

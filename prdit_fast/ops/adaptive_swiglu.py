@@ -71,7 +71,9 @@ if triton_importable():
     # accumulators and needs 8 warps at BLOCK_N 128 (4 warps spill); the last two
     # suit the epilogue-normalised fc2, whose A tile goes straight to wgmma.
     _CONFIGS_16BIT = autotune_configs(interpreted=_INTERPRETED, tuned=_configs([
-        (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 8), (128, 64, 64, 3, 8),
+        # first: the config used untuned (PRDIT_AUTOTUNE=0); it fits every kernel variant's
+        # shared memory, where the 128x128 tiles with the statistics epilogue do not
+        (128, 64, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 8),
         (128, 64, 32, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8),
     ]))
     # fp32 tiles are twice the bytes and IEEE dots run on the FMA units: small tiles

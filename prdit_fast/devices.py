@@ -1,0 +1,21 @@
+"""Device selection shared by the commands and benchmarks."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(requested: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """The device to run on: ``requested`` if given, else this rank's GPU, else the CPU.
+
+    A CUDA device always carries its index, because torch.cuda's memory queries refuse a
+    bare ``torch.device("cuda")``.
+    """
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(requested)!r} asked for, but no CUDA device is available; use 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
