@@ -27,3 +27,11 @@ def device() -> torch.device:
     """Where the Triton ops under test run: the GPU when there is one, else the CPU
     under the Triton interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """Training turns TF32 on for speed; keep that from leaking into later fp32 comparisons."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
