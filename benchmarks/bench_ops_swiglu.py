@@ -5,7 +5,8 @@
 Reports milliseconds and achieved TFLOP/s for
   - adaptive SwiGLU: fused Triton (bf16, fp32) vs the reference eager composition (fp32,
     bf16) and torch.compile of it (bf16); FLOPs = 3 GEMMs of 2 M D^2 (fc1_g, fc1_x, fc2);
-  - local denoiser: fused vs eager and torch.compile of ``coarse.mlp_denoise`` (bf16);
+  - local denoiser: fused (impl="fused") and gemm-path (impl="gemm", cuBLAS GEMMs) vs
+    eager and torch.compile of ``coarse.mlp_denoise`` (bf16);
     FLOPs = 6 x 2 M D^2 + 2 M D (s^3 Cout);
   - a bf16 matmul peak measured in the same run (cuBLAS 8192^3, and cuBLAS at the
     SwiGLU's own M x D x D shape), and the fused op's fraction of that peak.
@@ -122,14 +123,25 @@ def run(batch: int, tokens: int, dim: int) -> dict:
         record("local denoiser eager bf16", _time_ms(lambda: module(x16, c16)), denoiser_flops)
         compiled_ms = _time_ms(lambda: compiled_module(x16, c16))
         record("local denoiser torch.compile bf16", compiled_ms, denoiser_flops)
-        fused_ms = _time_ms(lambda: local_denoiser(x16, c16, module, backend="triton"))
+        fused_ms = _time_ms(lambda: local_denoiser(x16, c16, module, backend="triton", impl="fused"))
         record("local denoiser fused bf16", fused_ms, denoiser_flops)
+        gemm_ms = _time_ms(lambda: local_denoiser(x16, c16, module, backend="triton", impl="gemm"))
+        record("local denoiser gemm-path bf16", gemm_ms, denoiser_flops)
+        truth = module.float()(x16.float(), c16.float())
+        module.bfloat16()
+        results["denoiser_bf16_rel_err_vs_fp32"] = {
+            impl: _rel_err(local_denoiser(x16, c16, module, backend="triton", impl=impl), truth)
+            for impl in ("fused", "gemm")
+        }
+    print(f"local denoiser bf16 relative error vs fp32: {results['denoiser_bf16_rel_err_vs_fp32']}")
     results["denoiser_speedup_vs_compile"] = compiled_ms / fused_ms
+    results["denoiser_gemm_speedup_vs_compile"] = compiled_ms / gemm_ms
     results["rows"] = rows
     results["peak_tflops"] = peak
     print(f"fused SwiGLU: {100 * results['swiglu_fraction_of_peak']:.1f}% of measured bf16 peak "
           f"{peak:.1f} TFLOP/s (target >= 70%)")
-    print(f"local denoiser: {results['denoiser_speedup_vs_compile']:.2f}x torch.compile (target >= 2x)")
+    print(f"local denoiser: fused {results['denoiser_speedup_vs_compile']:.2f}x, gemm-path "
+          f"{results['denoiser_gemm_speedup_vs_compile']:.2f}x torch.compile (target >= 2x)")
     return results
 
 

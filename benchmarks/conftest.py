@@ -13,21 +13,14 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
-try:
-    import torch
+import pytest
+import torch
 
-    _cuda = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _cuda = False
-if not _cuda:
-    # as in tests/conftest.py: Triton modules import cleanly without a GPU (their
-    # benchmarks skip); this must happen before triton is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from prdit_fast.ops.common import interpret_without_gpu
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton modules then import cleanly without a GPU (their benchmarks skip)
+interpret_without_gpu()
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -883,8 +883,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "## Sampling and training",
         "",
-        f"| variant | S | backend | batch | step ms | x ref | volumes/h | sample peak GiB | x ref mem | "
-        f"sample MFU | train samples/s | x ref | train peak GiB | x ref mem | train MFU |",
+        "| variant | S | backend | batch | step ms | x ref | volumes/h | sample peak GiB | x ref mem | "
+        "sample MFU | train samples/s | x ref | train peak GiB | x ref mem | train MFU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:

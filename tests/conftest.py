@@ -1,18 +1,9 @@
-import os
+import pytest
+import torch
 
-# Without a GPU, Triton kernels run under the interpreter; this must be set before
-# Triton is first imported.
-try:
-    import torch
+from prdit_fast.ops.common import interpret_without_gpu
 
-    _cuda = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _cuda = False
-if not _cuda:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+interpret_without_gpu()  # before Triton is first imported
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

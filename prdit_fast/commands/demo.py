@@ -198,6 +198,6 @@ def run(args: argparse.Namespace) -> int:
     _say("wrote:")
     for path in written:
         _say(f"  {path}")
-    _say(f"open the .nii.gz files in any NIfTI viewer (3D Slicer, ITK-SNAP, FSLeyes); the .png files show mid-slices "
-         f"(top row lung window, bottom row mediastinal)")
+    _say("open the .nii.gz files in any NIfTI viewer (3D Slicer, ITK-SNAP, FSLeyes); the .png files show mid-slices "
+         "(top row lung window, bottom row mediastinal)")
     return 0

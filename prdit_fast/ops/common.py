@@ -70,3 +70,10 @@ def autotune_configs(tuned: list, interpreted: list) -> list:
     if os.environ.get("PRDIT_AUTOTUNE", "1") == "0":
         return tuned[:1]
     return tuned
+
+
+def interpret_without_gpu() -> None:
+    """Run Triton kernels under the interpreter when there is no GPU (tests, CPU benchmark
+    collection). Call before Triton is first imported: Triton reads it at import."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")

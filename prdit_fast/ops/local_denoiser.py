@@ -1,4 +1,6 @@
-"""The whole local denoiser (spec section 4, ``coarse.mlp_denoise``) from fused GEMMs.
+"""The whole local denoiser (spec section 4, ``coarse.mlp_denoise``), two implementations.
+
+impl="fused": every GEMM is a fused Triton kernel (``adaptive_swiglu``):
 
     mods       = adaLN(SiLU(c))                         one small cuBLAS GEMM, (B, 6D)
     h          = mlp1(mod(norm1(x), sh1, sc1))           2 launches (adaptive SwiGLU)
@@ -10,12 +12,34 @@ affine into fc2 (see ``adaptive_swiglu``). Every other LayerNorm's statistics co
 the previous launch's epilogue, so no activation is read twice for normalisation and no
 normalised copy is ever written. The backward recomputes the reference module with
 plain torch ops and autograd.
+
+impl="gemm": every GEMM is cuBLAS, with Triton only for the memory-bound passes between:
+
+    m  = layernorm_modulate(x, sh1, sc1)                 Triton, fp32 statistics
+    gu = m @ [Wg; Wx]^T + [bg; bx]                       ONE cuBLAS GEMM of width 2D
+    h  = LN_affine(SiLU(gu[:, :D]) * gu[:, D:])          Triton (``swiglu_gate``): one read, one write
+    y  = h @ W2^T + b2                                   cuBLAS
+    ... the same for mlp2, reading y ...
+    out = linear_final((y2 + x) * (1 + sc3) + sh3)       torch elementwise, then cuBLAS
+
+Its autograd is the composition's own (each Triton op has a backward).
+
+Selection for impl="auto" (on the Triton backend): "gemm" for CUDA tensors in a 16-bit
+dtype, else "fused". Measured on an H100, bf16, B = 4, N = 4096, D = 1728: the fused
+adaptive-SwiGLU kernel reaches 225 TFLOP/s against 564 TFLOP/s for a cuBLAS GEMM of
+16384 x 1728 x 1728, and the fused local denoiser takes 2.75 ms against 2.14 ms for the
+eager bf16 composition and 1.67 ms for torch.compile of the reference. fp32 (and the CPU
+interpreter) keeps the fused kernels: those measurements are bf16 only.
 """
 from __future__ import annotations
 
-import torch
+import weakref
+from typing import Literal
 
-from prdit_fast.models import LocalDenoiser
+import torch
+import torch.nn.functional as F
+
+from prdit_fast.models import LocalDenoiser, SwiGLU
 from prdit_fast.ops.adaptive_swiglu import (
     Backend,
     chunk_moments,
@@ -24,6 +48,75 @@ from prdit_fast.ops.adaptive_swiglu import (
     swiglu_params,
     triton_usable,
 )
+from prdit_fast.ops.adaln import layernorm_modulate
+from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
+
+Impl = Literal["auto", "fused", "gemm"]
+IMPLS = ("auto", "fused", "gemm")
+_16BIT = (torch.bfloat16, torch.float16)
+
+# SwiGLU block -> (weak refs to and versions of its four fc1 tensors, [Wg; Wx], [bg; bx]).
+# Weak keys: the cache dies with the block and never enters its state dict.
+_FC1_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fc1_sources(block: SwiGLU) -> list[torch.Tensor]:
+    named = dict(block.named_parameters())
+    return [named["fc1_g.weight"], named["fc1_x.weight"], named["fc1_g.bias"], named["fc1_x.bias"]]
+
+
+def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Wg; Wx] (2D, D) and [bg; bx] (2D,) from the block's live tensors.
+
+    Rebuilt (differentiably) on every call while autograd would need them; otherwise
+    cached, keyed on each source's identity, data_ptr and version counter, so an
+    optimizer step, load_state_dict or any in-place update refreshes the copy.
+    """
+    sources = _fc1_sources(block)
+    wg, wx, bg, bx = sources
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or any(t.is_inference() for t in sources):
+        # inference tensors carry no version counter: nothing to key a cache on
+        return torch.cat([wg, wx]), torch.cat([bg, bx])
+    key = [(t.data_ptr(), t._version) for t in sources]
+    hit = _FC1_CACHE.get(block)
+    if hit is not None:
+        refs, versions, weight, bias = hit
+        if versions == key and all(r() is t for r, t in zip(refs, sources)):
+            return weight, bias
+    # a normal (non-inference) tensor even when built under inference_mode, so a later
+    # call with autograd on may use it
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = torch.cat([wg, wx]), torch.cat([bg, bx])
+    _FC1_CACHE[block] = ([weakref.ref(t) for t in sources], key, weight, bias)
+    return weight, bias
+
+
+def _gemm_swiglu(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
+    """fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))) as two cuBLAS GEMMs around one Triton pass."""
+    gu = F.linear(m, *_concat_fc1(block))  # (B, N, 2D)
+    h = swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, backend="triton")
+    return F.linear(h, block.fc2.weight, block.fc2.bias)
+
+
+def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
+    sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
+    x = tokens.contiguous()
+    m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, backend="triton")
+    h = _gemm_swiglu(m, module.mlp1)
+    m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, backend="triton")
+    h = _gemm_swiglu(m, module.mlp2)
+    z = torch.addcmul(sh3.unsqueeze(1), h + x, 1.0 + sc3.unsqueeze(1))
+    return module.linear_final(z)
+
+
+def resolve_impl(impl: Impl, tokens: torch.Tensor) -> str:
+    """The implementation ``impl`` selects for these tokens on the Triton backend: "gemm"
+    (cuBLAS + Triton passes) for 16-bit CUDA tokens under "auto", else "fused"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "gemm" if tokens.is_cuda and tokens.dtype in _16BIT else "fused"
 
 
 def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
@@ -66,14 +159,20 @@ class _LocalDenoiserFunction(torch.autograd.Function):
 
 
 def local_denoiser(
-    tokens: torch.Tensor, c_coarse: torch.Tensor, module: LocalDenoiser, backend: Backend = "auto"
+    tokens: torch.Tensor,
+    c_coarse: torch.Tensor,
+    module: LocalDenoiser,
+    backend: Backend = "auto",
+    impl: Impl = "auto",
 ) -> torch.Tensor:
-    """``module(tokens, c_coarse)`` computed with the fused kernels.
+    """``module(tokens, c_coarse)`` computed with Triton kernels (and cuBLAS).
 
     tokens: (B, N, D) unfolded noisy volume; c_coarse: (B, D) timestep condition;
     module: the reference ``LocalDenoiser`` (its live parameters are used). Returns
-    (B, N, s^3 Cout). backend: "triton" (fused, error if it cannot run), "torch" (the
-    reference module) or "auto" (Triton when possible).
+    (B, N, s^3 Cout). backend: "triton" (error if it cannot run), "torch" (the
+    reference module) or "auto" (Triton when possible). impl, on the Triton backend:
+    "fused" (all-Triton GEMMs), "gemm" (cuBLAS GEMMs + Triton memory passes) or "auto"
+    ("gemm" for 16-bit CUDA tokens, else "fused"; see the module docstring).
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -83,7 +182,10 @@ def local_denoiser(
         raise ValueError(f"the local denoiser has token width {dim}, but tokens have width {D}")
     if c_coarse.shape != (B, D):
         raise ValueError(f"c_coarse must have shape (B, D) = ({B}, {D}), got {tuple(c_coarse.shape)}")
+    chosen = resolve_impl(impl, tokens)
     names, params = zip(*module.named_parameters())
     if N == 0 or not triton_usable(backend, [tokens, c_coarse, *params], "local_denoiser"):
         return module(tokens, c_coarse)
+    if chosen == "gemm":
+        return _gemm_local_denoiser(tokens, c_coarse, module)
     return _LocalDenoiserFunction.apply(tokens, c_coarse, module, names, *params)
