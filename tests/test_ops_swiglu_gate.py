@@ -12,7 +12,10 @@ from conftest import requires_cuda
 from prdit_fast.models import LocalDenoiser, create_model
 from prdit_fast.ops.common import triton_runs_on
 from prdit_fast.ops.local_denoiser import _FC1_CACHE, local_denoiser, resolve_impl
-from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm, swiglu_gate_layernorm_reference
+from prdit_fast.ops.swiglu_gate import (
+    swiglu_gate_layernorm,
+    swiglu_gate_layernorm_reference,
+)
 
 # fp32 kernel vs fp32 torch: same math, different summation order.
 FP32_RTOL, FP32_ATOL = 1e-4, 1e-5
@@ -48,7 +51,7 @@ def assert_grads_match(out, ref, inputs, names):
     for name, g, r in zip(names, got, expected):
         # summation-order noise scales with the gradient's size: atol relative to its max
         atol = max(FP32_ATOL, FP32_RTOL * r.abs().max().item())
-        torch.testing.assert_close(g, r, rtol=FP32_RTOL, atol=atol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, r, rtol=FP32_RTOL, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("rows,D", [(7, 96), (33, 200), (7, 1000)])

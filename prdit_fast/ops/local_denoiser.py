@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from prdit_fast.models import LocalDenoiser, SwiGLU
+from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.adaptive_swiglu import (
     Backend,
     chunk_moments,
@@ -48,7 +49,6 @@ from prdit_fast.ops.adaptive_swiglu import (
     swiglu_params,
     triton_usable,
 )
-from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
 
 Impl = Literal["auto", "fused", "gemm"]
