@@ -55,7 +55,7 @@ Impl = Literal["auto", "fused", "gemm"]
 IMPLS = ("auto", "fused", "gemm")
 _16BIT = (torch.bfloat16, torch.float16)
 
-# SwiGLU block -> (weak refs to and versions of its four fc1 tensors, [Wg; Wx], [bg; bx]).
+# SwiGLU block -> (weak refs to its four fc1 tensors, their (data_ptr, version), [Wg; Wx], [bg; bx]).
 # Weak keys: the cache dies with the block and never enters its state dict.
 _FC1_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
