@@ -47,7 +47,7 @@ def outputs_and_grads(model: nn.Module, trainable: list[nn.Parameter], x: torch.
     return out.detach(), grads
 
 
-def compare(variant: str, size: int, batch: int = 2, kernels: str = "auto") -> None:
+def assert_matches_reference(variant: str, size: int, batch: int = 2, kernels: str = "auto") -> None:
     ref = randomized_model(variant, size).train()
     fst = accelerate(ref, dtype=torch.float32, kernels=kernels)
     trainable = [p for p in ref.parameters() if p.requires_grad]
@@ -70,12 +70,12 @@ def compare(variant: str, size: int, batch: int = 2, kernels: str = "auto") -> N
 def test_matches_reference_fp32(no_fused_denoiser, variant, size):
     """Output and the gradients of x and of every trainable parameter (the fine path when
     depth > 0, everything at depth 0)."""
-    compare(variant, size)
+    assert_matches_reference(variant, size)
 
 
 def test_all_triton_kernels_tiny():
     """Every fused op on its Triton path (interpreter on the CPU), fused local denoiser included."""
-    compare("PRDiT-XS/10/1", 16, batch=2)
+    assert_matches_reference("PRDiT-XS/10/1", 16, batch=2)
 
 
 def test_state_dict_and_shared_parameters(no_fused_denoiser):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, SwiGLU, create_model
 from prdit_fast.ops.adaptive_swiglu import adaptive_swiglu, chunk_moments, reference_adaptive_swiglu
@@ -23,23 +23,6 @@ BF16_REL_TOL = 2e-2
 pytestmark = pytest.mark.skipif(
     not triton_runs_on(torch.empty(0, device=DEVICE)), reason="Triton cannot run here (no GPU, no interpreter)"
 )
-
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter random (a fresh PRDiT is zero in places, spec section 12)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return module
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def assert_close(a: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL) -> None:
@@ -83,7 +66,7 @@ def test_rows_with_large_mean_do_not_cancel():
     shift, scale = 0.5 * torch.randn(2, D, device=DEVICE), 0.5 * torch.randn(2, D, device=DEVICE)
     y = adaptive_swiglu(x, shift, scale, block, backend="triton")
     truth = reference_adaptive_swiglu(x.double(), shift.double(), scale.double(), block.double())
-    assert rel_err(y, truth) < 1e-5
+    assert rel_rms(y, truth) < 1e-5
 
 
 def test_chunk_moments_merge_to_row_mean_and_var():
@@ -230,7 +213,7 @@ def test_adaptive_swiglu_bf16_cuda(D, N):
     fused = adaptive_swiglu(x16, sh16, sc16, blk16, backend="triton")
     eager = reference_adaptive_swiglu(x16, sh16, sc16, blk16)
     assert fused.dtype == torch.bfloat16
-    err, eager_err = rel_err(fused, truth), rel_err(eager, truth)
+    err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
     assert err < BF16_REL_TOL and err < 1.5 * eager_err + 1e-3, (err, eager_err)
 
 
@@ -246,6 +229,6 @@ def test_local_denoiser_bf16_cuda_b12():
     module16.load_state_dict(module.state_dict())
     fused = local_denoiser(tokens.bfloat16(), c.bfloat16(), module16, backend="triton")
     eager = module16(tokens.bfloat16(), c.bfloat16())
-    err, eager_err = rel_err(fused, truth), rel_err(eager, truth)
+    err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
     assert err < BF16_REL_TOL and err < 1.5 * eager_err + 1e-3, (err, eager_err)
     assert_close(local_denoiser(tokens, c, module, backend="triton"), truth, tol=2e-4)

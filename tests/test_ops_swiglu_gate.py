@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, create_model
 from prdit_fast.ops.common import triton_runs_on
@@ -27,22 +27,6 @@ pytestmark = pytest.mark.skipif(
     reason="Triton cannot run here (no GPU, no interpreter)",
 )
 
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter random (a fresh PRDiT is zero in places, spec section 12)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return module
-
-
-def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def assert_grads_match(out, ref, inputs, names):
