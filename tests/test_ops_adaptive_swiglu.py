@@ -10,7 +10,11 @@ import torch
 from conftest import randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, SwiGLU, create_model
-from prdit_fast.ops.adaptive_swiglu import adaptive_swiglu, chunk_moments, reference_adaptive_swiglu
+from prdit_fast.ops.adaptive_swiglu import (
+    adaptive_swiglu,
+    chunk_moments,
+    reference_adaptive_swiglu,
+)
 from prdit_fast.ops.common import triton_runs_on
 from prdit_fast.ops.local_denoiser import local_denoiser
 
