@@ -25,9 +25,11 @@ What runs per step (B volumes, N tokens, hidden h):
   GEMMs are cuBLAS in the compute dtype (bf16 by default); in inference on CUDA the MLP's
   ``fc1`` + tanh-GELU is one cuBLASLt GEMM with a GELU epilogue, in training GELU is a
   separate elementwise pass (the epilogue op has no backward).
-* The local denoiser is ``prdit_fast.ops.local_denoiser`` (fused adaptive-SwiGLU GEMMs)
-  on a view of ``coarse.mlp_denoise`` whose parameter slots hold the cached compute-dtype
-  weights.
+* The local denoiser is ``prdit_fast.ops.local_denoiser`` on a view of
+  ``coarse.mlp_denoise`` whose parameter slots hold the cached compute-dtype weights: for
+  16-bit CUDA tokens its cuBLAS path (fused LayerNorm + modulation, one GEMM for both gate
+  halves, a fused SiLU-gate + LayerNorm kernel), otherwise the fused adaptive-SwiGLU
+  kernels (see ``resolve_impl`` there for the measured reason).
 * Output assembly in fp32: coarse + fine tokens are summed in fp32 and unpatchified.
 
 Derived weights (the compute-dtype casts and the concatenations above) are cached, keyed
