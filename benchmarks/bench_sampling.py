@@ -28,22 +28,10 @@ from typing import Callable
 
 import torch
 
+from prdit_fast.bench import randomized_model
 from prdit_fast.devices import resolve_device
 
 FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the physical floor
-
-
-def _randomized(variant: str, size: int, device: torch.device) -> torch.nn.Module:
-    """Timing does not depend on the weights, but a fresh PRDiT predicts exactly zero;
-    random weights keep the numbers (and any NaN check) honest."""
-    from prdit_fast.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(variant, size)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.to(device).eval()
 
 
 def _time_steps(run: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -74,7 +62,7 @@ def sampling_rows(
     from prdit_fast.flops import flops_per_step
 
     device = resolve_device(device)
-    model = _randomized(variant, size, device)
+    model = randomized_model(variant, size).to(device)
     floor_s = flops_per_step(model.config) * 1000 / (FLOOR_TFLOPS * 1e12)
     keys = keys_for(0, range(batch_size))
     rows = []

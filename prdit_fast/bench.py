@@ -552,14 +552,14 @@ def _timing_settings(opts: BenchOptions, device: torch.device) -> dict[str, Any]
 # --------------------------------------------------------------------------- #
 # One cell
 # --------------------------------------------------------------------------- #
-def randomized_model(variant: str, size: int, seed: int = 0) -> PRDiT:
-    """A fresh PRDiT predicts exactly zero (spec section 12); random weights keep the
-    computation realistic. Stays on the CPU: each cell moves its own copy to the device."""
+def randomized_model(variant: str, size: int, seed: int = 0, std: float = 0.02) -> PRDiT:
+    """A fresh PRDiT predicts exactly zero (spec section 12); every weight drawn from
+    N(0, std) keeps the computation realistic. On the CPU, in eval mode: callers move it."""
     torch.manual_seed(seed)
     model = create_model(variant, size)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.02)
+            p.normal_(0.0, std)
     return model.eval()
 
 

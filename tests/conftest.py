@@ -45,3 +45,15 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
 def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error ||a - ref|| / ||ref||, in float64."""
     return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def meta_shadow(module: torch.nn.Module, *init_args) -> torch.nn.Module:
+    """A meta-device ``type(module)(*init_args)`` whose parameter slots hold differentiable
+    casts (``param * 1.0``) of ``module``'s parameters, as FastPRDiT passes to the local
+    denoiser."""
+    with torch.device("meta"):
+        shadow = type(module)(*init_args)
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        shadow.get_submodule(owner)._parameters[leaf] = param * 1.0
+    return shadow

@@ -15,6 +15,7 @@ from prdit_fast.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from prdit_fast.bench import randomized_model
 from prdit_fast.models import create_model
 from conftest import requires_cuda
 
@@ -22,12 +23,7 @@ S = 16
 
 
 def randomized(name: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_model(name, S)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return model.eval()
+    return randomized_model(name, S, seed=seed, std=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import requires_cuda
 
+from prdit_fast.bench import randomized_model
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import Sampler, keys_for, volume_to_tokens
-from prdit_fast.models import create_model, unpatchify
+from prdit_fast.models import unpatchify
 from prdit_fast.ops.sampler_update import philox_normal
 
 SIZE = 16
@@ -24,12 +25,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)  # fp32, same ops in a different order (batched
 
 def tiny_model(variant: str = "PRDiT-XS/10/1", device: str = "cpu") -> torch.nn.Module:
     """A fresh PRDiT predicts exactly zero (spec section 12): randomize every weight."""
-    torch.manual_seed(0)
-    model = create_model(variant, SIZE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return model.to(device).eval()
+    return randomized_model(variant, SIZE, std=0.05).to(device)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, rel_rms, requires_cuda
+from conftest import meta_shadow, randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, SwiGLU, create_model
 from prdit_fast.ops.adaptive_swiglu import (
@@ -163,11 +163,7 @@ def test_local_denoiser_on_a_shadow_module_with_plain_tensor_parameters():
     """FastPRDiT passes a meta-device LocalDenoiser whose parameter slots hold
     differentiable casts of the real parameters; gradients must reach the originals."""
     module = randomize_(LocalDenoiser(64, 32)).to(DEVICE)
-    with torch.device("meta"):
-        shadow = LocalDenoiser(64, 32)
-    for name, param in module.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        shadow.get_submodule(owner)._parameters[leaf] = param * 1.0
+    shadow = meta_shadow(module, 64, 32)
     tokens, c = torch.randn(2, 7, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
     out = local_denoiser(tokens, c, shadow, backend="triton")
     ref = module(tokens, c)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, rel_rms, requires_cuda
+from conftest import meta_shadow, randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, create_model
 from prdit_fast.ops.common import triton_runs_on
@@ -115,11 +115,7 @@ def test_gemm_path_sees_in_place_weight_updates(device):
 def test_gemm_path_on_a_shadow_module_with_plain_tensor_parameters(device):
     """FastPRDiT's meta-device shadow holds differentiable casts; gradients reach the originals."""
     module = randomize_(LocalDenoiser(64, 32)).to(device)
-    with torch.device("meta"):
-        shadow = LocalDenoiser(64, 32)
-    for name, param in module.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        shadow.get_submodule(owner)._parameters[leaf] = param * 1.0
+    shadow = meta_shadow(module, 64, 32)
     tokens, c = torch.randn(2, 7, 64, device=device), torch.randn(2, 64, device=device)
     out = local_denoiser(tokens, c, shadow, backend="triton", impl="gemm")
     ref = module(tokens, c)
