@@ -104,9 +104,21 @@ def test_sample_key_and_initial_noise():
     with pytest.raises(ValueError, match="run_seed"):
         sample_key(-1, 0)
     keys = torch.tensor([sample_key(5, 0), sample_key(5, 1)])
-    noise = initial_noise(keys, (1, 8, 8, 8))
+    noise = initial_noise(keys, (1, 8, 8, 8), backend="torch")
     assert noise.shape == (2, 1, 8, 8, 8) and noise.dtype == torch.float32
     assert torch.equal(noise, NOISE_STD * philox_normal(keys, 0, (1, 8, 8, 8)))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 8), (2, 5, 7, 3)])
+def test_initial_noise_kernel_matches_plain_torch(device, shape):
+    # B = 3 keys, volumes of 512 and 210 voxels: a partial block and several programs per key
+    keys = torch.tensor(KEYS[:3], dtype=torch.int64, device=device)
+    got = initial_noise(keys, shape, backend="triton")
+    want = initial_noise(keys, shape, backend="torch")
+    assert got.shape == (3, *shape) and got.dtype == torch.float32 and got.device == keys.device
+    torch.testing.assert_close(got, want, rtol=0, atol=NOISE_STD * NOISE_ATOL)
+    # a key's noise does not depend on the other keys of the batch
+    torch.testing.assert_close(initial_noise(keys[1:2], shape, backend="triton")[0], got[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sampler,k", [("cold", 1), ("pc", 2)])

@@ -34,6 +34,7 @@ Inference only: no autograd.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -99,6 +100,16 @@ if triton_importable():
                 x_next = x_next + sigma * z
             tl.store(X_OUT + b * (VOLUME * C) + voxel, x_next, mask=ok)
             tl.store(X0_OUT + b * (VOLUME * C) + voxel, x0_hat.to(X0_OUT.dtype.element_ty), mask=ok)
+
+    # the counter must stay a runtime value: Triton would turn a 1 into a constexpr
+    @triton.jit(do_not_specialize=["step"])
+    def _normal_kernel(KEYS, OUT, numel, step, scale, BLOCK: tl.constexpr):
+        v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        b = tl.program_id(1).to(tl.int64)
+        ok = v < numel
+        key = tl.load(KEYS + b)
+        z = tl.randn(key, v.to(tl.int64) + (step.to(tl.int64) << 32))
+        tl.store(OUT + b * numel + v, scale * z, mask=ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -175,9 +186,30 @@ def philox_normal(keys: torch.Tensor, step: int, shape: Sequence[int]) -> torch.
     return z.view(keys.shape[0], *shape)
 
 
-def initial_noise(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The sampler's start x_T = 0.5 N(0, I) from Philox counter 0: (B,) keys -> (B, *shape) fp32."""
-    return NOISE_STD * philox_normal(keys, 0, shape)
+def initial_noise(keys: torch.Tensor, shape: Sequence[int], backend: str = "auto") -> torch.Tensor:
+    """The sampler's start x_T = 0.5 N(0, I) from Philox counter 0: (B,) int64 keys ->
+    (B, *shape) fp32 on keys' device.
+
+    ``backend``: "auto" (one Triton launch where it runs, else ``philox_normal``),
+    "triton" or "torch". Both draw the same numbers (up to an ulp of log / cos). The
+    kernel matters on a GPU: ``philox_normal`` makes hundreds of int64 elementwise passes
+    over the volumes (ten Philox rounds, each of ~25 ops), more memory traffic than a
+    model step, and the engine draws x_T at every ``sample()`` call.
+    """
+    keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1)
+    numel = math.prod(int(n) for n in shape)
+    limits = None
+    if numel >= _INT32_LIMIT:
+        limits = "a volume of 2^31 voxels or more (the kernel indexes a volume with int32)"
+    elif keys.shape[0] > _MAX_GRID_Y:
+        limits = f"{keys.shape[0]} keys exceed {_MAX_GRID_Y}"
+    if not use_triton(backend, [keys], limits):
+        return NOISE_STD * philox_normal(keys, 0, shape)
+    out = torch.empty((keys.shape[0], *shape), device=keys.device, dtype=torch.float32)
+    if out.numel():
+        block = 1024
+        _normal_kernel[(triton.cdiv(numel, block), keys.shape[0])](keys, out, numel, 0, NOISE_STD, BLOCK=block)
+    return out
 
 
 def build_step_table(
