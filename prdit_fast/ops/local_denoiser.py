@@ -19,8 +19,9 @@ impl="gemm": every GEMM is cuBLAS, with Triton only for the memory-bound passes 
     gu = m @ [Wg; Wx]^T + [bg; bx]                       ONE cuBLAS GEMM of width 2D
     h  = LN_affine(SiLU(gu[:, :D]) * gu[:, D:])          Triton (``swiglu_gate``): one read, one write
     y  = h @ W2^T + b2                                   cuBLAS
-    ... the same for mlp2, reading y ...
-    out = linear_final((y2 + x) * (1 + sc3) + sh3)       torch elementwise, then cuBLAS
+    ... the same for mlp2, reading y, up to h2 ...
+    u  = x + h2 @ W2^T                                   cuBLAS, the residual as accumulator input
+    out = linear_final(u * (1 + sc3) + (1 + sc3) b2 + sh3)   one torch pass, then cuBLAS
 
 Its autograd is the composition's own (each Triton op has a backward).
 
@@ -91,21 +92,26 @@ def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
-def _gemm_swiglu(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
-    """fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))) as two cuBLAS GEMMs around one Triton pass."""
+def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
+    """norm(SiLU(fc1_g(m)) * fc1_x(m)), fc2's input: one cuBLAS GEMM and one Triton pass."""
     gu = F.linear(m, *_concat_fc1(block))  # (B, N, 2D)
-    h = swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, backend="triton")
-    return F.linear(h, block.fc2.weight, block.fc2.bias)
+    return swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, backend="triton")
 
 
 def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
+    B, N, D = tokens.shape
     x = tokens.contiguous()
     m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, backend="triton")
-    h = _gemm_swiglu(m, module.mlp1)
+    mlp1, mlp2 = module.mlp1, module.mlp2
+    h = F.linear(_gemm_swiglu_hidden(m, mlp1), mlp1.fc2.weight, mlp1.fc2.bias)
     m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, backend="triton")
-    h = _gemm_swiglu(m, module.mlp2)
-    z = torch.addcmul(sh3.unsqueeze(1), h + x, 1.0 + sc3.unsqueeze(1))
+    # fc2 of mlp2 takes the residual as its GEMM's accumulator input, so h2 + x costs no
+    # pass of its own; fc2's bias joins the shift: (u + b2)(1 + sc3) + sh3, u = x + hid W2^T
+    hidden = _gemm_swiglu_hidden(m, mlp2).view(B * N, D)
+    u = torch.addmm(x.view(B * N, D), hidden, mlp2.fc2.weight.t()).view(B, N, D)
+    gain = 1.0 + sc3
+    z = torch.addcmul(torch.addcmul(sh3, gain, mlp2.fc2.bias).unsqueeze(1), u, gain.unsqueeze(1))
     return module.linear_final(z)
 
 
