@@ -55,7 +55,8 @@ class Sampler:
     """Sample PRDiT volumes in batches of ``batch_size`` with ``steps`` model evaluations.
 
     ``model`` is a reference ``PRDiT`` or a fast backend (``prdit_fast.fast.accelerate``;
-    anything with ``forward_tokens(x, t) -> (B, N, s^3 Cout)`` and ``config``), already on
+    anything with ``token_parts(x, t) -> (tokens, more tokens or None)``, each
+    (B, N, s^3 Cout), whose fp32 sum is the output, and ``config``), already on
     its device and in eval mode. ``sampler`` is 'cold' or 'pc' with predictor step ``k``.
     ``dtype`` is the compute dtype of a reference network (autocast; None: its parameter
     dtype); a fast backend computes in the dtype it was built with. The sampler state x and
@@ -89,9 +90,9 @@ class Sampler:
         self.sampler = sampler
         self.k = k
         self.device = _model_device(model)
-        self.uses_forward_tokens = callable(getattr(model, "forward_tokens", None))
+        self.uses_token_parts = callable(getattr(model, "token_parts", None))
         self.param_dtype = next(model.parameters()).dtype
-        if self.uses_forward_tokens:
+        if self.uses_token_parts:
             own = getattr(model, "dtype", None)
             if dtype is not None and own is not None and dtype != own:
                 raise ValueError(
@@ -118,7 +119,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ the step
     def _autocast(self):
-        if self.uses_forward_tokens or self.dtype == self.param_dtype:
+        if self.uses_token_parts or self.dtype == self.param_dtype:
             return contextlib.nullcontext()
         # the weight-cast cache must stay off where the step is captured in a graph
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
@@ -128,16 +129,17 @@ class Sampler:
         B = self.batch_size
         t = self.grid_t.index_select(0, self.step).expand(B)
         with torch.no_grad(), self._autocast():
-            if self.uses_forward_tokens:
-                tokens = self.model.forward_tokens(self.x, t)
+            if self.uses_token_parts:
+                # the coarse + fine sum happens in the update kernel, in fp32: no pass of its own
+                tokens, residual = self.model.token_parts(self.x, t)
             else:
                 # autocast casts what the Linears read; the network's own input must match its weights
                 out = self.model(self.x.to(self.param_dtype), t)
-                tokens = volume_to_tokens(out, self.config.stride)
+                tokens, residual = volume_to_tokens(out, self.config.stride), None
         # in place (each voxel is read before it is written) and the counter advanced on device
         sampler_update(
-            tokens, self.x, self.table, self.step, self.keys,
-            stride=self.config.stride, x_out=self.x, x0_out=self.x0_hat, advance=True,
+            tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
+            residual=residual, x_out=self.x, x0_out=self.x0_hat, advance=True,
         )
 
     # ------------------------------------------------------------------ graph capture
@@ -217,7 +219,7 @@ class Sampler:
     def _attention_backend(self) -> str | None:
         if self.config.depth == 0:
             return None  # the local denoiser alone has no attention
-        if not self.uses_forward_tokens:
+        if not self.uses_token_parts:
             return "reference"
         chosen = getattr(self.model, "attention", None)
         if chosen == "auto":  # resolved at the first call (the warm-up, or the first step)
@@ -230,7 +232,7 @@ class Sampler:
         """What the summary of a run reports about the engine."""
         return {
             "device": str(self.device),
-            "backend": "fast" if self.uses_forward_tokens else "reference",
+            "backend": "fast" if self.uses_token_parts else "reference",
             "attention": self._attention_backend(),
             "dtype": str(self.dtype).replace("torch.", ""),
             "cuda_graph": self.cuda_graph,

@@ -30,7 +30,9 @@ What runs per step (B volumes, N tokens, hidden h):
   16-bit CUDA tokens its cuBLAS path (fused LayerNorm + modulation, one GEMM for both gate
   halves, a fused SiLU-gate + LayerNorm kernel), otherwise the fused adaptive-SwiGLU
   kernels (see ``resolve_impl`` there for the measured reason).
-* Output assembly in fp32: coarse + fine tokens are summed in fp32 and unpatchified.
+* Output assembly in fp32: coarse + fine tokens are summed in fp32 and unpatchified, in
+  one kernel; the sampling engine passes both parts to its update kernel instead, which
+  sums them as it reads them.
 
 Derived weights (the compute-dtype casts and the concatenations above) are cached, keyed
 on each source parameter's identity, ``data_ptr`` and ``_version``: an optimizer step,
@@ -205,11 +207,11 @@ class FastPRDiT(nn.Module):
         each (B, N, s^3 Cout) in the compute dtype; their fp32 sum is the output."""
         self.check_input(x, t)
         cfg = self.config
-        # ONE unfold per step; casting the volume first (unfold only copies values) writes
-        # the (B, N, D) tokens once, in the compute dtype
+        # ONE unfold per step, casting on the store: the (B, N, D) tokens are written once,
+        # in the compute dtype, straight from the fp32 volume
         unfold = _optional_op("unfold3d", "unfold3d")
         if unfold is not None:
-            tokens = unfold(x.to(self.dtype), cfg.patch, cfg.stride, cfg.pad, backend=self.kernels)
+            tokens = unfold(x, cfg.patch, cfg.stride, cfg.pad, out_dtype=self.dtype, backend=self.kernels)
         else:
             tokens = models.unfold3d(x.to(self.dtype), cfg.patch, cfg.stride, cfg.pad)
         frozen = self.fine is not None

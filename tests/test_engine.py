@@ -65,7 +65,7 @@ def test_engine_matches_reference_loop(sampler):
 
 
 class TokensOnly(torch.nn.Module):
-    """Stands in for the fast backend's interface (``forward_tokens``, ``config``, ``dtype``)
+    """Stands in for the fast backend's interface (``token_parts``, ``config``, ``dtype``)
     over the reference network: the real fast backend under the Triton interpreter takes
     over a minute here, and tests/test_fast.py checks its numerics; this checks the
     engine's tokens path."""
@@ -76,15 +76,15 @@ class TokensOnly(torch.nn.Module):
         self.config = reference.config
         self.dtype = torch.float32
 
-    def forward_tokens(self, x, t):
-        return volume_to_tokens(self.reference(x, t), self.config.stride)
+    def token_parts(self, x, t):
+        return volume_to_tokens(self.reference(x, t), self.config.stride), None
 
 
 def test_tokens_path_matches_reference_loop():
     model = tiny_model()
     keys = keys_for(SEED, [3])
     engine = Sampler(TokensOnly(model), batch_size=1, steps=STEPS, sampler="pc")
-    assert engine.uses_forward_tokens and engine.describe()["backend"] == "fast"
+    assert engine.uses_token_parts and engine.describe()["backend"] == "fast"
     x, x0_hat = engine.sample(keys)
     x_ref, x0_ref = reference_sample(model, keys, STEPS, "pc")
     torch.testing.assert_close(x, x_ref, **TOL)
@@ -101,7 +101,7 @@ def test_fast_backend_sampler_matches_reference_loop():
     model = tiny_model()
     keys = keys_for(SEED, [5])
     engine = Sampler(accelerate(model, dtype=torch.float32), batch_size=1, steps=STEPS, sampler="pc")
-    assert engine.uses_forward_tokens
+    assert engine.uses_token_parts
     x, x0_hat = engine.sample(keys)
     x_ref, x0_ref = reference_sample(model, keys, STEPS, "pc")
     torch.testing.assert_close(x, x_ref, rtol=1e-3, atol=1e-4)  # fused kernels sum in another order
@@ -200,7 +200,7 @@ def test_fast_backend_graph_bf16_close_to_reference():
     model = tiny_model(device="cuda")
     keys = keys_for(SEED, [0, 1])
     engine = Sampler(fast.accelerate(model, dtype=torch.bfloat16), 2, STEPS, "pc")
-    assert engine.uses_forward_tokens and engine.cuda_graph, engine.graph_reason
+    assert engine.uses_token_parts and engine.cuda_graph, engine.graph_reason
     x, x0_hat = engine.sample(keys)
     x_ref, x0_ref = reference_sample(model, keys, STEPS, "pc")
     # bf16 GEMM inputs: ~1e-2 relative RMS per forward (tests/test_fast.py), 4 steps here
