@@ -17,7 +17,9 @@ What runs per step (B volumes, N tokens, hidden h):
 * Patch embedder: ``fc1`` and ``skip`` read the same tokens, so they are one GEMM with
   W = [fc1; skip] and bias [fc1.bias; fc2.bias]; ``fc2`` then runs as ``addmm`` whose
   accumulator input is the skip part, so ``fc2(gelu(fc1 x)) + skip x`` needs no separate
-  add. LayerNorm (affine) and the positional encoding in fp32.
+  add. Its LayerNorm (affine), the positional encoding and the first block's LayerNorm +
+  modulation are ONE Triton pass (``embed_layernorm_modulate``): it reads fc2's
+  compute-dtype output once and writes the fp32 residual stream and the first GEMM input.
 * DiT blocks: the residual stream stays fp32; every ``LayerNorm + modulate`` is one Triton
   kernel writing the GEMM input in the compute dtype, and every ``x + gate * branch`` is
   fused with the LayerNorm + modulation that follows it (``prdit_fast.ops.adaln``).
@@ -61,7 +63,7 @@ import torch.nn.functional as F
 
 from . import models
 from .models import PRDiT, PRDiTConfig
-from .ops.adaln import gated_residual_layernorm_modulate, layernorm_modulate
+from .ops.adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate
 from .ops.attention import BACKENDS as ATTENTION_BACKENDS
 from .ops.attention import attention as attention_op
 
@@ -263,12 +265,12 @@ class FastPRDiT(nn.Module):
         z = F.linear(tokens, *self._embed_weights()).view(B * N, wide + h)  # [fc1 x | skip x + fc2.bias]
         act = F.gelu(z[:, :wide], approximate="tanh")
         embedded = torch.addmm(z[:, wide:], act, self._cast("embed.fc2.weight", pe.fc2.weight).t())
-        x = F.layer_norm(embedded.float(), (h,), pe.norm.weight, pe.norm.bias, pe.norm.eps).view(B, N, h)
-        x = x + fine.pos_embed  # fp32 residual stream
-
         blocks = fine.blocks
         kernels = self.kernels
-        y = layernorm_modulate(x, vector(0), vector(1), blocks[0].norm1.eps, dt, kernels)
+        x, y = embed_layernorm_modulate(  # x: the fp32 residual stream
+            embedded.view(B, N, h), pe.norm.weight, pe.norm.bias, pe.norm.eps, fine.pos_embed,
+            vector(0), vector(1), blocks[0].norm1.eps, dt, kernels,
+        )
         for i, block in enumerate(blocks):
             name = f"blocks.{i}"
             qkv = F.linear(y, *self._linear(name + ".qkv", block.attn.qkv)).view(B, N, 3, heads, h // heads)

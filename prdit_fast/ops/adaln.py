@@ -69,9 +69,9 @@ if triton_importable():
             e_centered, e_mean, e_rstd = _row_stats(x, mask, cols, embed_eps)
             gamma = tl.load(GAMMA + col, mask=col_ok, other=0.0).to(tl.float32)
             beta = tl.load(BETA + col, mask=col_ok, other=0.0).to(tl.float32)
-            token = row  # the positional encoding is shared by the samples
+            token = row - sample * tokens  # the positional encoding is shared by the samples
             pos = tl.load(POS + token[:, None] * cols + col[None, :], mask=mask, other=0.0).to(tl.float32)
-            # zero in masked columns (gamma, beta, pos loaded as 0), as the statistics below need
+            # zero in masked columns (e_centered, beta, pos are 0 there), as the statistics below need
             x = e_centered * e_rstd[:, None] * gamma[None, :] + beta[None, :] + pos
             tl.store(XOUT + offs, x.to(XOUT.dtype.element_ty), mask=mask)
             tl.store(STATS + 2 * rows + row, e_mean, mask=row_ok)
