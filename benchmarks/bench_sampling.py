@@ -4,9 +4,12 @@
     python benchmarks/bench_sampling.py --batch-size 4 --json rows.json
 
 What is measured: the GPU wall time of ``--timed-steps`` denoising steps (after a
-warm-up run), divided by the step count. Volumes/hour at 100 and 1000 steps are that step
-time multiplied by the step count, NOT a timed 1000-step run: every step of a sample costs
-the same (same shapes, same kernels), only the scalars differ.
+warm-up run), divided by the step count; volumes/hour at 100 and 1000 steps from that step
+time. The ``fast+graph`` row also times whole 100- and 1000-step samples (one engine
+each, capture excluded: ``measured_s_per_volume_{n}``, ``measured_volumes_per_hour_{n}``),
+which include the per-sample work (initial noise, outputs) the step time leaves out.
+MFU: the model's FLOP per step (``prdit_fast.flops``) over the step time, against a bf16
+8192^3 matmul peak measured in the same run.
 
 Rows:
 * ``fast+graph``  fast backend (bf16), one CUDA graph per step, fused sampler update;
@@ -28,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from prdit_fast.bench import randomized_model
+from prdit_fast.bench import measure_matmul_peak, peak_memory_gib, randomized_model, release, reset_peak_memory, synchronize
 from prdit_fast.devices import resolve_device
 
 FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the physical floor
@@ -37,10 +40,10 @@ FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the phy
 def _time_steps(run: Callable[[], None], steps: int, device: torch.device) -> float:
     """Seconds per step of ``run`` (which performs ``steps`` steps), after one warm-up call."""
     run()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     run()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -53,6 +56,7 @@ def sampling_rows(
     dtype: torch.dtype = torch.bfloat16,
     include_official: bool = True,
     device: str | torch.device = "cuda",
+    peak_matmul_edge: int = 8192,
 ) -> list[dict]:
     """One dict per configuration: name, backend, dtype, cuda_graph, batch_size, step_ms
     (per batch), gpu_s_per_volume_{n}, volumes_per_hour_{n} for n in ``step_counts``,
@@ -62,7 +66,9 @@ def sampling_rows(
     from prdit_fast.flops import flops_per_step
 
     device = resolve_device(device)
+    peak_tflops = measure_matmul_peak(device, peak_matmul_edge, torch.bfloat16)["tflops"]
     model = randomized_model(variant, size).to(device)
+    step_flop = flops_per_step(model.config) * batch_size
     floor_s = flops_per_step(model.config) * 1000 / (FLOOR_TFLOPS * 1e12)
     keys = keys_for(0, range(batch_size))
     rows = []
@@ -79,21 +85,38 @@ def sampling_rows(
             r[f"volumes_per_hour_{n}"] = round(3600 / (per_volume_step * n), 1)
         r["floor_s_per_1000_step_volume"] = float(f"{floor_s:.4g}")
         r["floor_ratio"] = round(per_volume_step * 1000 / floor_s, 2)
-        r["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        r["tflops"] = float(f"{step_flop / step_s / 1e12:.4g}")
+        r["mfu"] = float(f"{step_flop / step_s / 1e12 / peak_tflops:.4g}")
+        r["peak_tflops"] = float(f"{peak_tflops:.4g}")
+        peak = peak_memory_gib(device)
+        r["peak_gpu_memory_gib"] = round(peak, 2) if peak is not None else None
         r["note"] = note
         r.update(extra)
         rows.append(r)
         return r
 
-    def engine_row(name: str, net: torch.nn.Module, backend: str, row_dtype: torch.dtype, graph: bool) -> None:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        engine = Sampler(net, batch_size, timed_steps, "pc", k=2, dtype=None if backend == "fast" else row_dtype,
-                         cuda_graph=graph)
+    def engine_row(name: str, net: torch.nn.Module, backend: str, row_dtype: torch.dtype, graph: bool,
+                   whole_runs: bool = False) -> None:
+        release(device)
+        reset_peak_memory(device)
+
+        def engine_for(steps: int) -> Sampler:
+            return Sampler(net, batch_size, steps, "pc", k=2, dtype=None if backend == "fast" else row_dtype,
+                           cuda_graph=graph)
+
+        engine = engine_for(timed_steps)
         step_s = _time_steps(lambda: engine.sample(keys), timed_steps, device)
+        measured = {}
+        if whole_runs:
+            for n in step_counts:
+                whole = engine_for(n)
+                seconds = _time_steps(lambda: whole.sample(keys), 1, device)
+                measured[f"measured_s_per_volume_{n}"] = round(seconds / batch_size, 3)
+                measured[f"measured_volumes_per_hour_{n}"] = round(3600 * batch_size / seconds, 1)
+                del whole
         row(name, backend, engine.dtype, engine.cuda_graph, step_s,
             f"step time measured over {timed_steps} steps x volumes/hour extrapolated to n steps",
-            attention=engine.describe()["attention"], graph_reason=engine.graph_reason or None)
+            attention=engine.describe()["attention"], graph_reason=engine.graph_reason or None, **measured)
         del engine
 
     try:
@@ -102,14 +125,14 @@ def sampling_rows(
         accelerate = None
     if accelerate is not None:
         fast_model = accelerate(model, dtype=dtype)
-        engine_row("fast+graph", fast_model, "fast", dtype, True)
+        engine_row("fast+graph", fast_model, "fast", dtype, True, whole_runs=True)
         engine_row("fast eager", fast_model, "fast", dtype, False)
         del fast_model
     engine_row("reference+graph", model, "reference", dtype, True)
 
     if include_official:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        release(device)
+        reset_peak_memory(device)
         diffusion = IaNDiffusion()
         shape = (batch_size, model.config.in_channels) + (size,) * 3
         official_dtype = next(model.parameters()).dtype
@@ -143,13 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype], include_official=not args.no_official,
     )
     print(f"GPU: {torch.cuda.get_device_name()}  ({args.variant} at {args.size}^3, batch {args.batch_size})")
-    cols = ["name", "dtype", "cuda_graph", "step_ms", "gpu_s_per_volume_100", "volumes_per_hour_100",
-            "gpu_s_per_volume_1000", "volumes_per_hour_1000", "floor_ratio", "peak_gpu_memory_gib"]
+    cols = ["name", "dtype", "cuda_graph", "step_ms", "mfu", "gpu_s_per_volume_100", "volumes_per_hour_100",
+            "gpu_s_per_volume_1000", "volumes_per_hour_1000", "measured_s_per_volume_1000",
+            "measured_volumes_per_hour_1000", "floor_ratio", "peak_gpu_memory_gib"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c)) for c in cols))
     print(f"floor: {rows[0]['floor_s_per_1000_step_volume']} s per 1000-step volume at {FLOOR_TFLOPS:.0f} TFLOP/s; "
-          f"volumes/hour are the measured step time x the step count")
+          f"volumes/hour are the measured step time x the step count, measured_* are timed whole samples; "
+          f"MFU against the bf16 peak measured in this run, {rows[0]['peak_tflops']} TFLOP/s")
+    official = next((r for r in rows if r["name"] == "official"), None)
+    fast = next((r for r in rows if r["name"] == "fast+graph"), None)
+    if official and fast:
+        print(f"fast+graph vs official: {official['step_ms'] / fast['step_ms']:.2f}x volumes/hour")
     if args.json:
         from prdit_fast.atomic import atomic_path
 
