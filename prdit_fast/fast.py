@@ -14,10 +14,9 @@ What runs per step (B volumes, N tokens, hidden h):
   fp32: the ``adaLN_modulation.1`` weights of every block and of the final layer are
   concatenated into one (6 h depth + 2 h, h) matrix, so the modulation of a whole step is
   one GEMM on SiLU(c_fine).
-* Patch embedder: ``fc1`` and ``skip`` read the same tokens, so they are one GEMM with
-  W = [fc1; skip] and bias [fc1.bias; fc2.bias]; ``fc2`` then runs as ``addmm`` whose
-  accumulator input is the skip part, so ``fc2(gelu(fc1 x)) + skip x`` needs no separate
-  add. Its LayerNorm (affine), the positional encoding and the first block's LayerNorm +
+* Patch embedder: ``fc1`` + tanh-GELU as one GEMM with a GELU epilogue (see
+  ``_linear_gelu``); ``skip`` with fc2's bias is ``fc2``'s accumulator input (``addmm``), so
+  ``fc2(gelu(fc1 x)) + skip x`` needs no separate add. Its LayerNorm (affine), the positional encoding and the first block's LayerNorm +
   modulation are ONE Triton pass (``embed_layernorm_modulate``): it reads fc2's
   compute-dtype output once and writes the fp32 residual stream and the first GEMM input.
 * DiT blocks: the residual stream stays fp32; every ``LayerNorm + modulate`` is one Triton
@@ -174,15 +173,6 @@ class FastPRDiT(nn.Module):
         bias = self._derived.get("adaln.bias", biases, lambda: torch.cat(biases))
         return weight, bias
 
-    def _embed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W = [fc1; skip] (4h + h, D) and bias [fc1.bias; fc2.bias], compute dtype: the
-        skip rows carry fc2's bias, which the following addmm then needs no more."""
-        pe = self.fine.patch_embedder
-        weights, biases = (pe.fc1.weight, pe.skip.weight), (pe.fc1.bias, pe.fc2.bias)
-        weight = self._derived.get("embed.weight", weights, lambda: torch.cat(weights).to(self.dtype))
-        bias = self._derived.get("embed.bias", biases, lambda: torch.cat(biases).to(self.dtype))
-        return weight, bias
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -261,10 +251,11 @@ class FastPRDiT(nn.Module):
             return mod[:, i * h : (i + 1) * h]
 
         pe = fine.patch_embedder
-        wide = pe.fc1.out_features
-        z = F.linear(tokens, *self._embed_weights()).view(B * N, wide + h)  # [fc1 x | skip x + fc2.bias]
-        act = F.gelu(z[:, :wide], approximate="tanh")
-        embedded = torch.addmm(z[:, wide:], act, self._cast("embed.fc2.weight", pe.fc2.weight).t())
+        rows = tokens.reshape(B * N, -1)
+        act = _linear_gelu(rows, *self._linear("embed.fc1", pe.fc1))  # (B N, 4h)
+        # the skip GEMM carries fc2's bias and is fc2's accumulator input: no separate add
+        skip = F.linear(rows, self._cast("embed.skip.weight", pe.skip.weight), self._cast("embed.fc2.bias", pe.fc2.bias))
+        embedded = torch.addmm(skip, act, self._cast("embed.fc2.weight", pe.fc2.weight).t())  # (B N, h)
         blocks = fine.blocks
         kernels = self.kernels
         x, y = embed_layernorm_modulate(  # x: the fp32 residual stream
