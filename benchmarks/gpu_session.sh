@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks, for a lent GPU machine with no network:
-#   bash benchmarks/gpu_session.sh [tests|bench|kernels|all] ...
+#   bash benchmarks/gpu_session.sh [tests|profile|sampling|step|kernels|bench|all] ...
+# Rough GPU minutes on an H100 (30 are lent per session): tests 3-4, profile 1-3, sampling
+# 1-2, step 3-10 (torch.compile max-autotune), kernels 5+, bench (full) 30+: pass the stages
+# that fit, cheapest first.
 # Wheels the image lacks (nibabel, pydicom) are expected in .whl/ (see README, "GPU checks").
 # Logs and results go to $OUT (or ./gpu_out).
 set -uo pipefail
@@ -28,6 +31,12 @@ for what in "${@:-all}"; do
   case "$what" in
     tests|all)
       PRDIT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-900} python3 -m pytest -v -rfE --durations=25 --timeout=300 ${PYTEST_ARGS:-tests} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -60 ;;&
+    profile|all)
+      python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | tail -60 ;;&
+    sampling|all)
+      python3 benchmarks/bench_sampling.py --batch-size 4 --json "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log" | tail -20 ;;&
+    step|all)
+      python3 benchmarks/bench_fast_step.py --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log" | tail -20 ;;&
     kernels|all)
       python3 -m pytest -q benchmarks --benchmark-only --benchmark-json="$OUT/kernel_bench.json" -p no:cacheprovider 2>&1 | tee "$OUT/kernel_bench.log" | tail -60 ;;&
     bench|all)
