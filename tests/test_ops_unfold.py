@@ -193,3 +193,13 @@ def test_full_size_fp32_on_gpu(S, p):
         fold3d(tokens, S, p, STRIDE, _pad(p), backend="triton"), _autograd_fold(tokens, (S, S, S), p), rtol=0, atol=1e-4
     )
     torch.testing.assert_close(fold3d(tokens, S, p, STRIDE, _pad(p), "mean", backend="triton"), x, rtol=0, atol=1e-5)
+
+
+def test_fold_with_more_overlap_than_the_kernel_unrolls_uses_the_reference():
+    # p = 24 at stride 8: up to 4 windows overlap a voxel along w, one more than the kernel
+    # unrolls; "auto" takes the reference, "triton" says why it cannot
+    tokens = torch.randn(1, 8, 24**3, device=DEVICE)
+    torch.testing.assert_close(fold3d(tokens, 16, 24, STRIDE, 8), _autograd_fold(tokens, (16, 16, 16), 24),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="windows overlap along the width"):
+        fold3d(tokens, 16, 24, STRIDE, 8, backend="triton")
