@@ -219,7 +219,7 @@ def profile_step(
     def run_steps() -> None:
         # the engine's own step, exactly what its CUDA graph captures, run eagerly
         for _ in range(steps):
-            sampler._step()
+            sampler.advance()
 
     def rewind() -> None:
         # outside every timed region: the step counter must stay inside the step table

@@ -186,6 +186,15 @@ class Sampler:
         self.x.copy_(initial_noise(self.keys, self.volume_shape))
         self.step.zero_()
 
+    def advance(self) -> None:
+        """One denoising step on the current buffers (the graph replay when captured, else the
+        same step eagerly); the device step counter moves on by one. ``sample`` is ``steps``
+        of these after drawing x_T."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
     @torch.no_grad()
     def sample(
         self,
@@ -208,10 +217,7 @@ class Sampler:
             keys = torch.cat([keys, keys[-1:].expand(self.batch_size - n)])
         self._reset(keys)
         for i in range(self.steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
+            self.advance()
             if callback is not None:
                 callback(i)
         return self.x[:n].clone(), self.x0_hat[:n].clone()
