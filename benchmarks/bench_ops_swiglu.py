@@ -5,6 +5,8 @@
 Reports milliseconds and achieved TFLOP/s for
   - adaptive SwiGLU: fused Triton (bf16, fp32) vs the reference eager composition (fp32,
     bf16) and torch.compile of it (bf16); FLOPs = 3 GEMMs of 2 M D^2 (fc1_g, fc1_x, fc2);
+    bf16 kernel 1 in both forms (per-sample folded weights, prologue), and the per-sample
+    fold of fc1_g + fc1_x alone (ms and GB/s of its B-copy write plus one read of W);
   - local denoiser: fused (impl="fused") and gemm-path (impl="gemm", cuBLAS GEMMs) vs
     eager and torch.compile of ``coarse.mlp_denoise`` (bf16);
     FLOPs = 6 x 2 M D^2 + 2 M D (s^3 Cout);
@@ -62,7 +64,15 @@ def _atomic_write_json(path: str, payload: dict) -> None:
 
 def run(batch: int, tokens: int, dim: int) -> dict:
     from prdit_fast.models import LocalDenoiser, SwiGLU
-    from prdit_fast.ops.adaptive_swiglu import adaptive_swiglu, reference_adaptive_swiglu
+    from prdit_fast.ops.adaptive_swiglu import (
+        adaptive_swiglu,
+        chunk_moments,
+        folded_norm_linear,
+        fused_adaptive_swiglu_rows,
+        reference_adaptive_swiglu,
+        swiglu_params,
+        tiles_within_samples,
+    )
     from prdit_fast.ops.local_denoiser import local_denoiser
 
     dev = "cuda"
@@ -105,12 +115,25 @@ def run(batch: int, tokens: int, dim: int) -> dict:
                _time_ms(lambda: adaptive_swiglu(x, shift, scale, block, backend="triton")), swiglu_flops)
         record("adaptive SwiGLU fused bf16",
                _time_ms(lambda: adaptive_swiglu(x16, shift16, scale16, block16, backend="triton")), swiglu_flops)
+        fused_swiglu = rows[-1]["tflops"]
+        rows16, params16 = x16.view(M, dim), swiglu_params(block16)
+        stats16 = chunk_moments(rows16)
+        for fold in (True, False) if tiles_within_samples(tokens, torch.bfloat16) else (False,):
+            form = "folded" if fold else "prologue"
+            record(f"adaptive SwiGLU fused bf16, fc1 {form}", _time_ms(lambda fold=fold: fused_adaptive_swiglu_rows(
+                rows16, stats16, tokens, shift16, scale16, params16, 1e-6, block16.norm.eps,
+                fold_modulation=fold)), swiglu_flops)
+        wg, bg, wx, bx = params16[:4]
+        gain = 1.0 + scale16.float()
+        fold_ms = _time_ms(lambda: (folded_norm_linear(wg, bg, gain, shift16), folded_norm_linear(wx, bx, gain, shift16)))
+        fold_bytes = 2 * (batch + 1) * dim * dim * 2
+        results["fc1_fold_ms"] = fold_ms
+        print(f"{'per-sample fold of fc1_g + fc1_x':48s} {fold_ms:9.3f} ms {fold_bytes / fold_ms / 1e6:8.1f} GB/s")
         truth = reference_adaptive_swiglu(x, shift, scale, block)
         results["swiglu_bf16_rel_err_vs_fp32"] = {
             "fused": _rel_err(adaptive_swiglu(x16, shift16, scale16, block16, backend="triton"), truth),
             "eager": _rel_err(reference_adaptive_swiglu(x16, shift16, scale16, block16), truth),
         }
-    fused_swiglu = rows[-1]["tflops"]
     results["swiglu_fraction_of_peak"] = fused_swiglu / peak
     print(f"bf16 relative error vs fp32 eager: {results['swiglu_bf16_rel_err_vs_fp32']}")
 

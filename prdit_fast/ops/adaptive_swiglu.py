@@ -4,21 +4,41 @@
     h = SiLU(m @ Wg^T + bg) * (m @ Wx^T + bx)       kernel 1: both GEMMs share each A tile
     y = LN_affine(h) @ W2^T + b2                     kernel 2: LN with gamma, beta (eps block.norm.eps)
 
-Kernel 1 normalises and modulates the A tile as it is loaded ("prologue fusion"): the
-tile is centred with the row mean, scaled by rstd and the per-sample 1 + scale, shifted,
-all in fp32 registers, then cast to the weight dtype for ``tl.dot`` (fp32 accumulate).
-Centring on load rather than folding the mean into the epilogue matters here: x * (1 +
-scale) would have to be rounded to bf16 before the GEMM, and CT tokens from air or soft
-tissue have |mean| >> std, so rstd * (x' W^T) - rstd * mean * u would subtract two nearly
-equal, already-rounded quantities.
+Kernel 2 folds its LayerNorm into the epilogue, so its A tile goes straight from shared
+memory to the tensor cores: h is stored in bf16 exactly as the reference's LN reads it,
+products of bf16 values are exact in fp32, and colsum = rowsum(W2 * gamma) is taken from
+the same rounded folded weights, so rstd * (h W'^T - mean colsum) cancels only fp32
+accumulation error. W' = W2 * gamma and b' = b2 + W2 beta are derived from the live
+parameters on every call (one pass over W2: 12 MB of traffic at D = 1728 in bf16,
+against a 98 GFLOP GEMM at the paper's shape), never cached.
 
-Kernel 2 folds its LayerNorm into the epilogue instead, so its A tile goes straight from
-shared memory to the tensor cores: h is stored in bf16 exactly as the reference's LN
-reads it, products of bf16 values are exact in fp32, and colsum = rowsum(W2 * gamma) is
-taken from the same rounded folded weights, so rstd * (h W'^T - mean colsum) cancels
-only fp32 accumulation error. W' = W2 * gamma and b' = b2 + W2 beta are derived from the
-live parameters on every call (one pass over W2: 12 MB of traffic at D = 1728 in
-bf16, against a 98 GFLOP GEMM at the paper's shape), never cached.
+Kernel 1 has two forms (one kernel, constexpr modes):
+
+- Per-sample folded weights (16-bit weights, every row tile inside one sample, i.e.
+  tokens per sample a multiple of BLOCK_M = 128: 512/4096/32768 at 64^3/128^3/256^3).
+  The modulation is an affine LayerNorm with per-sample (gamma, beta) = (1 + scale_b,
+  shift_b), so it folds like kernel 2's, once per sample:
+      m W^T = rstd * (x W_b^T - mean * colsum_b) + W shift_b,   W_b = W * (1 + scale_b)
+  with W_b (B, D, D) in the weight dtype for fc1_g and fc1_x, colsum_b = rowsum of the
+  rounded W_b and b + W shift_b in fp32 (one fold launch per weight, grid over samples).
+  The K loop is then a pure GEMM, as in kernel 2 (sm_90a, 128x128x64 / 8 warps: ~145
+  SASS instructions per K step, against ~455 for the prologue form). Accuracy: nothing
+  is rounded on the A side (x is stored in the compute dtype, which is what the
+  reference's LN reads), products of 16-bit values are exact in fp32 and colsum_b is
+  summed from the same rounded W_b, so the subtraction cancels only fp32 accumulation
+  error, amplified by |mean| / std (bounded through rstd <= eps^-1/2 = 1000 at eps 1e-6);
+  rounding W_b to 16 bits costs what rounding m to 16 bits costs the reference. Extra
+  memory traffic per call: B folded copies of Wg and Wx are written and read back by the
+  GEMM instead of Wg and Wx (at B = 4, D = 1728 in bf16: +48 MB written, +36 MB read,
+  +12 MB for the fold's read of W, ~30 us at 3.35 TB/s, against 196 GFLOP of kernel 1 at
+  4096 tokens per sample; the break-even against the prologue form is ~250-350 tokens
+  per sample if the pure GEMM runs at 400-600 TFLOP/s and the prologue form at 225).
+- Prologue form (fp32, and token counts that are not a multiple of the tile rows): the
+  A tile is normalised and modulated as it is loaded, in fp32 registers, then cast to
+  the weight dtype for ``tl.dot`` (fp32 accumulate). Centring on load matters in fp32:
+  rows of CT tokens from air or soft tissue have |mean| >> std, and the folded form's
+  cancellation, harmless next to a 16-bit reference's own rounding, would dominate the
+  error of an fp32 one (and under TF32 the A operand itself is rounded to 10 bits).
 
 Row statistics travel as per-64-column partial moments (mean, M2) in a small fp32
 buffer of shape (2, M, ceil(D / 64)): the input's by a cheap stats kernel, the
@@ -67,15 +87,17 @@ if triton_importable():
 
     # The interpreter's cost is per op, not per element: few, large-ish tiles there.
     _INTERPRETED = _configs([(32, 64, 64, 1, 4)])
-    # Hopper-oriented, checked with ptxas for sm_90a: the gated kernel holds two
-    # accumulators and needs 8 warps at BLOCK_N 128 (4 warps spill); the last two
-    # suit the epilogue-normalised fc2, whose A tile goes straight to wgmma.
-    _CONFIGS_16BIT = autotune_configs(interpreted=_INTERPRETED, tuned=_configs([
-        # first: the config used untuned (PRDIT_AUTOTUNE=0); it fits every kernel variant's
-        # shared memory, where the 128x128 tiles with the statistics epilogue do not
-        (128, 64, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 8),
-        (128, 64, 32, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8),
-    ]))
+    # Hopper-oriented, checked with ptxas for sm_90a. The first is the config used untuned
+    # (PRDIT_AUTOTUNE=0) and fits every kernel variant. The gated kernel holds two
+    # accumulators: at 128x128 it needs 8 warps (4 warps spill ~1 KB in the K loop) and
+    # 128x256x64 needs 240 KB of shared memory (227 KB per block), so those two are
+    # offered to the single-GEMM launches only (the epilogue-normalised fc2, whose A tile
+    # goes straight to wgmma). Every BLOCK_M is 128, which ``tiles_within_samples`` reads.
+    _TUNED_16BIT_GATED = [(128, 64, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8),
+                          (128, 128, 32, 4, 8), (128, 64, 32, 4, 4)]
+    _CONFIGS_16BIT_GATED = autotune_configs(interpreted=_INTERPRETED, tuned=_configs(_TUNED_16BIT_GATED))
+    _CONFIGS_16BIT = autotune_configs(interpreted=_INTERPRETED, tuned=_configs(
+        _TUNED_16BIT_GATED + [(128, 128, 64, 4, 4), (128, 256, 64, 3, 8)]))
     # fp32 tiles are twice the bytes and IEEE dots run on the FMA units: small tiles
     # (the 16-bit ones exceed shared memory and take ~40 s each to compile).
     _CONFIGS_FP32 = autotune_configs(interpreted=_INTERPRETED, tuned=_configs([(64, 64, 32, 3, 4), (128, 64, 32, 3, 8)]))
@@ -102,12 +124,19 @@ if triton_importable():
 
     @triton.jit
     def _fold_norm_kernel(
-        w_ptr, b_ptr, gamma_ptr, beta_ptr, wf_ptr, bf_ptr, colsum_ptr, N, K, stride_wn, stride_fn,
+        w_ptr, b_ptr, gamma_ptr, beta_ptr, wf_ptr, bf_ptr, colsum_ptr, N, K,
+        stride_wn, stride_gb, stride_fb, stride_fn, stride_vb,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """W' = W * gamma, b' = b + W beta, colsum = rowsum of the rounded W'."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """Per (gamma, beta) row b: W'_b = W * gamma_b, b'_b = b + W beta_b, colsum_b =
+        rowsum of the rounded W'_b. The sample is grid axis 0 (the fastest), so the B
+        programs reading the same rows of W run together and W leaves DRAM once."""
+        sample = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
+        gamma_ptr += sample * stride_gb
+        beta_ptr += sample * stride_gb
+        wf_ptr += sample * stride_fb
         colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         w_beta = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -123,8 +152,8 @@ if triton_importable():
             colsum += tl.sum(wf.to(tl.float32), axis=1)
             w_beta += tl.sum(w * beta[None, :], axis=1)
         bias = tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(bf_ptr + rows, bias + w_beta, mask=row_mask)
-        tl.store(colsum_ptr + rows, colsum, mask=row_mask)
+        tl.store(bf_ptr + sample * stride_vb + rows, bias + w_beta, mask=row_mask)
+        tl.store(colsum_ptr + sample * stride_vb + rows, colsum, mask=row_mask)
 
     @triton.jit
     def _row_mean_rstd(stats_ptr, rows, K, eps, stride_plane, stride_sm,
@@ -141,6 +170,11 @@ if triton_importable():
         m2 = tl.sum(g_m2 + count[None, :] * dev * dev, axis=1)
         rstd = 1.0 / tl.sqrt(m2 / K + eps)
         return mean, rstd
+
+    @triton.jit
+    def _fold_row_mean(acc, mean, rstd, colsum_ptr, offs_n):
+        colsum = tl.load(colsum_ptr + offs_n)
+        return rstd[:, None] * acc - (rstd * mean)[:, None] * colsum[None, :]
 
     @triton.jit
     def _load_affine(ptr, rows, k, k_mask, b_first, b_second, in_first, n_tokens, n_samples, stride_cb,
@@ -161,21 +195,25 @@ if triton_importable():
 
     @triton.jit
     def _prologue_gemm_kernel(
-        a_ptr, res_ptr, stats_ptr, colsum_ptr, scale_ptr, shift_ptr,
+        a_ptr, res_ptr, stats_ptr, colsum_ptr, colsum2_ptr, scale_ptr, shift_ptr,
         w_ptr, bias_ptr, w2_ptr, bias2_ptr,
         out_ptr, out_stats_ptr,
         M, N, K, n_tokens, n_samples, eps,
         stride_am, stride_rm, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
-        stride_om, stride_out_plane, stride_out_sm,
+        stride_wb, stride_vb, stride_om, stride_out_plane, stride_out_sm,
         NORM_MODE: tl.constexpr, HAS_RES: tl.constexpr, MOD_KIND: tl.constexpr,
-        GATED: tl.constexpr, EMIT_STATS: tl.constexpr,
+        GATED: tl.constexpr, EMIT_STATS: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr,
         GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
     ):
         """out = epilogue(prologue(A) @ W^T): prologue = ((A + R) - mean) * rstd * scale + shift per
         row (NORM_MODE 1; mode 2 moves the LN to the epilogue, mode 0 has none), epilogue =
-        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED."""
+        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED.
+
+        SAMPLE_WEIGHTS: W, W2 are (B, N, K) and colsum, colsum2, bias, bias2 (B, N), one row
+        per sample (batch strides stride_wb, stride_vb); every tile lies in one sample
+        (n_tokens % BLOCK_M == 0, checked by the host) and uses that sample's row."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -193,6 +231,10 @@ if triton_importable():
         rows64 = offs_m.to(tl.int64)
         a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :]
         r_ptrs = res_ptr + rows64[:, None] * stride_rm + offs_k[None, :]
+        if SAMPLE_WEIGHTS:
+            w_offset = ((pid_m * BLOCK_M) // n_tokens).to(tl.int64) * stride_wb
+            w_ptr += w_offset
+            w2_ptr += w_offset
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
         w2_ptrs = w2_ptr + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_k[:, None]
 
@@ -241,12 +283,20 @@ if triton_importable():
             r_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
+        if SAMPLE_WEIGHTS:
+            # Offset here rather than before the K loop, where it would hold registers.
+            v_offset = ((pid_m * BLOCK_M) // n_tokens).to(tl.int64) * stride_vb
+            colsum_ptr += v_offset
+            colsum2_ptr += v_offset
+            bias_ptr += v_offset
+            bias2_ptr += v_offset
         if NORM_MODE == 2:
             # LN folded into the GEMM: rstd * sum_k (a_k - mean) w_nk = rstd * (a w^T - mean * colsum).
-            colsum = tl.load(colsum_ptr + offs_n)
-            acc = rstd[:, None] * acc - (rstd * mean)[:, None] * colsum[None, :]
+            acc = _fold_row_mean(acc, mean, rstd, colsum_ptr, offs_n)
         y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
         if GATED:
+            if NORM_MODE == 2:
+                acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
             up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
             y = y * tl.sigmoid(y) * up
         y_out = y.to(out_ptr.dtype.element_ty)
@@ -286,12 +336,14 @@ if triton_importable():
             return 1
         return 2 if tokens >= block_m else 3
 
-    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "HAS_RES", "MOD_KIND"]
+    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "HAS_RES", "MOD_KIND", "SAMPLE_WEIGHTS"]
     _derived_constants = triton.heuristics({
         "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
         "MOD_MODE": _mod_mode,
     })
     _prologue_gemm_16bit = triton.autotune(_CONFIGS_16BIT, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
+    _prologue_gemm_16bit_gated = triton.autotune(_CONFIGS_16BIT_GATED, key=_GEMM_KEY)(
+        _derived_constants(_prologue_gemm_kernel))
     _prologue_gemm_fp32 = triton.autotune(_CONFIGS_FP32, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
 
 
@@ -330,6 +382,13 @@ def chunk_moments(x: torch.Tensor) -> torch.Tensor:
     return stats
 
 
+def tiles_within_samples(tokens_per_sample: int, dtype: torch.dtype) -> bool:
+    """Whether every row tile of the fused GEMM for ``dtype`` lies inside one sample, i.e.
+    ``tokens_per_sample`` is a multiple of every candidate BLOCK_M (per-sample weights need it)."""
+    configs = _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT + _CONFIGS_16BIT_GATED
+    return tokens_per_sample > 0 and all(tokens_per_sample % c.kwargs["BLOCK_M"] == 0 for c in configs)
+
+
 def prologue_gemm(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -344,6 +403,7 @@ def prologue_gemm(
     tokens_per_sample: int | None = None,
     up_weight: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
+    up_colsum: torch.Tensor | None = None,
     emit_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused GEMM launch: out = epilogue(prologue(a) @ weight^T).
@@ -355,56 +415,89 @@ def prologue_gemm(
     residual/scale/shift). scale/shift are either (K,) shared by all rows or
     (B, K) per sample with row r in sample r // tokens_per_sample. weight: (N, K),
     bias: (N,). With ``up_weight``/``up_bias`` (N, K)/(N,) the epilogue is the SwiGLU
-    gate SiLU(a' W^T + b) * (a' Wu^T + bu). Returns out (M, N) in the weight dtype and,
-    if ``emit_stats``, its partial moments (2, M, ceil(N / 64)).
+    gate SiLU(a' W^T + b) * (a' Wu^T + bu) (and ``up_colsum`` = up_weight.sum(1) with
+    ``colsum``). Per-sample weights: weight/up_weight (B, N, K) with bias/up_bias/colsum/
+    up_colsum (B, N) give row r those of sample r // tokens_per_sample, which needs
+    ``tiles_within_samples(tokens_per_sample, weight.dtype)``. Returns out (M, N) in the
+    weight dtype and, if ``emit_stats``, its partial moments (2, M, ceil(N / 64)).
     """
     a = _rowwise(a)
     M, K = a.shape
-    N = weight.shape[0]
-    weight = _rowwise(weight)
+    gated = up_weight is not None
+    sample_weights = weight.dim() == 3
+    N = weight.shape[-2]
+    if colsum is not None and (stats is None or residual is not None or scale is not None):
+        raise ValueError("colsum (LayerNorm in the epilogue) needs stats and no residual/scale/shift")
+    if gated and (colsum is None) != (up_colsum is None):
+        raise ValueError("with up_weight, the epilogue LayerNorm needs both colsum and up_colsum")
+    if sample_weights:
+        # Batched operands share one batch stride: contiguous copies (no-ops for the
+        # freshly folded tensors) make it so.
+        n_samples = weight.shape[0]
+        if tokens_per_sample is None or n_samples * tokens_per_sample != M:
+            raise ValueError(f"per-sample weights {tuple(weight.shape)} need tokens_per_sample with "
+                             f"B * tokens_per_sample = M = {M}, got tokens_per_sample={tokens_per_sample}")
+        if not tiles_within_samples(tokens_per_sample, weight.dtype):
+            raise ValueError(f"per-sample weights need every row tile inside one sample; tokens_per_sample="
+                             f"{tokens_per_sample} is not a multiple of the tile rows: use (N, K) weights")
+        if gated and up_weight.shape != weight.shape:
+            raise ValueError(f"up_weight must match weight's shape {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
+        weight, bias = weight.contiguous(), bias.contiguous()
+        colsum = colsum.contiguous() if colsum is not None else None
+        if gated:
+            up_weight, up_bias = up_weight.contiguous(), up_bias.contiguous()
+            up_colsum = up_colsum.contiguous() if up_colsum is not None else None
+        stride_wb, stride_vb = weight.stride(0), bias.stride(0)
+    else:
+        weight = _rowwise(weight)
+        if gated:
+            up_weight = _rowwise(up_weight)
+        n_samples, stride_wb, stride_vb = 1, 0, 0
     if residual is not None:
         residual = _rowwise(residual)
-    gated = up_weight is not None
-    if gated:
-        up_weight = _rowwise(up_weight)
     out = torch.empty((M, N), device=a.device, dtype=weight.dtype)
     out_stats = torch.empty((2, M, _num_groups(N)), device=a.device, dtype=torch.float32) if emit_stats else None
 
+    n_tokens = tokens_per_sample if tokens_per_sample is not None else M
     if scale is None:
-        mod_kind, n_samples, tokens_per_sample, stride_cb = MOD_KIND_NONE, 1, M, 0
+        mod_kind, stride_cb = MOD_KIND_NONE, 0
     elif scale.dim() == 1:
-        mod_kind, n_samples, tokens_per_sample, stride_cb = MOD_KIND_SHARED, 1, M, 0
+        mod_kind, stride_cb = MOD_KIND_SHARED, 0
     else:
         # (B, K) vectors are tiny: contiguous copies give scale and shift one batch stride.
+        if tokens_per_sample is None:
+            raise ValueError("per-sample scale/shift (B, K) need tokens_per_sample")
         scale, shift = scale.contiguous(), shift.contiguous()
         n_samples, stride_cb = scale.shape[0], scale.stride(0)
         mod_kind = MOD_KIND_PER_SAMPLE
-
-    if colsum is not None and (stats is None or residual is not None or scale is not None):
-        raise ValueError("colsum (LayerNorm in the epilogue) needs stats and no residual/scale/shift")
     norm_mode = NORM_NONE if stats is None else NORM_PROLOGUE if colsum is None else NORM_EPILOGUE
 
     dummy = out  # stands in for absent pointers; never dereferenced (constexpr-disabled)
     stats_t = stats if stats is not None else out_stats if out_stats is not None else torch.empty(
         (2, 1, 1), device=a.device, dtype=torch.float32)
     out_stats_t = out_stats if out_stats is not None else stats_t
+    colsum_t = colsum if colsum is not None else stats_t
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    kernel = _prologue_gemm_fp32 if weight.dtype == torch.float32 else _prologue_gemm_16bit
+    if weight.dtype == torch.float32:
+        kernel = _prologue_gemm_fp32
+    else:
+        kernel = _prologue_gemm_16bit_gated if gated else _prologue_gemm_16bit
     kernel[grid](
-        a, residual if residual is not None else a, stats_t, colsum if colsum is not None else stats_t,
+        a, residual if residual is not None else a, stats_t, colsum_t,
+        up_colsum if up_colsum is not None else colsum_t,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         weight, bias, up_weight if gated else weight, up_bias if gated else bias,
         out, out_stats_t,
-        M, N, K, tokens_per_sample, n_samples, float(eps),
+        M, N, K, n_tokens, n_samples, float(eps),
         a.stride(0), (residual.stride(0) if residual is not None else 0),
         stats_t.stride(0), stats_t.stride(1), stride_cb,
-        weight.stride(0), (up_weight.stride(0) if gated else 0),
+        weight.stride(-2), (up_weight.stride(-2) if gated else 0), stride_wb, stride_vb,
         out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
         NORM_MODE=norm_mode, HAS_RES=residual is not None, MOD_KIND=mod_kind,
-        GATED=gated, EMIT_STATS=emit_stats,
+        GATED=gated, EMIT_STATS=emit_stats, SAMPLE_WEIGHTS=sample_weights,
         GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
     )
@@ -414,22 +507,30 @@ def prologue_gemm(
 def folded_norm_linear(
     weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold an affine LayerNorm into the Linear after it, from the live parameters.
+    """Fold a LayerNorm's affine (gamma, beta) into the Linear after it, from the live parameters.
 
-    linear(LN(h)) = rstd * (h W'^T - mean colsum) + b' with W' = W * gamma (N, K) in the
-    weight dtype, b' = b + W beta and colsum = W'.sum(1), both fp32 (N,), colsum summed
-    from the rounded W' so the mean correction cancels exactly what the GEMM adds.
-    One pass over W per call: unlike a cache keyed on ``_version``, it cannot go stale
-    when weights are updated through ``.data`` (which bypasses the version counter).
+    linear(LN(h) * gamma + beta) = rstd * (h W'^T - mean colsum) + b' with W' = W * gamma
+    (N, K) in the weight dtype, b' = b + W beta and colsum = W'.sum(1), both fp32 (N,),
+    colsum summed from the rounded W' so the mean correction cancels exactly what the GEMM
+    adds. gamma, beta: (K,), or (B, K) for one fold per sample in one launch, which gives
+    W' (B, N, K) and b', colsum (B, N). One pass over W per call: unlike a cache keyed on
+    ``_version``, it cannot go stale when weights are updated through ``.data`` (which
+    bypasses the version counter).
     """
     N, K = weight.shape
+    if gamma.shape != beta.shape or gamma.dim() not in (1, 2) or gamma.shape[-1] != K:
+        raise ValueError(f"gamma and beta must both be (K,) or (B, K) with K = {K}, "
+                         f"got {tuple(gamma.shape)} and {tuple(beta.shape)}")
     weight = _rowwise(weight)
-    folded_w = torch.empty_like(weight)
-    folded_b = torch.empty(N, device=weight.device, dtype=torch.float32)
-    colsum = torch.empty(N, device=weight.device, dtype=torch.float32)
+    batch = () if gamma.dim() == 1 else (gamma.shape[0],)
+    gamma, beta = gamma.reshape(-1, K).contiguous(), beta.reshape(-1, K).contiguous()
+    folded_w = torch.empty((*batch, N, K), device=weight.device, dtype=weight.dtype)
+    folded_b = torch.empty((*batch, N), device=weight.device, dtype=torch.float32)
+    colsum = torch.empty((*batch, N), device=weight.device, dtype=torch.float32)
     block_n, block_k = (32, 256) if interpreter_enabled() else (16, 256)
-    _fold_norm_kernel[(triton.cdiv(N, block_n),)](
-        weight, bias, gamma, beta, folded_w, folded_b, colsum, N, K, weight.stride(0), folded_w.stride(0),
+    _fold_norm_kernel[(gamma.shape[0], triton.cdiv(N, block_n))](
+        weight, bias, gamma, beta, folded_w, folded_b, colsum, N, K,
+        weight.stride(0), gamma.stride(0), N * K, K, N,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return folded_w, folded_b, colsum
@@ -451,21 +552,36 @@ def fused_adaptive_swiglu_rows(
     norm_eps: float,
     inner_eps: float,
     emit_stats: bool = False,
+    fold_modulation: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two fused launches of one adaptive SwiGLU on flattened tokens.
 
     x: (M, D) rows, sample-major with ``tokens_per_sample`` rows per sample; x_stats:
     its ``chunk_moments``; shift, scale: (B, D); params: ``swiglu_params(block)``.
-    Returns y (M, D) and, if ``emit_stats``, y's partial moments for a following LN.
+    fold_modulation: run kernel 1 as a pure GEMM on per-sample folded weights (module
+    docstring) instead of normalising and modulating its A tile on load; None chooses it
+    for 16-bit weights when ``tiles_within_samples``, True forces it (also in fp32, which
+    is how the CPU tests check it). Returns y (M, D) and, if ``emit_stats``, y's partial
+    moments for a following LN.
     """
     wg, bg, wx, bx, gamma, beta, w2, b2 = params
-    h, h_stats = prologue_gemm(
-        x, wg, bg, stats=x_stats, eps=norm_eps,
-        scale=1.0 + scale.float(), shift=shift, tokens_per_sample=tokens_per_sample,
-        up_weight=wx, up_bias=bx, emit_stats=True,
-    )
-    # h is stored exactly as the reference's LN reads it, so its LN folds into fc2
-    # without the cancellation that centring on load avoids for x.
+    gain = 1.0 + scale.float()
+    if fold_modulation is None:
+        fold_modulation = wg.dtype != torch.float32 and tiles_within_samples(tokens_per_sample, wg.dtype)
+    if fold_modulation:
+        wg_folded, bg_folded, colsum_g = folded_norm_linear(wg, bg, gain, shift)
+        wx_folded, bx_folded, colsum_x = folded_norm_linear(wx, bx, gain, shift)
+        h, h_stats = prologue_gemm(
+            x, wg_folded, bg_folded, stats=x_stats, eps=norm_eps, colsum=colsum_g,
+            tokens_per_sample=tokens_per_sample, up_weight=wx_folded, up_bias=bx_folded,
+            up_colsum=colsum_x, emit_stats=True,
+        )
+    else:
+        h, h_stats = prologue_gemm(
+            x, wg, bg, stats=x_stats, eps=norm_eps, scale=gain, shift=shift,
+            tokens_per_sample=tokens_per_sample, up_weight=wx, up_bias=bx, emit_stats=True,
+        )
+    # h is stored exactly as the reference's LN reads it, so its LN folds into fc2.
     w2_folded, b2_folded, colsum = folded_norm_linear(w2, b2, gamma, beta)
     return prologue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum, emit_stats=emit_stats)
 
