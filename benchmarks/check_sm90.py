@@ -1,0 +1,223 @@
+"""Compile prdit_fast's Triton kernels for an H100 (sm_90a) on any machine, GPU or not, and
+report what each autotune config costs in resources: registers, local-memory stack (spills),
+shared memory, and the SASS size of the main loop.
+
+    python benchmarks/check_sm90.py                  # every tuned config, a table
+    python benchmarks/check_sm90.py --first-only     # the configs that run untuned (PRDIT_AUTOTUNE=0)
+    python benchmarks/check_sm90.py --json rows.json
+
+Why: a config that needs more shared memory than a block may have fails to launch, and one
+that spills is slow; both used to surface only on a lent GPU. The kernels are compiled the
+way a launch at PRDiT-B/12/4, 128^3, batch 4 (bf16) specialises them: pointers 16-byte
+aligned, integer arguments divisible by 16 marked so, integers equal to 1 made constant.
+Exit status 1 when a first config (the untuned one) does not fit or spills; other configs
+are reported (the autotuner skips those that cannot launch). Needs the Triton NVIDIA
+backend's bundled ptxas / cuobjdump; runs without a GPU and without the interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+os.environ.pop("TRITON_INTERPRET", None)  # the tuned config lists, not the interpreter's
+
+import triton  # noqa: E402
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+TOKENS, BATCH, WIDTH = 4096, 4, 1728  # PRDiT-B/12/4 at 128^3: tokens per sample, samples, C p^3
+EDGE, PATCH, STRIDE, PAD = 128, 12, 8, 2
+
+
+@dataclass
+class Case:
+    """One launch kind of one kernel: its jit function, argument types and values, constexprs."""
+
+    name: str
+    fn: object  # the @triton.jit function (unwrapped from autotune / heuristics)
+    configs: list  # triton.Config list of the autotuner, or one pseudo-config
+    pointers: dict[str, str]
+    ints: dict[str, int]
+    floats: dict[str, float] = field(default_factory=dict)
+    constexprs: dict = field(default_factory=dict)
+    derived: object = None  # (constexprs incl. the config's) -> extra constexprs (heuristics)
+
+
+def _jit(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _gemm_cases() -> list[Case]:
+    from prdit_fast.ops import adaptive_swiglu as sw
+
+    M, D, groups = BATCH * TOKENS, WIDTH, -(-WIDTH // sw.STATS_GROUP)
+    pointers = {name: "*bf16" for name in ("a_ptr", "res_ptr", "shift_ptr", "w_ptr", "bias_ptr", "w2_ptr",
+                                           "bias2_ptr", "out_ptr")}
+    pointers.update({name: "*fp32" for name in ("stats_ptr", "colsum_ptr", "colsum2_ptr", "scale_ptr",
+                                                "out_stats_ptr")})
+    strides = dict(stride_am=D, stride_rm=D, stride_plane=M * groups, stride_sm=groups, stride_cb=D, stride_wn=D,
+                   stride_w2n=D, stride_om=D, stride_out_plane=M * groups, stride_out_sm=groups)
+    common = dict(GROUPS_POW2=triton.next_power_of_2(groups), GROUP=sw.STATS_GROUP, DOT_PRECISION="tf32")
+
+    def derived(cx: dict) -> dict:
+        return {"EVEN_K": D % cx["BLOCK_K"] == 0,
+                "MOD_MODE": sw._mod_mode({"MOD_KIND": cx["MOD_KIND"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
+
+    def case(name, configs, n_out, flags, wb=0, vb=0):
+        ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, n_samples=BATCH, stride_wb=wb, stride_vb=vb, **strides)
+        return Case(name, _jit(sw._prologue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
+                    dict(common, **flags), derived)
+
+    gated, single = sw._prologue_gemm_16bit_gated.configs, sw._prologue_gemm_16bit.configs
+    base = dict(HAS_RES=False, MOD_KIND=sw.MOD_KIND_NONE, SAMPLE_WEIGHTS=False, EMIT_STATS=False)
+    return [
+        case("swiglu fc1, folded weights", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_EPILOGUE,
+             SAMPLE_WEIGHTS=True, EMIT_STATS=True), wb=D * D, vb=D),
+        case("swiglu fc1, prologue", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_PROLOGUE,
+             MOD_KIND=sw.MOD_KIND_PER_SAMPLE, EMIT_STATS=True)),
+        case("swiglu fc2", single, D, dict(base, GATED=False, NORM_MODE=sw.NORM_EPILOGUE, EMIT_STATS=True)),
+        case("linear_final", single, STRIDE**3 * 2, dict(base, GATED=False, NORM_MODE=sw.NORM_NONE, HAS_RES=True,
+             MOD_KIND=sw.MOD_KIND_PER_SAMPLE)),
+    ]
+
+
+def _copy_cases() -> list[Case]:
+    from prdit_fast.ops import unfold3d as uf
+
+    geometry = dict(C=1, D=EDGE, H=EDGE, W=EDGE, P=PATCH, STRIDE=STRIDE, PAD=PAD)
+    volume = EDGE**3
+    return [
+        Case("unfold3d fp32 -> bf16", _jit(uf._unfold3d_kernel), uf._unfold3d_kernel.configs,
+             {"X": "*fp32", "OUT": "*bf16"},
+             dict(stride_b=volume, stride_c=volume, stride_d=EDGE * EDGE, stride_h=EDGE, stride_w=1),
+             constexprs=dict(geometry, BLOCK_P=triton.next_power_of_2(PATCH))),
+        Case("fold3d bf16 -> fp32", _jit(uf._fold3d_kernel), uf._fold3d_kernel.configs,
+             {"TOK": "*bf16", "OUT": "*fp32"}, {},
+             constexprs=dict(geometry, MEAN=False, BLOCK_W=triton.next_power_of_2(EDGE))),
+    ]
+
+
+def _tools() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_for_sm90(case: Case, config) -> object:
+    """The kernel of ``case`` with ``config`` compiled for sm_90a, specialised as a launch is."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = case.fn
+    constexprs = dict(case.constexprs, **config.kwargs)
+    if case.derived is not None:
+        constexprs.update(case.derived(constexprs))
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in case.pointers:
+            signature[name] = case.pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in case.ints:
+            value = case.ints[name]
+            if value == 1:  # Triton turns an integer argument equal to 1 into a constant
+                constexprs[name], signature[name] = 1, "constexpr"
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in case.floats:
+            signature[name] = "fp32"
+        else:
+            raise KeyError(f"{case.name}: no type or value for argument {name!r}")
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def resources(kernel) -> dict:
+    """Registers, stack bytes, shared bytes and the largest loop's SASS size of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(kernel.asm["cubin"])
+    try:
+        tool = os.path.join(_tools(), "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(handle.name)
+    field_of = {key: int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", usage)}
+    addresses = [int(m, 16) for m in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/", sass, flags=re.M)]
+    loop = 0
+    for line in sass.splitlines():
+        branch = re.search(r"/\*([0-9a-f]{4,})\*/.*\bBRA\s+(0x[0-9a-f]+)", line)
+        if branch and int(branch.group(2), 16) < int(branch.group(1), 16):
+            start, end = int(branch.group(2), 16), int(branch.group(1), 16)
+            loop = max(loop, sum(start <= a <= end for a in addresses))
+    return {"registers": field_of.get("REG"), "stack_bytes": field_of.get("STACK", 0),
+            "shared_bytes": kernel.metadata.shared, "sass": len(addresses), "largest_loop_sass": loop}
+
+
+def _config_text(config) -> str:
+    tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles} stages={config.num_stages} warps={config.num_warps}"
+
+
+def check(first_only: bool = False, log=print) -> list[dict]:
+    """One row per (case, config): resources and a verdict ("ok", "spills", "over shared memory")."""
+    rows = []
+    for case in _gemm_cases() + _copy_cases():
+        for rank, config in enumerate(case.configs[:1] if first_only else case.configs):
+            row = {"kernel": case.name, "config": _config_text(config), "first": rank == 0}
+            row.update(resources(compile_for_sm90(case, config)))
+            row["verdict"] = ("over shared memory" if row["shared_bytes"] > SHARED_LIMIT
+                              else "spills" if row["stack_bytes"] else "ok")
+            log(f"{row['kernel']:<28} {row['config']:<52} regs {row['registers']:>3}  stack {row['stack_bytes']:>5}"
+                f"  shared {row['shared_bytes']:>6}  loop {row['largest_loop_sass']:>4}  {row['verdict']}")
+            rows.append(row)
+    return rows
+
+
+def unsupported() -> str | None:
+    """Why this Triton cannot compile for sm_90a here, or None."""
+    if not os.path.isfile(os.path.join(_tools(), "cuobjdump")):
+        return f"no cuobjdump in {_tools()} (Triton's NVIDIA backend tools)"
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        return f"this Triton ({triton.__version__}) lacks the compile API used here: {err}"
+    if "attrs" not in ASTSource.__init__.__code__.co_varnames:
+        return f"this Triton ({triton.__version__}) takes no ASTSource attrs"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--first-only", action="store_true", help="only the configs that run untuned")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    reason = unsupported()
+    if reason:
+        print(f"check_sm90: skipped: {reason}")
+        return 0
+    print(f"sm_90a, Triton {triton.__version__}; shared memory limit {SHARED_LIMIT} bytes per block")
+    rows = check(args.first_only)
+    if args.json:
+        from prdit_fast.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=2) + "\n")
+    bad = [r for r in rows if r["first"] and r["verdict"] != "ok"]
+    for r in bad:
+        print(f"FIRST CONFIG {r['verdict'].upper()}: {r['kernel']} {r['config']}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
