@@ -76,14 +76,18 @@ def _gemm_cases() -> list[Case]:
                     dict(common, **flags), derived)
 
     gated, single = sw._prologue_gemm_16bit_gated.configs, sw._prologue_gemm_16bit.configs
-    base = dict(HAS_RES=False, MOD_KIND=sw.MOD_KIND_NONE, SAMPLE_WEIGHTS=False, EMIT_STATS=False)
+    base = dict(RESIDUAL=0, MOD_KIND=sw.MOD_KIND_NONE, SAMPLE_WEIGHTS=False, EMIT_STATS=False, GATED=False)
+    out = STRIDE**3 * 2  # linear_final's width, s^3 Cout
     return [
         case("swiglu fc1, folded weights", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_EPILOGUE,
              SAMPLE_WEIGHTS=True, EMIT_STATS=True), wb=D * D, vb=D),
         case("swiglu fc1, prologue", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_PROLOGUE,
              MOD_KIND=sw.MOD_KIND_PER_SAMPLE, EMIT_STATS=True)),
-        case("swiglu fc2", single, D, dict(base, GATED=False, NORM_MODE=sw.NORM_EPILOGUE, EMIT_STATS=True)),
-        case("linear_final", single, STRIDE**3 * 2, dict(base, GATED=False, NORM_MODE=sw.NORM_NONE, HAS_RES=True,
+        case("swiglu fc2", single, D, dict(base, NORM_MODE=sw.NORM_EPILOGUE, EMIT_STATS=True)),
+        case("swiglu fc2 + residual", single, D, dict(base, NORM_MODE=sw.NORM_EPILOGUE, RESIDUAL=2)),
+        case("linear_final, folded weights", single, out, dict(base, NORM_MODE=sw.NORM_NONE, SAMPLE_WEIGHTS=True),
+             wb=out * D, vb=out),
+        case("linear_final, prologue", single, out, dict(base, NORM_MODE=sw.NORM_NONE,
              MOD_KIND=sw.MOD_KIND_PER_SAMPLE)),
     ]
 

@@ -226,6 +226,34 @@ def test_local_denoiser_small_matches_and_gradients(N):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+def test_local_denoiser_with_the_16bit_folded_form_forced_in_fp32(monkeypatch):
+    """The form 16-bit weights take (per-sample folded fc1 and linear_final weights, the
+    residual in mlp2's fc2 epilogue), checked in fp32 under the interpreter: N = 64 keeps
+    every 32-row tile in one sample."""
+    from prdit_fast.ops import adaptive_swiglu, local_denoiser as denoiser_module
+
+    always = lambda dtype, tokens: True  # noqa: E731
+    monkeypatch.setattr(adaptive_swiglu, "folds_modulation", always)
+    monkeypatch.setattr(denoiser_module, "folds_modulation", always)
+    B, N, D = 3, 64, 96
+    module = randomize_(LocalDenoiser(D, 128)).to(DEVICE)
+    tokens, c = torch.randn(B, N, D, device=DEVICE), torch.randn(B, D, device=DEVICE)
+    assert_close(local_denoiser(tokens, c, module, backend="triton", impl="fused"), module(tokens, c))
+
+
+def test_out_residual_is_added_in_the_epilogue():
+    M, K, N = 70, 96, 40  # partial row and column tiles
+    a, weight, bias = (torch.randn(M, K, device=DEVICE), torch.randn(N, K, device=DEVICE) / K**0.5,
+                       torch.randn(N, device=DEVICE))
+    residual = torch.randn(M, N, device=DEVICE)
+    out, _ = prologue_gemm(a, weight, bias, out_residual=residual)
+    assert_close(out, a @ weight.t() + bias + residual)
+    with pytest.raises(ValueError, match="not both"):
+        prologue_gemm(a, weight, bias, residual=a, out_residual=residual)
+    with pytest.raises(ValueError, match="output's shape"):
+        prologue_gemm(a, weight, bias, out_residual=residual[:, :8])
+
+
 def test_local_denoiser_on_a_shadow_module_with_plain_tensor_parameters():
     """FastPRDiT passes a meta-device LocalDenoiser whose parameter slots hold
     differentiable casts of the real parameters; gradients must reach the originals."""

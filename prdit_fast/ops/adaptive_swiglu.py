@@ -201,15 +201,16 @@ if triton_importable():
         M, N, K, n_tokens, n_samples, eps,
         stride_am, stride_rm, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
         stride_wb, stride_vb, stride_om, stride_out_plane, stride_out_sm,
-        NORM_MODE: tl.constexpr, HAS_RES: tl.constexpr, MOD_KIND: tl.constexpr,
+        NORM_MODE: tl.constexpr, RESIDUAL: tl.constexpr, MOD_KIND: tl.constexpr,
         GATED: tl.constexpr, EMIT_STATS: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr,
         GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
     ):
-        """out = epilogue(prologue(A) @ W^T): prologue = ((A + R) - mean) * rstd * scale + shift per
-        row (NORM_MODE 1; mode 2 moves the LN to the epilogue, mode 0 has none), epilogue =
-        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED.
+        """out = epilogue(prologue(A) @ W^T): prologue = ((A [+ R]) - mean) * rstd * scale + shift
+        per row (NORM_MODE 1; mode 2 moves the LN to the epilogue, mode 0 has none), epilogue =
+        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED, [+ R].
+        RESIDUAL: 0 none, 1 R (M, K) added to A in the prologue, 2 R (M, N) added to the output.
 
         SAMPLE_WEIGHTS: W, W2 are (B, N, K) and colsum, colsum2, bias, bias2 (B, N), one row
         per sample (batch strides stride_wb, stride_vb); every tile lies in one sample
@@ -257,7 +258,7 @@ if triton_importable():
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
             a = a.to(tl.float32)
-            if HAS_RES:
+            if RESIDUAL == 1:
                 if EVEN_K:
                     a += tl.load(r_ptrs).to(tl.float32)
                 else:
@@ -299,12 +300,16 @@ if triton_importable():
                 acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
             up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
             y = y * tl.sigmoid(y) * up
-        y_out = y.to(out_ptr.dtype.element_ty)
-
         out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = out_m < M
         col_ok = out_n < N
+        if RESIDUAL == 2:
+            # the wrapped (always valid) rows and columns of the tile, as in the main loop
+            res_rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+            y += tl.load(res_ptr + res_rows[:, None] * stride_rm + offs_n[None, :]).to(tl.float32)
+        y_out = y.to(out_ptr.dtype.element_ty)
+
         out_ptrs = out_ptr + out_m.to(tl.int64)[:, None] * stride_om + out_n[None, :]
         tl.store(out_ptrs, y_out, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -336,7 +341,7 @@ if triton_importable():
             return 1
         return 2 if tokens >= block_m else 3
 
-    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "HAS_RES", "MOD_KIND", "SAMPLE_WEIGHTS"]
+    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "RESIDUAL", "MOD_KIND", "SAMPLE_WEIGHTS"]
     _derived_constants = triton.heuristics({
         "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
         "MOD_MODE": _mod_mode,
@@ -389,6 +394,12 @@ def tiles_within_samples(tokens_per_sample: int, dtype: torch.dtype) -> bool:
     return tokens_per_sample > 0 and all(tokens_per_sample % c.kwargs["BLOCK_M"] == 0 for c in configs)
 
 
+def folds_modulation(dtype: torch.dtype, tokens_per_sample: int) -> bool:
+    """Whether a per-sample modulation of the fused GEMM's input is folded into per-sample
+    weights (16-bit weights, every row tile inside one sample) rather than applied on load."""
+    return dtype != torch.float32 and tiles_within_samples(tokens_per_sample, dtype)
+
+
 def prologue_gemm(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -404,9 +415,10 @@ def prologue_gemm(
     up_weight: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     up_colsum: torch.Tensor | None = None,
+    out_residual: torch.Tensor | None = None,
     emit_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One fused GEMM launch: out = epilogue(prologue(a) @ weight^T).
+    """One fused GEMM launch: out = epilogue(prologue(a) @ weight^T) [+ out_residual].
 
     a, residual: (M, K). prologue(a) = LN(a + residual) * scale + shift, where LN
     (no affine, ``eps``) is applied when ``stats`` (from ``chunk_moments`` or a previous
@@ -418,8 +430,9 @@ def prologue_gemm(
     gate SiLU(a' W^T + b) * (a' Wu^T + bu) (and ``up_colsum`` = up_weight.sum(1) with
     ``colsum``). Per-sample weights: weight/up_weight (B, N, K) with bias/up_bias/colsum/
     up_colsum (B, N) give row r those of sample r // tokens_per_sample, which needs
-    ``tiles_within_samples(tokens_per_sample, weight.dtype)``. Returns out (M, N) in the
-    weight dtype and, if ``emit_stats``, its partial moments (2, M, ceil(N / 64)).
+    ``tiles_within_samples(tokens_per_sample, weight.dtype)``. ``out_residual`` (M, N) is
+    added to the output in the epilogue (not with ``residual``). Returns out (M, N) in the
+    weight dtype and, if ``emit_stats``, the partial moments (2, M, ceil(N / 64)) of out.
     """
     a = _rowwise(a)
     M, K = a.shape
@@ -453,8 +466,13 @@ def prologue_gemm(
         if gated:
             up_weight = _rowwise(up_weight)
         n_samples, stride_wb, stride_vb = 1, 0, 0
-    if residual is not None:
-        residual = _rowwise(residual)
+    if residual is not None and out_residual is not None:
+        raise ValueError("give residual (added to a) or out_residual (added to the output), not both")
+    if out_residual is not None and out_residual.shape != (M, N):
+        raise ValueError(f"out_residual must have the output's shape {(M, N)}, got {tuple(out_residual.shape)}")
+    res = residual if residual is not None else out_residual
+    if res is not None:
+        res = _rowwise(res)
     out = torch.empty((M, N), device=a.device, dtype=weight.dtype)
     out_stats = torch.empty((2, M, _num_groups(N)), device=a.device, dtype=torch.float32) if emit_stats else None
 
@@ -486,17 +504,17 @@ def prologue_gemm(
     else:
         kernel = _prologue_gemm_16bit_gated if gated else _prologue_gemm_16bit
     kernel[grid](
-        a, residual if residual is not None else a, stats_t, colsum_t,
+        a, res if res is not None else a, stats_t, colsum_t,
         up_colsum if up_colsum is not None else colsum_t,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         weight, bias, up_weight if gated else weight, up_bias if gated else bias,
         out, out_stats_t,
         M, N, K, n_tokens, n_samples, float(eps),
-        a.stride(0), (residual.stride(0) if residual is not None else 0),
+        a.stride(0), (res.stride(0) if res is not None else 0),
         stats_t.stride(0), stats_t.stride(1), stride_cb,
         weight.stride(-2), (up_weight.stride(-2) if gated else 0), stride_wb, stride_vb,
         out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
-        NORM_MODE=norm_mode, HAS_RES=residual is not None, MOD_KIND=mod_kind,
+        NORM_MODE=norm_mode, RESIDUAL=0 if res is None else 1 if residual is not None else 2, MOD_KIND=mod_kind,
         GATED=gated, EMIT_STATS=emit_stats, SAMPLE_WEIGHTS=sample_weights,
         GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
@@ -553,6 +571,7 @@ def fused_adaptive_swiglu_rows(
     inner_eps: float,
     emit_stats: bool = False,
     fold_modulation: bool | None = None,
+    out_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two fused launches of one adaptive SwiGLU on flattened tokens.
 
@@ -561,13 +580,13 @@ def fused_adaptive_swiglu_rows(
     fold_modulation: run kernel 1 as a pure GEMM on per-sample folded weights (module
     docstring) instead of normalising and modulating its A tile on load; None chooses it
     for 16-bit weights when ``tiles_within_samples``, True forces it (also in fp32, which
-    is how the CPU tests check it). Returns y (M, D) and, if ``emit_stats``, y's partial
-    moments for a following LN.
+    is how the CPU tests check it). ``out_residual`` (M, D) is added to y in fc2's epilogue.
+    Returns y (M, D) and, if ``emit_stats``, y's partial moments for a following LN.
     """
     wg, bg, wx, bx, gamma, beta, w2, b2 = params
     gain = 1.0 + scale.float()
     if fold_modulation is None:
-        fold_modulation = wg.dtype != torch.float32 and tiles_within_samples(tokens_per_sample, wg.dtype)
+        fold_modulation = folds_modulation(wg.dtype, tokens_per_sample)
     if fold_modulation:
         wg_folded, bg_folded, colsum_g = folded_norm_linear(wg, bg, gain, shift)
         wx_folded, bx_folded, colsum_x = folded_norm_linear(wx, bx, gain, shift)
@@ -583,7 +602,8 @@ def fused_adaptive_swiglu_rows(
         )
     # h is stored exactly as the reference's LN reads it, so its LN folds into fc2.
     w2_folded, b2_folded, colsum = folded_norm_linear(w2, b2, gamma, beta)
-    return prologue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum, emit_stats=emit_stats)
+    return prologue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum,
+                         out_residual=out_residual, emit_stats=emit_stats)
 
 
 def reference_adaptive_swiglu(

@@ -4,8 +4,10 @@ impl="fused": every GEMM is a fused Triton kernel (``adaptive_swiglu``):
 
     mods       = adaLN(SiLU(c))                         one small cuBLAS GEMM, (B, 6D)
     h          = mlp1(mod(norm1(x), sh1, sc1))           2 launches (adaptive SwiGLU)
-    h          = mlp2(mod(norm2(h), sh2, sc2))           2 launches
-    out        = linear_final(mod(h + x, sh3, sc3))      1 launch: residual + modulation on A load
+    u          = mlp2(mod(norm2(h), sh2, sc2)) + x       2 launches, x added in fc2's epilogue
+    out        = linear_final(mod(u, sh3, sc3))          1 launch: for 16-bit weights on per-sample
+                                                         weights W (1 + sc3_b) (a pure GEMM),
+                                                         else modulation on A load
 
 Plus one row-moments pass over x and, per SwiGLU, one pass folding its LayerNorm
 affine into fc2 (see ``adaptive_swiglu``). Every other LayerNorm's statistics come from
@@ -45,6 +47,8 @@ from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.adaptive_swiglu import (
     Backend,
     chunk_moments,
+    folded_norm_linear,
+    folds_modulation,
     fused_adaptive_swiglu_rows,
     prologue_gemm,
     swiglu_params,
@@ -133,13 +137,19 @@ def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDe
         x, chunk_moments(x), N, sh1, sc1, swiglu_params(module.mlp1),
         module.norm1.eps, module.mlp1.norm.eps, emit_stats=True,
     )
-    h, _ = fused_adaptive_swiglu_rows(
+    # the residual joins mlp2's fc2 epilogue, so linear_final reads one tensor, u = h2 + x
+    u, _ = fused_adaptive_swiglu_rows(
         h, h_stats, N, sh2, sc2, swiglu_params(module.mlp2), module.norm2.eps, module.mlp2.norm.eps,
+        out_residual=x,
     )
     final = module.linear_final
-    out, _ = prologue_gemm(
-        h, final.weight, final.bias, residual=x, scale=1.0 + sc3.float(), shift=sh3, tokens_per_sample=N,
-    )
+    gain = 1.0 + sc3.float()
+    if folds_modulation(final.weight.dtype, N):
+        # linear_final(u * gain_b + sh3_b) = u (W * gain_b)^T + b + W sh3_b: a pure GEMM
+        weight, bias, _ = folded_norm_linear(final.weight, final.bias, gain, sh3)
+        out, _ = prologue_gemm(u, weight, bias, tokens_per_sample=N)
+    else:
+        out, _ = prologue_gemm(u, final.weight, final.bias, scale=gain, shift=sh3, tokens_per_sample=N)
     return out.view(B, N, -1)
 
 
