@@ -31,8 +31,10 @@ Selection for impl="auto" (on the Triton backend): "gemm" for CUDA tensors in a 
 dtype, else "fused". Measured on an H100, bf16, B = 4, N = 4096, D = 1728: the fused
 adaptive-SwiGLU kernel reaches 225 TFLOP/s against 564 TFLOP/s for a cuBLAS GEMM of
 16384 x 1728 x 1728, and the fused local denoiser takes 2.75 ms against 2.14 ms for the
-eager bf16 composition and 1.67 ms for torch.compile of the reference. fp32 (and the CPU
-interpreter) keeps the fused kernels: those measurements are bf16 only.
+eager bf16 composition and 1.67 ms for torch.compile of the reference. Those figures
+predate the fused path's pure-GEMM forms (per-sample folded weights, residual in fc2's
+epilogue), which no GPU has timed yet: benchmarks/bench_ops_swiglu.py compares both paths.
+fp32 (and the CPU interpreter) keeps the fused kernels: those measurements are bf16 only.
 """
 from __future__ import annotations
 
