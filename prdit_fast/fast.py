@@ -15,10 +15,11 @@ What runs per step (B volumes, N tokens, hidden h):
   concatenated into one (6 h depth + 2 h, h) matrix, so the modulation of a whole step is
   one GEMM on SiLU(c_fine).
 * Patch embedder: ``fc1`` + tanh-GELU as one GEMM with a GELU epilogue (see
-  ``_linear_gelu``); ``skip`` with fc2's bias is ``fc2``'s accumulator input (``addmm``), so
-  ``fc2(gelu(fc1 x)) + skip x`` needs no separate add. Its LayerNorm (affine), the positional encoding and the first block's LayerNorm +
-  modulation are ONE Triton pass (``embed_layernorm_modulate``): it reads fc2's
-  compute-dtype output once and writes the fp32 residual stream and the first GEMM input.
+  ``_linear_gelu``); ``skip`` with fc2's bias is ``fc2``'s accumulator input (``addmm``),
+  so ``fc2(gelu(fc1 x)) + skip x`` needs no separate add. Its LayerNorm (affine), the
+  positional encoding and the first block's LayerNorm + modulation are ONE Triton pass
+  (``embed_layernorm_modulate``): it reads fc2's compute-dtype output once and writes the
+  fp32 residual stream and the first GEMM input.
 * DiT blocks: the residual stream stays fp32; every ``LayerNorm + modulate`` is one Triton
   kernel writing the GEMM input in the compute dtype, and every ``x + gate * branch`` is
   fused with the LayerNorm + modulation that follows it (``prdit_fast.ops.adaln``).
