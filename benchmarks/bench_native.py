@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from typing import Any, Callable
 
 import torch
+
+from prdit_fast.atomic import atomic_path
 
 STRIDE = 8
 OUT_CHANNELS = 2  # Cout = 2 C for CT (C = 1)
@@ -152,14 +152,6 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_json(path: str, payload: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def test_native_bandwidth_at_128(cuda_device):
     """pytest benchmarks/: the rows at S = 128 (each op checked against its reference)."""
     import pytest
@@ -190,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}, batch {args.batch}, patch {args.patch}")
     print(format_rows(rows))
     if args.json:
-        _atomic_write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 
 import torch
+
+from prdit_fast.atomic import atomic_path
 
 
 def _time_ms(fn, warmup: int = 5, rep: int = 30) -> float:
@@ -52,14 +52,6 @@ def _randomize_(module: torch.nn.Module) -> torch.nn.Module:
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def _atomic_write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run(batch: int, tokens: int, dim: int) -> dict:
@@ -180,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = run(args.batch, args.tokens, args.dim)
     if args.json:
-        _atomic_write_json(args.json, results)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
