@@ -134,7 +134,7 @@ if triton_importable():
     # A program is a [BLOCK_H, BLOCK_W >= W] tile of one (channel, d) plane of one sample.
     # Contributions are separable per axis: d's are scalars of the program, h's are
     # vectors over the tile's rows and w's over its columns, and every table is computed
-    # once, before the loops; the w slots are unrolled (at most MAX_W_SLOTS per voxel), so
+    # once, before the loops; the w slots are unrolled (at most _FOLD_W_SLOTS per voxel), so
     # the loop body is address adds, masked loads and fp32 adds. sm_90a SASS: ~125
     # instructions per output voxel at p = 12, s = 8, against ~230 when each loop step
     # recomputed its w slot from the per-voxel source lists.
