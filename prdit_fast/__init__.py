@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_
 from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
 from .flops import flops_per_step
 from .models import PRDiT, PRDiTConfig, count_parameters, create_model, list_models
+from .sr import PRDiTSR, SRConfig, create_sr_model
 from .phantom import PhantomDataset, chest_phantom, hu_to_unit, unit_to_hu
 from .volumes import load_volume, save_nifti, save_slices_png
 
@@ -41,6 +42,9 @@ __all__ = [
     "sampling_grid",
     "create_model",
     "list_models",
+    "create_sr_model",
+    "PRDiTSR",
+    "SRConfig",
     "count_parameters",
     "flops_per_step",
     "load_checkpoint",

@@ -7,6 +7,10 @@ Three kinds of file load with ``load_checkpoint``:
   ``config["model"]["in_channels"]``), ``epoch``, ``train_steps``, optional ``optimizer``;
   keys may carry DDP's ``module.`` prefix;
 * a bare state dict (torch or safetensors file), which needs ``variant=`` and ``input_size=``;
+* the stage-3 super-resolution wrapper PRDiT-SR (spec section 8, ``prdit_fast.sr``) in each
+  of these kinds: the official config then has ``data.base_image_size``, ``base_model.*`` and
+  ``sr_model.*`` sections, ours ``SRConfig.to_dict()``; the state dict ``base.*``,
+  ``t_embedder_sr.*``, ``sr.mlp_denoise.*``;
 * our own format, written by ``save_checkpoint``: a torch file holding
   ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "model": ...,
   "ema": ... (optional), "extra": ... (optional)}``, or a ``.safetensors`` file with the
@@ -31,6 +35,7 @@ import torch.nn as nn
 
 from .atomic import atomic_path
 from .models import SIZES, STRIDE, PRDiT, PRDiTConfig, parse_variant, variant_config
+from .sr import PRDiTSR, SRConfig, build_sr_model, config_from_official_sr, is_official_sr_config
 
 FORMAT = "prdit_fast"
 FORMAT_VERSION = 1
@@ -144,15 +149,31 @@ def config_from_official(config: Mapping[str, Any]) -> PRDiTConfig:
     return variant_config(name, int(size), int(config["model"].get("in_channels", 1)))
 
 
-def model_from_config(config: Mapping[str, Any]) -> PRDiT:
-    """A freshly initialized PRDiT from a config dict: ours (``PRDiTConfig.to_dict()``)
-    or the official nested one (``{"model": {"name": ...}, "data": {"image_size": ...}}``)."""
-    return PRDiT(_parse_config(config))
+def model_from_config(config: Mapping[str, Any]) -> PRDiT | PRDiTSR:
+    """A freshly initialized PRDiT (or PRDiT-SR) from a config dict: ours
+    (``PRDiTConfig.to_dict()``, ``SRConfig.to_dict()``) or the official nested one
+    (``{"model": {"name": ...}, "data": {"image_size": ...}}``, or stage 3's sections)."""
+    cfg = _parse_config(config)
+    return build_sr_model(cfg) if isinstance(cfg, SRConfig) else PRDiT(cfg)
 
 
-def _parse_config(config: Mapping[str, Any]) -> PRDiTConfig:
-    if "model" in config and isinstance(config["model"], Mapping):
-        return config_from_official(config)
+def _official_config(config: Mapping[str, Any]) -> PRDiTConfig | SRConfig:
+    if is_official_sr_config(config):
+        try:
+            return config_from_official_sr(config)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint config: {e}") from e
+    return config_from_official(config)
+
+
+def _parse_config(config: Mapping[str, Any]) -> PRDiTConfig | SRConfig:
+    if is_official_sr_config(config) or ("model" in config and isinstance(config["model"], Mapping)):
+        return _official_config(config)
+    if "base" in config:
+        try:
+            return SRConfig.from_dict(config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"bad PRDiT-SR config: {e}") from e
     fields = {f.name for f in dataclasses.fields(PRDiTConfig)}
     unknown = set(config) - fields
     if unknown:
@@ -160,7 +181,9 @@ def _parse_config(config: Mapping[str, Any]) -> PRDiTConfig:
     return PRDiTConfig(**config)
 
 
-def _weights_and_config(ckpt: Mapping[str, Any], ema: bool, path: Path) -> tuple[dict, PRDiTConfig | None, str]:
+def _weights_and_config(
+    ckpt: Mapping[str, Any], ema: bool, path: Path
+) -> tuple[dict, PRDiTConfig | SRConfig | None, str]:
     """(state dict, config or None, which weights) of any supported checkpoint kind."""
     if ckpt.get("format") == FORMAT:
         version = int(ckpt.get("version", 0))
@@ -171,7 +194,7 @@ def _weights_and_config(ckpt: Mapping[str, Any], ema: bool, path: Path) -> tuple
             )
         config = _parse_config(ckpt["config"])
     elif isinstance(ckpt.get("model"), Mapping):
-        config = config_from_official(ckpt["config"]) if isinstance(ckpt.get("config"), Mapping) else None
+        config = _official_config(ckpt["config"]) if isinstance(ckpt.get("config"), Mapping) else None
     elif _is_state_dict(ckpt):
         return dict(ckpt), None, "state dict"
     else:
@@ -233,7 +256,7 @@ def _check_architecture(arch: dict[str, Any] | None, cfg: PRDiTConfig, path: Pat
     )
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, cfg: PRDiTConfig) -> None:
+def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, cfg: PRDiTConfig | SRConfig) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -270,6 +293,8 @@ def load_checkpoint(
         (CheckpointError when the file holds another variant).
     input_size: volume edge S; required for a bare state dict, otherwise it overrides the
         size the checkpoint was trained at (the weights do not depend on S).
+        For a PRDiT-SR checkpoint (spec section 8) ``variant`` names the BASE variant and
+        ``input_size`` the target edge; the result is a ``prdit_fast.sr.PRDiTSR``.
     backend: 'reference' returns the PRDiT module (eval mode); 'fast' returns
         ``prdit_fast.fast.accelerate(model, **backend_kwargs)``.
 
@@ -287,6 +312,14 @@ def load_checkpoint(
         requested = f"PRDiT-{size}/{patch}/{depth}"
     state, cfg, which = _weights_and_config(read_checkpoint(path, map_location), ema, path)
     state = strip_wrapper_prefixes(state)
+    if isinstance(cfg, SRConfig) or (cfg is None and _SR_MARKER in state):
+        model = _load_sr(state, cfg, path, map_location, requested, input_size)
+        model.checkpoint_weights = which
+        if backend == "fast":
+            from .fast import accelerate
+
+            return accelerate(model, **backend_kwargs)
+        return model
     arch = infer_architecture(state)
     if cfg is None:
         if requested is None or input_size is None:
@@ -317,6 +350,63 @@ def load_checkpoint(
 
         return accelerate(model, **backend_kwargs)
     return model
+
+
+_SR_MARKER = "sr.mlp_denoise.linear_final.weight"
+
+
+def _sr_from_state(state: Mapping[str, torch.Tensor], base: PRDiTConfig, input_size: int, path: Path) -> SRConfig:
+    """The head geometry of a bare PRDiT-SR state dict, read from its shapes (the base at
+    ``input_size / 2``, the official factor)."""
+    try:
+        hidden = state["t_embedder_sr.mlp.0.weight"].shape[0]
+        patch = round((state["t_embedder_sr.coarse_head.weight"].shape[0] / base.in_channels) ** (1 / 3))
+        stride = round((state[_SR_MARKER].shape[0] / base.out_channels) ** (1 / 3))
+    except KeyError as e:
+        raise CheckpointError(f"{path} looks like a PRDiT-SR state dict but lacks {e}") from None
+    try:
+        return SRConfig(base=base, input_size=input_size, hidden=hidden, patch=patch, stride=stride, pad=(patch - stride) // 2)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _load_sr(
+    state: dict[str, torch.Tensor], cfg: SRConfig | None, path: Path, map_location: Any,
+    requested: str | None, input_size: int | None,
+) -> PRDiTSR:
+    """A PRDiT-SR wrapper (eval mode) with ``state`` loaded strictly. ``requested`` names
+    the BASE variant; ``input_size`` is the target edge (the base's scales with it)."""
+    base_state = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+    arch = infer_architecture(base_state)
+    if cfg is None:
+        if requested is None or input_size is None:
+            hint = f" Its base looks like {arch['name']}." if arch and arch["name"] else ""
+            raise CheckpointError(
+                f"{path} is a bare PRDiT-SR state dict: pass variant= (the BASE variant, e.g. 'PRDiT-B/12/4') "
+                f"and input_size= (the target edge, e.g. 256).{hint}"
+            )
+        if input_size % 2:
+            raise CheckpointError(f"input_size {input_size} must be even: the base of PRDiT-SR works at half the edge")
+        base = variant_config(requested, input_size // 2, arch["in_channels"] if arch else 1)
+        cfg = _sr_from_state(state, base, input_size, path)
+        origin = f"variant={requested!r}"
+    else:
+        if requested is not None and cfg.base.name != requested:
+            raise CheckpointError(
+                f"{path} holds a {cfg.name} checkpoint (per its config), but variant={requested!r} was requested"
+            )
+        if input_size is not None and input_size != cfg.input_size:
+            if input_size % cfg.factor:
+                raise CheckpointError(f"input_size {input_size} is not a multiple of the refinement factor {cfg.factor}")
+            base = dataclasses.replace(cfg.base, input_size=input_size // cfg.factor)
+            cfg = dataclasses.replace(cfg, base=base, input_size=input_size)
+        origin = "the checkpoint's config"
+    _check_architecture(arch, cfg.base, path, f"{origin} (base)")
+    device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else torch.device("cpu")
+    model = build_sr_model(cfg, device)
+    _check_keys(model, state, path, cfg)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def copy_matching_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -394,8 +484,11 @@ def save_checkpoint(
     path = Path(path)
     net = _unwrap(model)
     cfg = getattr(net, "config", None)
-    if not isinstance(cfg, PRDiTConfig):
-        raise TypeError(f"save_checkpoint needs a PRDiT model (with a PRDiTConfig .config), got {type(net).__name__}")
+    if not isinstance(cfg, (PRDiTConfig, SRConfig)):
+        raise TypeError(
+            f"save_checkpoint needs a PRDiT or PRDiT-SR model (with a PRDiTConfig / SRConfig .config), "
+            f"got {type(net).__name__}"
+        )
     weights = _cpu_state(net)
     ema_weights = None if ema_model is None else _cpu_state(_unwrap(ema_model) if isinstance(ema_model, nn.Module) else ema_model)
     if ema_weights is not None and set(ema_weights) != set(weights):

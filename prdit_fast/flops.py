@@ -4,17 +4,28 @@ Counts what a FLOP counter counts on the reference network: 2 M N K per matrix
 product (every Linear, and the two attention products Q K^T and A V). LayerNorms,
 modulations, activations, softmax and the unfold are memory traffic and are not
 counted. Reproduces the spec's table: B/12/0 at 128^3 161 GFLOP, B/12/4 680,
-B/12/12 1556, B/12/4 at 64^3 62.5.
+B/12/12 1556, B/12/4 at 64^3 62.5. A PRDiT-SR wrapper (spec section 8) costs its base at
+S_lo plus its head, a depth-0 PRDiT at S_hi: SR-B/12/4 128 -> 256 680 + 1,290 GFLOP.
 """
 from __future__ import annotations
 
 from .models import MLP_RATIO, TIMESTEP_FEATURES, PRDiTConfig
+from .sr import SRConfig
 
 
-def flops_breakdown(cfg: PRDiTConfig) -> dict[str, float]:
+def flops_breakdown(cfg: PRDiTConfig | SRConfig) -> dict[str, float]:
     """FLOPs of one forward pass for ONE volume, by part:
     ``t_embedder``, ``local_denoiser``, ``patch_embedder``, ``blocks_gemm``,
-    ``blocks_attention`` (all blocks together), ``final_layer``."""
+    ``blocks_attention`` (all blocks together), ``final_layer``; for a PRDiT-SR wrapper
+    the base's parts prefixed ``base.`` and the head's ``sr.t_embedder`` and
+    ``sr.local_denoiser``."""
+    if isinstance(cfg, SRConfig):
+        head = flops_breakdown(cfg.head)
+        return {
+            **{f"base.{k}": v for k, v in flops_breakdown(cfg.base).items()},
+            "sr.t_embedder": head["t_embedder"],
+            "sr.local_denoiser": head["local_denoiser"],
+        }
     n, d, h, o = cfg.num_tokens, cfg.token_dim, cfg.hidden, cfg.out_token_dim
     mlp = int(h * MLP_RATIO)
 
@@ -39,6 +50,6 @@ def flops_breakdown(cfg: PRDiTConfig) -> dict[str, float]:
     return parts
 
 
-def flops_per_step(cfg: PRDiTConfig) -> float:
+def flops_per_step(cfg: PRDiTConfig | SRConfig) -> float:
     """FLOPs of one model evaluation (one sampler step) for one volume."""
     return sum(flops_breakdown(cfg).values())

@@ -23,7 +23,37 @@ DEFAULT_SIZE = 128
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default=DEFAULT_VARIANT, help=f"variant to describe (default {DEFAULT_VARIANT})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"volume edge S (default {DEFAULT_SIZE})")
+    parser.add_argument(
+        "--sr-size", type=int, default=None, metavar="S_HI",
+        help="describe the PRDiT-SR wrapper (spec section 8, default head 768/12/8/2) refining the variant "
+             "at --size to S_HI^3 (e.g. --size 128 --sr-size 256)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def sr_summary(name: str, size: int, sr_size: int) -> dict[str, Any]:
+    """Parameter counts and per-step cost of the PRDiT-SR wrapper over ``name`` at ``size``
+    refining to ``sr_size`` (default head)."""
+    from prdit_fast.sr import create_sr_model
+
+    with torch.device("meta"):
+        model = create_sr_model(create_model(name, size), sr_size)
+    cfg = model.config
+    parts = flops_breakdown(cfg)
+    head = cfg.head
+    return {
+        "variant": cfg.name,
+        "input_size": sr_size,
+        "base_input_size": size,
+        "parameters": count_parameters(model),
+        "head_parameters": sum(p.numel() for p in model.head_parameters()),
+        "head": {"hidden": cfg.hidden, "patch": cfg.patch, "stride": cfg.stride, "pad": cfg.pad,
+                 "tokens": head.num_tokens, "token_dim": head.token_dim},
+        "gflop_per_step": sum(parts.values()) / 1e9,
+        "gflop_base": sum(v for k, v in parts.items() if k.startswith("base.")) / 1e9,
+        "gflop_head": sum(v for k, v in parts.items() if k.startswith("sr.")) / 1e9,
+        "gflop_breakdown": {k: v / 1e9 for k, v in parts.items()},
+    }
 
 
 def variant_summary(name: str, size: int) -> dict[str, Any]:
@@ -123,12 +153,16 @@ def _yes(value: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = variant_summary(args.variant, args.size)
+        sr = sr_summary(args.variant, args.size, args.sr_size) if args.sr_size is not None else None
     except ValueError as e:
         print(f"prdit-fast info: {e}", file=sys.stderr)
         return 2
     env = environment()
     if args.json:
-        print(json.dumps({"variants": list_models(), "model": summary, "environment": env}, indent=2, default=str))
+        out = {"variants": list_models(), "model": summary, "environment": env}
+        if sr is not None:
+            out["sr"] = sr
+        print(json.dumps(out, indent=2, default=str))
         return 0
     b = env["backends"]
     parts = summary["gflop_breakdown"]
@@ -143,6 +177,14 @@ def run(args: argparse.Namespace) -> int:
         f"DiT blocks {_gflop(parts['blocks_gemm'] + parts['blocks_attention'])} "
         f"(attention {_gflop(parts['blocks_attention'])}), final layer {_gflop(parts['final_layer'])} GFLOP"
     )
+    if sr is not None:
+        h = sr["head"]
+        print(
+            f"{sr['variant']} {args.size}^3 -> {sr['input_size']}^3: {sr['parameters']:,} parameters "
+            f"({sr['head_parameters']:,} in the head), {_gflop(sr['gflop_per_step'])} GFLOP per step per volume "
+            f"(base {_gflop(sr['gflop_base'])}, head {_gflop(sr['gflop_head'])}: {h['tokens']} tokens of width "
+            f"{h['token_dim']}, patch {h['patch']}, stride {h['stride']}, pad {h['pad']})"
+        )
     cpu = env["cpu"]
     print(f"devices: cpu ({cpu['cores']} cores, torch uses {cpu['torch_threads']} threads)", end="")
     print("".join(f"; cuda:{g['index']} {g['name']} (sm {g['capability']})" for g in env["cuda"]) or "; no CUDA GPU")

@@ -1,0 +1,334 @@
+"""PRDiT-SR: the stage-3 high-resolution refinement wrapper (spec section 8).
+
+A trained low-resolution PRDiT (the *base*, at edge ``S_lo``) is the structural prior of
+a volume ``f`` times larger (``S_hi = f S_lo``, f = 2 officially); a local denoiser at
+the target resolution (the *head*) learns the residual. For a noisy volume x at S_hi:
+
+    x_lo            = x[..., ::f, ::f, ::f]                    nearest downsample (B, C, S_lo^3)
+    eps_lo, x0_lo   = base(x_lo, t)                            (B, 2C, S_lo^3)
+    eps_up, x0_up   = nearest(eps_lo), trilinear(x0_lo)        (B, 2C, S_hi^3), align_corners=False
+    tokens          = unfold(x, p', s', pad')                  (B, N', C p'^3), N' = (S_hi / s')^3
+    local           = unpatchify(sr.mlp_denoise(tokens, c'))   (B, 2C, S_hi^3), c' = t_embedder_sr(t)
+    out             = local + [eps_up, x0_up]                  (B, 2C, S_hi^3)
+
+so the wrapper keeps the base model's contract and ``IaNDiffusion``'s loss and samplers
+apply unchanged at S_hi. State-dict layout (the official one): ``base.*`` (a complete
+PRDiT), ``t_embedder_sr.{mlp.0, coarse_head}`` and ``sr.mlp_denoise.*``.
+
+Stage 3a trains the head with the base frozen and run without gradients (no activation
+memory is kept for it); stage 3b fine-tunes the base too (``set_base_trainable``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import (
+    CoarsePath,
+    PRDiT,
+    PRDiTConfig,
+    TimestepEmbedder,
+    unfold3d,
+    unpatchify,
+    validate_tiling,
+)
+
+# spec section 8: the official sr_model defaults
+SR_HIDDEN = 768
+SR_PATCH = 12
+SR_STRIDE = 8
+SR_PAD = 2
+
+
+@dataclass(frozen=True)
+class SRConfig:
+    """Everything that fixes a PRDiT-SR wrapper. JSON-serializable via ``to_dict``.
+
+    base: the base network's config (at S_lo); input_size: the target edge S_hi (a
+    multiple of the base's edge); hidden, patch, stride, pad: the head's timestep width
+    and token geometry (p', s', pad').
+    """
+
+    base: PRDiTConfig
+    input_size: int
+    hidden: int = SR_HIDDEN
+    patch: int = SR_PATCH
+    stride: int = SR_STRIDE
+    pad: int = SR_PAD
+
+    def __post_init__(self):
+        lo, hi = self.base.input_size, self.input_size
+        if hi <= lo or hi % lo:
+            raise ValueError(
+                f"PRDiT-SR needs a target edge that is a multiple (> 1) of the base's: base {lo}^3, "
+                f"target {hi}^3 (officially 2x, e.g. 128 -> 256)"
+            )
+        if self.base.out_channels != 2 * self.base.in_channels:
+            raise ValueError(
+                f"PRDiT-SR wraps an IaN PRDiT (2C = {2 * self.base.in_channels} output channels: eps_hat, x0_hat); "
+                f"{self.base.name} has {self.base.out_channels}"
+            )
+        if self.hidden < 1:
+            raise ValueError(f"sr_model.hidden_size must be >= 1, got {self.hidden}")
+        validate_tiling(hi, self.patch, self.stride, self.pad)
+
+    # what the engine, the samplers and the CLI read of any model's config
+    @property
+    def factor(self) -> int:  # f = S_hi / S_lo
+        return self.input_size // self.base.input_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def out_channels(self) -> int:  # [eps_hat, x0_hat]
+        return self.base.out_channels
+
+    @property
+    def depth(self) -> int:  # the transformer depth (the base's; the head has none)
+        return self.base.depth
+
+    @property
+    def name(self) -> str:
+        return f"PRDiT-SR({self.base.name})"
+
+    @property
+    def head(self) -> PRDiTConfig:
+        """The head as a depth-0 PRDiT config at S_hi: same timestep embedder (no fine head),
+        same local denoiser, same token geometry, so FLOP counts and layouts carry over."""
+        return PRDiTConfig(
+            hidden=self.hidden, heads=1, depth=0, patch=self.patch, input_size=self.input_size,
+            in_channels=self.in_channels, stride=self.stride, pad=self.pad, name=f"{self.name} head",
+        )
+
+    @property
+    def token_dim(self) -> int:  # D' = C p'^3
+        return self.head.token_dim
+
+    @property
+    def out_token_dim(self) -> int:  # s'^3 2C
+        return self.head.out_token_dim
+
+    @property
+    def num_tokens(self) -> int:  # N' = (S_hi / s')^3
+        return self.head.num_tokens
+
+    def to_dict(self) -> dict:
+        return {"base": self.base.to_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SRConfig":
+        """Inverse of ``to_dict``. ValueError names unknown fields."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown or "base" not in data:
+            raise ValueError(f"an SR config has fields {sorted(fields)} (base required); got {sorted(data)}")
+        base_fields = {f.name for f in dataclasses.fields(PRDiTConfig)}
+        base = dict(data["base"])
+        if set(base) - base_fields:
+            raise ValueError(f"unknown base config fields {sorted(set(base) - base_fields)}; known: {sorted(base_fields)}")
+        return cls(base=PRDiTConfig(**base), **{k: v for k, v in data.items() if k != "base"})
+
+
+def is_official_sr_config(config: Any) -> bool:
+    """True for the official stage-3 config dict (``base_model`` and ``sr_model`` sections)."""
+    return isinstance(config, Mapping) and isinstance(config.get("base_model"), Mapping)
+
+
+def config_from_official_sr(config: Mapping[str, Any]) -> SRConfig:
+    """SRConfig from the official stage-3 config: ``data.image_size`` (S_hi),
+    ``data.base_image_size`` (S_lo), ``base_model.{name, in_channels, out_channels}``,
+    ``sr_model.{hidden_size, patch_size, stride, padding}`` (defaults 768, 12, 8, 2).
+    ValueError names a missing or inconsistent key."""
+    from .models import variant_config
+
+    data, base_model = config.get("data") or {}, config["base_model"]
+    sr_model = config.get("sr_model") or {}
+    try:
+        name, hi, lo = base_model["name"], data["image_size"], data["base_image_size"]
+    except KeyError as e:
+        raise ValueError(
+            f"stage-3 config lacks {e}: it needs data.image_size, data.base_image_size and base_model.name"
+        ) from None
+    channels = int(base_model.get("in_channels", 1))
+    out = base_model.get("out_channels")
+    if out is not None and int(out) != 2 * channels:
+        raise ValueError(
+            f"base_model.out_channels {out} must be 2 * in_channels = {2 * channels}: PRDiT-SR refines an IaN "
+            f"base (eps_hat, x0_hat)"
+        )
+    base = variant_config(name, _edge(lo, "data.base_image_size"), channels)
+    return SRConfig(
+        base=base, input_size=_edge(hi, "data.image_size"),
+        hidden=int(sr_model.get("hidden_size", SR_HIDDEN)), patch=int(sr_model.get("patch_size", SR_PATCH)),
+        stride=int(sr_model.get("stride", SR_STRIDE)), pad=int(sr_model.get("padding", SR_PAD)),
+    )
+
+
+def _edge(size: Any, key: str) -> int:
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"PRDiT-SR needs cubic volumes; {key} is {list(size)}")
+        size = size[0]
+    return int(size)
+
+
+def official_sr_config(cfg: SRConfig, base_checkpoint: str | None = None, finetune: bool = False) -> dict:
+    """The official stage-3 config sections describing ``cfg`` (what checkpoints carry)."""
+    return {
+        "data": {"image_size": cfg.input_size, "base_image_size": cfg.base.input_size},
+        "base_model": {
+            "name": cfg.base.name, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "checkpoint": base_checkpoint, "finetune": finetune,
+        },
+        "sr_model": {"hidden_size": cfg.hidden, "patch_size": cfg.patch, "stride": cfg.stride, "padding": cfg.pad},
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Resampling between the two grids
+# --------------------------------------------------------------------------- #
+def downsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest downsample by an integer factor: the voxels at multiples of ``factor``
+    (what ``F.interpolate(mode="nearest")`` picks). A strided VIEW, not a copy."""
+    return x[..., ::factor, ::factor, ::factor]
+
+
+def upsample_prediction(base_out: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """(B, 2C, S_lo^3) -> (B, 2C, S_hi^3): eps_hat nearest (each voxel repeated, keeping the
+    noise statistics), x0_hat trilinear with align_corners=False (smooth anatomy)."""
+    eps = F.interpolate(base_out[:, :channels], size=(size,) * 3, mode="nearest")
+    x0 = F.interpolate(base_out[:, channels:], size=(size,) * 3, mode="trilinear", align_corners=False)
+    return torch.cat([eps, x0], dim=1)
+
+
+# --------------------------------------------------------------------------- #
+# The wrapper
+# --------------------------------------------------------------------------- #
+class PRDiTSR(nn.Module):
+    """PRDiT-SR over ``base``: forward(x (B, C, S_hi^3), t (B,) int) -> (B, 2C, S_hi^3),
+    channels [0:C] eps_hat, [C:2C] x0_hat, like ``PRDiT.forward``.
+
+    The base runs without gradients while none of its parameters requires grad (stage 3a,
+    the default: ``create_sr_model`` freezes it)."""
+
+    def __init__(self, base: PRDiT, cfg: SRConfig):
+        super().__init__()
+        if base.config != cfg.base:
+            raise ValueError(f"the base network's config {base.config} differs from the SR config's {cfg.base}")
+        self.config = cfg
+        self.base = base
+        self.t_embedder_sr = TimestepEmbedder(cfg.hidden, cfg.token_dim, depth=0)  # mlp + coarse_head
+        self.sr = CoarsePath(cfg.token_dim, cfg.out_token_dim)  # sr.mlp_denoise
+        self.initialize_head()
+        self.set_base_trainable(False)
+
+    # ------------------------------------------------------------------ parameters
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        return self.t_embedder_sr, self.sr
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The SR head's parameters: ``t_embedder_sr`` and ``sr.mlp_denoise``."""
+        for module in self.head_modules():
+            yield from module.parameters()
+
+    def set_base_trainable(self, trainable: bool) -> None:
+        """Stage 3a (False): the whole base frozen. Stage 3b (True): the base trains as in its
+        own stage, i.e. everything but a depth > 0 base's frozen coarse path (spec section 6),
+        which the base's forward runs without gradients anyway."""
+        self.base.requires_grad_(trainable)
+        if trainable and self.base.config.depth > 0:
+            self.base.freeze_coarse()
+
+    @property
+    def base_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.base.parameters())
+
+    def initialize_head(self) -> None:
+        """Spec sections 8 and 12 for the head: Xavier-uniform Linears with zero bias,
+        N(0, 0.02) timestep weights, and ``adaLN_modulation.1`` and ``linear_final`` zero,
+        so a fresh wrapper outputs exactly the upsampled base prediction."""
+        for module in self.head_modules():
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for lin in (self.t_embedder_sr.mlp[0], self.t_embedder_sr.coarse_head):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        denoiser = self.sr.mlp_denoise
+        for lin in (denoiser.adaLN_modulation[1], denoiser.linear_final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        cfg = self.config
+        want = (cfg.in_channels,) + (cfg.input_size,) * 3
+        if x.dim() != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"{cfg.name} expects volumes of shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}; "
+                f"its base works at {cfg.base.input_size}^3 and refines {cfg.factor}x"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},) (one step per volume), got {tuple(t.shape)}")
+
+    def base_prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The base's [eps_lo, x0_lo] (B, 2C, S_lo^3) on the nearest-downsampled x."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.base_trainable):
+            return self.base(downsample_nearest(x, self.config.factor), t)
+
+    def head_tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The head's output tokens (B, N', s'^3 2C) for the full-resolution x."""
+        cfg = self.config
+        c = self.t_embedder_sr.coarse_head(self.t_embedder_sr(t))  # (B, C p'^3)
+        return self.sr.mlp_denoise(unfold3d(x, cfg.patch, cfg.stride, cfg.pad), c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_base: bool = False):
+        """x (B, C, S_hi^3), t (B,) -> (B, 2C, S_hi^3); with ``return_base`` also the base's
+        own prediction (B, 2C, S_lo^3) (for the low-frequency consistency term)."""
+        self.check_input(x, t)
+        cfg = self.config
+        base_out = self.base_prediction(x, t)
+        local = unpatchify(self.head_tokens(x, t), cfg.input_size, cfg.stride, cfg.out_channels)
+        out = local + upsample_prediction(base_out, cfg.input_size, cfg.in_channels).to(local.dtype)
+        return (out, base_out) if return_base else out
+
+
+def create_sr_model(
+    base: PRDiT,
+    target_size: int,
+    hidden: int = SR_HIDDEN,
+    patch: int = SR_PATCH,
+    stride: int = SR_STRIDE,
+    pad: int = SR_PAD,
+) -> PRDiTSR:
+    """Wrap the IaN PRDiT ``base`` (its weights are used, not copied) in a fresh PRDiT-SR
+    head refining to ``target_size``^3 (a multiple of the base's edge). The base is frozen
+    (stage 3a); ``model.set_base_trainable(True)`` unfreezes it (stage 3b)."""
+    if not isinstance(base, PRDiT):
+        raise TypeError(f"create_sr_model wraps a reference PRDiT (prdit_fast.create_model / load_checkpoint), got {type(base).__name__}")
+    cfg = SRConfig(base=base.config, input_size=target_size, hidden=hidden, patch=patch, stride=stride, pad=pad)
+    device = next(base.parameters()).device
+    with device:
+        return PRDiTSR(base, cfg).to(device)
+
+
+def build_sr_model(cfg: SRConfig, device: torch.device | str | None = None) -> PRDiTSR:
+    """A freshly initialized wrapper (base included) for ``cfg``, e.g. to load weights into."""
+    with torch.device(device or "cpu"):
+        return PRDiTSR(PRDiT(cfg.base), cfg)
+
+
+def lowfreq_consistency(out: torch.Tensor, base_out: torch.Tensor, factor: int, channels: int) -> torch.Tensor:
+    """The paper's low-frequency consistency term, per sample (B,): mean squared difference
+    between the refined x0 prediction average-pooled to the base grid and the base's own
+    x0 prediction (detached: the base is the prior the refinement must agree with)."""
+    pooled = F.avg_pool3d(out[:, channels:].float(), factor)
+    return (pooled - base_out[:, channels:].detach().float()).pow(2).mean(dim=(1, 2, 3, 4))
