@@ -1,10 +1,17 @@
 """The ``prdit-fast`` command. Each subcommand lives in ``prdit_fast.commands.<name>``
-with ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used."""
+with ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used.
+
+Failures are one ``error:`` line on stderr: status 2 for a bad argument or config value
+(``prdit_fast.errors.UsageError``, argparse's own errors), 1 for a runtime failure;
+``--debug`` (before or after the command name) shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import UsageError
 
 COMMANDS = {
     "info": "variants, parameter counts, GFLOP per step, devices and backends",
@@ -12,13 +19,22 @@ COMMANDS = {
     "sample": "sample N volumes from a checkpoint to NIfTI / npy (resumable)",
     "preprocess": "DICOM / NIfTI / npz volumes -> the paper's 1 mm, 256^3 preprocessing",
     "train": "two-stage training with EMA, exact resume, multi-GPU",
+    "plot": "loss and throughput curves (PNG) of a training run from its log",
     "bench": "end-to-end benchmark: GPU-hours and memory for every backend",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: MESSAGE (see PROG --help)``, status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prdit-fast", description="PRDiT: 3D CT diffusion, fast.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="prdit-fast", description="PRDiT: 3D CT diffusion, fast.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in COMMANDS.items():
@@ -26,12 +42,26 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:  # import only the module that runs
             module = importlib.import_module(f"prdit_fast.commands.{name}")
             module.add_arguments(p)
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the traceback of a failure")
             p.set_defaults(_module=module)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; finished files are complete, a rerun continues", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one place failures become an exit status
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

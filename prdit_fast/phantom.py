@@ -5,10 +5,9 @@ layer, two air-filled lungs with branching pulmonary vessels, heart, aorta, trac
 and main bronchi, liver under the right lung, vertebral column (bodies, discs, arches,
 spinal canal), ribs and sternum, plus noise. Values are Hounsfield units.
 
-Axis order of a volume ``v[d, h, w]`` (the same everywhere in prdit_fast):
-depth = superior (index 0) -> inferior, height = anterior (0) -> posterior,
-width = patient right (0) -> patient left (the radiological display: an axial slice
-``v[d]`` shows the patient from the feet, anterior at the top).
+Axis order of a volume ``v[d, h, w]``: prdit_fast's one convention, defined in
+``prdit_fast.orientation`` (depth superior -> inferior, height anterior -> posterior,
+width patient right -> left).
 
 The network sees values in [-1, 1]: ``hu_to_unit`` clips to the RAD-ChestCT window
 [-1000, 1000] HU and maps it linearly, ``unit_to_hu`` maps back.

@@ -40,9 +40,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale_temps
 from .checkpoint import copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
 from .diffusion import IaNDiffusion
+from .errors import UsageError
 from .models import DiTBlock, PRDiT, SwiGLU, create_model, parse_variant
 
 log = logging.getLogger("prdit_fast.train")
@@ -54,9 +55,13 @@ REQUIRED = object()  # marks config keys without a default
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "image_size": REQUIRED,  # volume edge S the model sees; preprocessed volumes are average-pooled to it
-        "path": None,  # folder / list of preprocessed .npy; None -> the synthetic phantom
+        "path": None,  # folder / list of volumes, or the root of train_list / val_list entries
+        "train_list": None,  # official split file: one volume per line (prdit_fast.data.dataset)
+        "val_list": None,  # validation split file (logging.eval_every)
+        "dataset": None,  # "phantom": the synthetic phantom; None: the files named above
+        "task": None,  # the official configs' dataset name ("lidc", "rad_chestct"); recorded
         "num_workers": 4,
-        "phantom_length": 64,  # number of phantom volumes when data.path is None
+        "phantom_length": 64,  # number of phantom volumes when no data is named
     },
     "model": {
         "name": REQUIRED,  # e.g. PRDiT-B/12/0 (stage 1) or PRDiT-B/12/4 (stage 2)
@@ -81,16 +86,51 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "grad_checkpointing": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
         "max_bad_steps": 10,  # consecutive non-finite gradient steps before giving up
     },
-    "logging": {"log_every": 100, "ckpt_every": 1000},
+    "logging": {
+        "log_every": 100,
+        "ckpt_every": 1000,
+        "eval_every": None,  # validation loss + EMA sample images every N steps (prdit_fast.monitor)
+        "eval_samples": 2,  # EMA samples drawn at each evaluation
+        "eval_sample_steps": 50,  # sampler steps of those samples
+        "tensorboard": True,  # event files in the run folder when tensorboard is installed
+    },
     "output": {"results_dir": "results", "checkpoint_dir": "checkpoints"},
+    "wandb": {"enable": False, "project": "", "entity": "", "tags": ""},
 }
 IGNORED: dict[str, set[str]] = {
-    "data": {"train_list", "val_list", "task", "val_frac", "augment", "normalize"},
+    "data": {"val_frac", "augment", "normalize"},
     "model": {"num_classes", "checkpoint", "flash_attn"},
     "training": {"compile_model", "compile_mode", "fine_tune_lr"},
-    "logging": {"eval_every"},
-    "wandb": {"*"},
 }
+DATASET_VALUES = (None, "phantom")
+
+# Numeric keys: (type, lowest allowed, whether None is allowed). Checked after defaults.
+_NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
+    ("data", "image_size"): (int, 1, False),
+    ("data", "num_workers"): (int, 0, False),
+    ("data", "phantom_length"): (int, 1, False),
+    ("model", "in_channels"): (int, 1, False),
+    ("training", "batch_size"): (int, 1, False),
+    ("training", "total_steps"): (int, 1, True),
+    ("training", "epochs"): (int, 1, True),
+    ("training", "gradient_clip"): (float, 0, True),
+    ("training", "ema_decay"): (float, 0, False),
+    ("training", "weight_decay"): (float, 0, False),
+    ("training", "seed"): (int, 0, False),
+    ("training", "max_bad_steps"): (int, 1, False),
+    ("training", "log_every"): (int, 1, True),
+    ("training", "ckpt_every"): (int, 1, True),
+    ("logging", "log_every"): (int, 1, False),
+    ("logging", "ckpt_every"): (int, 1, False),
+    ("logging", "eval_every"): (int, 1, True),
+    ("logging", "eval_samples"): (int, 0, False),
+    ("logging", "eval_sample_steps"): (int, 1, False),
+}
+
+
+class ConfigError(UsageError):
+    """A training config value that is missing, of the wrong type or out of range; the
+    message names the key."""
 BACKENDS = ("reference", "fast")
 _CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
@@ -101,10 +141,15 @@ _CKPT_RE = re.compile(r"^(\d+)\.pt$")
 def load_config(path: str | os.PathLike) -> dict:
     import yaml
 
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a training config is a YAML mapping with sections data, model, training")
+        raise ConfigError(f"{path}: a training config is a YAML mapping with sections data, model, training")
     return config
 
 
@@ -118,47 +163,63 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.batch_size=8")
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.batch_size=8")
         section = out.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise ValueError(f"override {item!r}: config section {parts[0]!r} is not a mapping")
+            raise ConfigError(f"override {item!r}: config section {parts[0]!r} is not a mapping")
         section[parts[1]] = yaml.safe_load(value)
     return out
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Values as the type of their default (YAML reads 1e-4 as a string)."""
+    """Booleans and strings as the type of their default; numbers are checked by
+    ``_number`` (YAML reads 1e-4 as a string, so numeric strings are parsed there)."""
     if value is None or default is None or default is REQUIRED:
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            return float(value)
         return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if not isinstance(value, (bool, int)):
-                raise TypeError
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise TypeError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a {type(default).__name__}, got {value!r}") from None
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
     return value
 
 
+def _number(value: Any, kind: type, lowest: float, optional: bool, where: str) -> Any:
+    """``value`` as ``kind`` (int or float; numeric strings parsed), >= ``lowest``; None
+    only when ``optional``. ConfigError names ``where``."""
+    if value is None or value == "":
+        if optional:
+            return None
+        raise ConfigError(f"{where} must be set (a number >= {lowest:g}), got {value!r}")
+    what = "an integer" if kind is int else "a number"
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where} must be {what} >= {lowest:g}, got {value!r}") from None
+    if isinstance(parsed, bool) or not isinstance(parsed, (int, float)) or not math.isfinite(parsed):
+        raise ConfigError(f"{where} must be {what} >= {lowest:g}, got {value!r}")
+    if kind is int:
+        if float(parsed) != int(parsed):
+            raise ConfigError(f"{where} must be {what} >= {lowest:g}, got {value!r}")
+        parsed = int(parsed)
+    else:
+        parsed = float(parsed)
+    if parsed < lowest:
+        raise ConfigError(f"{where} must be {what} >= {lowest:g}, got {value!r}")
+    return parsed
+
+
 def resolve_config(config: Mapping[str, Any]) -> dict:
-    """A complete, typed copy of a training config: defaults filled in, numeric strings
-    parsed, required keys checked (ValueError names the missing ones), keys that
+    """A complete, typed copy of a training config: defaults filled in, numbers parsed
+    and range-checked, required keys checked (ConfigError names the key), keys that
     prdit_fast does not use warned about."""
     out: dict[str, dict[str, Any]] = {}
     for section, values in config.items():
         if not isinstance(values, Mapping):
             if section in DEFAULTS:
-                raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             warnings.warn(f"unknown config key {section!r} ignored", stacklevel=2)
             continue
         for key in values:
@@ -177,34 +238,35 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
                 continue
             out[section][key] = _coerce(value, default, f"{section}.{key}")
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"training config lacks {', '.join(missing)}; set them in the YAML or on the command line "
             f"(e.g. prdit-fast train --config FILE data.image_size=128)"
         )
-    tr, model = out["training"], out["model"]
+    for (section, key), (kind, lowest, optional) in _NUMBERS.items():
+        out[section][key] = _number(out[section][key], kind, lowest, optional, f"{section}.{key}")
+    tr, model, data = out["training"], out["model"], out["data"]
+    lr = _number(tr["learning_rate"], float, 0, False, "training.learning_rate")
+    if lr <= 0:
+        raise ConfigError(f"training.learning_rate must be > 0, got {tr['learning_rate']!r}")
+    tr["learning_rate"] = lr
+    if tr["ema_decay"] > 1:
+        raise ConfigError(f"training.ema_decay must be in [0, 1], got {tr['ema_decay']}")
+    tr["gradient_clip"] = tr["gradient_clip"] or 0.0
     for key in ("log_every", "ckpt_every"):
-        tr[key] = int(tr[key] if tr[key] is not None else out["logging"][key])
-        if tr[key] < 1:
-            raise ValueError(f"training.{key} must be >= 1, got {tr[key]}")
-    tr["learning_rate"] = float(tr["learning_rate"])
-    tr["batch_size"] = int(tr["batch_size"])
-    tr["gradient_clip"] = float(tr["gradient_clip"] or 0.0)
-    out["data"]["image_size"] = int(out["data"]["image_size"])
-    if tr["batch_size"] < 1 or tr["learning_rate"] <= 0:
-        raise ValueError(f"training.batch_size must be >= 1 and learning_rate > 0, got {tr['batch_size']}, {tr['learning_rate']}")
-    if not 0.0 <= tr["ema_decay"] <= 1.0:
-        raise ValueError(f"training.ema_decay must be in [0, 1], got {tr['ema_decay']}")
+        tr[key] = tr[key] if tr[key] is not None else out["logging"][key]
     if tr["total_steps"] is None and tr["epochs"] is None:
-        raise ValueError("set training.total_steps (or training.epochs)")
+        raise ConfigError("set training.total_steps (or training.epochs)")
     if model["backend"] not in BACKENDS:
-        raise ValueError(f"model.backend must be one of {BACKENDS}, got {model['backend']!r}")
+        raise ConfigError(f"model.backend must be one of {BACKENDS}, got {model['backend']!r}")
+    if data["dataset"] not in DATASET_VALUES:
+        raise ConfigError(f"data.dataset must be 'phantom' or unset, got {data['dataset']!r}")
     if model["out_channels"] is not None and int(model["out_channels"]) != 2 * model["in_channels"]:
-        raise ValueError(
+        raise ConfigError(
             f"model.out_channels {model['out_channels']} must be 2 * in_channels = {2 * model['in_channels']} "
             f"(noise and clean predictions)"
         )
-    model["pretrained_path"] = model["pretrained_path"] or None
-    out["data"]["path"] = out["data"]["path"] or None
+    for section, key in (("model", "pretrained_path"), ("data", "path"), ("data", "train_list"), ("data", "val_list")):
+        out[section][key] = out[section][key] or None
     return out
 
 
@@ -298,13 +360,19 @@ def _set_rng_state(state: Mapping, generator: torch.Generator) -> None:
     generator.set_state(state["noise"].cpu())
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The ``<step>.pt`` with the highest step in ``directory``, or None."""
+def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
+    """The ``<step>.pt`` files of ``directory``, highest step first."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``<step>.pt`` with the highest step in ``directory``, or None."""
+    found = checkpoints_newest_first(directory)
+    return found[0] if found else None
 
 
 def _canonical_name(name: Any) -> str | None:
@@ -324,9 +392,15 @@ def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
 class Trainer:
     """One rank's training state. ``run()`` trains to ``training.total_steps`` and returns
     the last checkpoint's path. ``model`` (the PRDiT being trained) and ``ema`` are
-    exposed for inspection."""
+    exposed for inspection.
 
-    def __init__(self, config: Mapping[str, Any], resume: bool = False):
+    resume: continue from the latest readable checkpoint of ``output.results_dir``;
+    without it a results folder that already holds checkpoints is refused (it belongs
+    to another run). from_scratch: allow a stage-2 model (depth > 0) without
+    ``model.pretrained_path`` (its local denoiser stays frozen at initialization).
+    """
+
+    def __init__(self, config: Mapping[str, Any], resume: bool = False, from_scratch: bool = False):
         self.config = resolve_config(config)
         cfg_data, cfg_model, tr = self.config["data"], self.config["model"], self.config["training"]
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -352,6 +426,12 @@ class Trainer:
         self.global_batch = tr["batch_size"]
         self.run_dir = Path(self.config["output"]["results_dir"])
         self.ckpt_dir = self.run_dir / self.config["output"]["checkpoint_dir"]
+        candidates = checkpoints_newest_first(self.ckpt_dir)
+        if candidates and not resume:
+            raise ConfigError(
+                f"{self.ckpt_dir} already holds checkpoints of a run (latest {candidates[0].name}); pass --resume "
+                f"to continue that run, or set output.results_dir to a new folder"
+            )
 
         seed = tr["seed"]
         torch.manual_seed(seed)  # the same initialization on every rank
@@ -359,16 +439,25 @@ class Trainer:
         random.seed(seed)
         self.dataset: Dataset = self._dataset()
         n = len(self.dataset)
+        self.config["volume"] = self._volume_metadata()
         per_epoch = math.ceil(n / self.global_batch)
         self.total_steps = int(tr["total_steps"] if tr["total_steps"] is not None else tr["epochs"] * per_epoch)
 
         self.model: PRDiT = create_model(cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"]).to(self.device)
-        ckpt_path = latest_checkpoint(self.ckpt_dir) if resume else None
-        if resume and ckpt_path is None:
-            log.info("--resume: no checkpoint in %s yet; starting from step 0", self.ckpt_dir)
-        if cfg_model["pretrained_path"] and ckpt_path is None:
+        if resume and not candidates:
+            self._info(f"--resume: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
+        if cfg_model["pretrained_path"] and not candidates:
             copied = load_pretrained(self.model, cfg_model["pretrained_path"])
             self._info(f"stage 2: copied {len(copied)} tensors from {cfg_model['pretrained_path']}")
+        elif self.model.config.depth > 0 and not candidates:
+            if not from_scratch:
+                raise ConfigError(
+                    f"model.pretrained_path is empty: stage 2 ({self.model.config.name}) starts from a stage-1 "
+                    f"checkpoint (its local denoiser is frozen); set model.pretrained_path, or pass --from-scratch "
+                    f"to train it with the local denoiser frozen at initialization"
+                )
+            log.warning("--from-scratch: %s trains with its local denoiser frozen at initialization",
+                        self.model.config.name)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         ema_by_name = dict(self.ema.named_parameters())
@@ -401,17 +490,16 @@ class Trainer:
         self.step = 0
         self.position = 0  # samples of the training stream consumed (all ranks)
         self.last_checkpoint: Path | None = None
-        if ckpt_path is not None:
-            self._restore(ckpt_path)
+        if candidates:
+            self._restore_latest_readable(candidates)
         self.model.train()
 
         n_train = sum(p.numel() for p in self.trainable)
         n_all = sum(p.numel() for p in self.model.parameters())
         self._info(
             f"{self.model.config.name} at {cfg_data['image_size']}^3 on {self.world} x {self.device.type}: "
-            f"{n_train:,} trainable / {n_all:,} parameters; dataset {n} volumes "
-            f"({cfg_data['path'] or 'synthetic phantom'}); global batch {self.global_batch}; "
-            f"step {self.step} of {self.total_steps}"
+            f"{n_train:,} trainable / {n_all:,} parameters; dataset {n} volumes; "
+            f"global batch {self.global_batch}; step {self.step} of {self.total_steps}"
         )
 
     # ------------------------------------------------------------------ setup
@@ -420,10 +508,26 @@ class Trainer:
             log.info(message)
 
     def _dataset(self) -> Dataset:
-        from .data.dataset import build_dataset
+        """The training set, named in the log's first lines (the phantom says why)."""
+        from .data.dataset import build_dataset, data_files
 
         data = self.config["data"]
-        return build_dataset(data, self.config["model"]["in_channels"], self.config["training"]["seed"])
+        self.train_files = data_files(data, "train")
+        dataset = build_dataset(data, self.config["model"]["in_channels"], self.config["training"]["seed"])
+        if self.train_files is None:
+            why = "data.dataset: phantom" if data["dataset"] == "phantom" else "the config names no data"
+            self._info(f"data: the synthetic phantom, {len(dataset)} volumes ({why})")
+        else:
+            named = data["train_list"] or data["path"]
+            self._info(f"data: {len(dataset)} volumes from {named} (first {self.train_files[0]})")
+        return dataset
+
+    def _volume_metadata(self) -> dict:
+        from .data.recipes import volume_metadata
+
+        meta = volume_metadata(self.train_files, self.config["data"])
+        self._info(f"volumes: {meta['voxel_size_mm']} mm voxels, intensity {meta['intensity']} ({meta['source']})")
+        return meta
 
     def _loader(self) -> Iterator[torch.Tensor]:
         sampler = StreamSampler(
@@ -436,8 +540,22 @@ class Trainer:
         )
         return iter(loader)
 
-    def _restore(self, path: Path) -> None:
-        ckpt = read_checkpoint(path, map_location=self.device)
+    def _restore_latest_readable(self, candidates: list[Path]) -> None:
+        """Resume from the newest checkpoint that reads; an unreadable one (a truncated
+        copy, a disk error) is skipped with a warning."""
+        from .checkpoint import CheckpointError
+
+        for path in candidates:
+            try:
+                ckpt = read_checkpoint(path, map_location=self.device)
+            except CheckpointError as e:
+                log.warning("cannot read %s (%s); trying the previous checkpoint", path, e)
+                continue
+            self._restore(path, ckpt)
+            return
+        raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoints in {self.ckpt_dir} can be read")
+
+    def _restore(self, path: Path, ckpt: Mapping[str, Any]) -> None:
         saved = ckpt.get("config", {})
         mine = (self.model.config.name, self.config["data"]["image_size"], self.config["model"]["in_channels"])
         theirs = (_canonical_name(saved.get("model", {}).get("name")), saved.get("data", {}).get("image_size"),
@@ -450,6 +568,7 @@ class Trainer:
         self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
         self.ema.load_state_dict(strip_wrapper_prefixes(ckpt["ema"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._apply_config_hyperparameters(ckpt)
         self.step = int(ckpt["train_steps"])
         self.position = int(ckpt.get("data_position", self.step * self.global_batch))
         states = ckpt.get("rng") or []
@@ -464,6 +583,19 @@ class Trainer:
             self.noise.manual_seed((self.config["training"]["seed"] * 1_000_003 + self.rank) ^ (self.step << 20))
         self.last_checkpoint = path
         self._info(f"resumed from {path} at step {self.step}")
+
+    def _apply_config_hyperparameters(self, ckpt: Mapping[str, Any]) -> None:
+        """The config's learning rate and weight decay win over the checkpoint's optimizer
+        state (a resumed run may lower them); a change is logged and the checkpoint
+        config records the new values."""
+        tr = self.config["training"]
+        for key, name in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+            old = {group[key] for group in self.optimizer.param_groups}
+            if old != {tr[name]}:
+                self._info(f"resume: training.{name} changed from {', '.join(map(str, sorted(old)))} "
+                           f"(checkpoint) to {tr[name]} (config)")
+                for group in self.optimizer.param_groups:
+                    group[key] = tr[name]
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -531,6 +663,9 @@ class Trainer:
         tr = self.config["training"]
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temps(self.run_dir) + remove_stale_temps(self.ckpt_dir)
+            if stale:
+                self._info(f"removed {len(stale)} unfinished files a killed run left (e.g. {stale[0].name})")
             self._write_run_config()
         if self.step >= self.total_steps:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
@@ -590,9 +725,10 @@ class Trainer:
             )
 
 
-def train(config: Mapping[str, Any], resume: bool = False) -> Path:
-    """Train as ``config`` says (see DEFAULTS); under ``torchrun`` (WORLD_SIZE > 1) every
-    rank calls this and the process group is set up here. Returns the last checkpoint."""
+def train(config: Mapping[str, Any], resume: bool = False, from_scratch: bool = False) -> Path:
+    """Train as ``config`` says (see DEFAULTS and ``Trainer``); under ``torchrun``
+    (WORLD_SIZE > 1) every rank calls this and the process group is set up here.
+    Returns the last checkpoint."""
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         on_gpu = torch.cuda.is_available() and config.get("training", {}).get("device", "auto") != "cpu"
@@ -602,7 +738,7 @@ def train(config: Mapping[str, Any], resume: bool = False) -> Path:
         dist.init_process_group(backend)
         created = True
     try:
-        return Trainer(config, resume=resume).run()
+        return Trainer(config, resume=resume, from_scratch=from_scratch).run()
     finally:
         if created:
             dist.destroy_process_group()

@@ -1,13 +1,14 @@
 """Writing and reading CT volumes: NIfTI, mid-slice PNG previews, .npy.
 
-In memory a volume is ``v[d, h, w]`` in HU with depth superior -> inferior, height
-anterior -> posterior, width patient right -> left (see ``prdit_fast.phantom``). On disk
-NIfTI stores (x, y, z) = (width, height, depth) with an affine that says exactly that
-(voxel axes toward patient Left, Posterior, Inferior), so viewers show the anatomy the
-right way round and ``load_volume`` returns the same array.
+In memory a volume is ``v[d, h, w]`` in HU, in the one axis order defined in
+``prdit_fast.orientation`` (depth superior -> inferior, height anterior -> posterior,
+width patient right -> left); the NIfTI files are written and read through that module,
+so viewers show the anatomy the right way round and ``load_volume`` returns the same
+array.
 """
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .orientation import to_canonical, to_nifti
 
 # (low, high) HU shown from black to white
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -22,8 +24,6 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "mediastinal": (-160.0, 240.0),  # level 40, width 400
     "bone": (-450.0, 1050.0),  # level 300, width 1500
 }
-# array axes (width, height, depth) point toward patient Left, Posterior, Inferior
-_AXCODES = ("L", "P", "I")
 
 
 def _as_volume(volume: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -37,22 +37,19 @@ def _as_volume(volume: np.ndarray | torch.Tensor) -> np.ndarray:
     return squeezed.astype(np.float32, copy=False)
 
 
-def _affine(spacing: tuple[float, float, float]) -> np.ndarray:
-    """(x, y, z) voxel -> RAS mm for our storage order, centred on the volume."""
-    sd, sh, sw = spacing
-    return np.diag([-sw, -sh, -sd, 1.0])  # L, P, I are the negative RAS directions
-
-
 def save_nifti(
     path: str | os.PathLike,
     volume: np.ndarray | torch.Tensor,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     dtype: str = "int16",
+    description: str = "",
 ) -> Path:
-    """Write a HU volume (D, H, W) as NIfTI (``.nii`` or ``.nii.gz``), atomically.
+    """Write a volume (D, H, W) as NIfTI (``.nii`` or ``.nii.gz``), atomically; the bytes
+    depend only on the arguments (gzip without a time stamp).
 
     spacing: voxel size in mm along (depth, height, width).
     dtype: 'int16' (rounded HU, what scanners store) or 'float32'.
+    description: the header's ``descrip`` (at most 80 ASCII characters), e.g. the units.
     """
     import nibabel as nib
 
@@ -64,15 +61,19 @@ def save_nifti(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
-    data = _as_volume(volume).transpose(2, 1, 0)  # (W, H, D) = (x, y, z)
+    if len(description) > 80 or not description.isascii():
+        raise ValueError(f"a NIfTI description holds at most 80 ASCII characters, got {description!r}")
+    data, affine = to_nifti(_as_volume(volume), spacing)
     if dtype == "int16":
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
-    image = nib.Nifti1Image(np.ascontiguousarray(data), _affine(spacing))
+    image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm")
-    image.header.set_qform(image.affine, code=1)  # scanner coordinates
-    image.header.set_sform(image.affine, code=1)
+    image.header.set_qform(affine, code=1)  # scanner coordinates
+    image.header.set_sform(affine, code=1)
+    image.header["descrip"] = description.encode()
+    raw = image.to_bytes()
     with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+        tmp.write_bytes(gzip.compress(raw, mtime=0) if path.name.endswith(".gz") else raw)
     return path
 
 
@@ -85,7 +86,6 @@ def load_volume(path: str | os.PathLike) -> np.ndarray:
     if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
         raise ValueError(f"load_volume reads .nii, .nii.gz and .npy files, got {path.name}")
     import nibabel as nib
-    from nibabel import orientations as ornt
 
     image = nib.load(str(path))
     data = np.asarray(image.dataobj, dtype=np.float32)
@@ -93,8 +93,7 @@ def load_volume(path: str | os.PathLike) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path} holds a {data.ndim}-D image of shape {data.shape}; expected one 3-D volume")
-    transform = ornt.ornt_transform(ornt.io_orientation(image.affine), ornt.axcodes2ornt(_AXCODES))
-    return np.ascontiguousarray(ornt.apply_orientation(data, transform).transpose(2, 1, 0))
+    return to_canonical(data, image.affine)[0]
 
 
 def mid_slices(volume: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

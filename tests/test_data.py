@@ -91,8 +91,9 @@ def dicom_dir(tmp_path_factory):
 def test_dicom_series_sorted_rescaled_and_spaced(dicom_dir):
     vol, spacing = read_volume(dicom_dir)
     expected = _stored_slices().astype(np.float32) + INTERCEPT
-    # standard axial orientation: slices inferior->superior, rows A->P, columns R->L, as stored
-    np.testing.assert_array_equal(vol, expected)
+    # prdit_fast.orientation: slices superior->inferior (the series ascends in z, so reversed),
+    # rows A->P and columns R->L as stored
+    np.testing.assert_array_equal(vol, expected[::-1])
     assert vol.dtype == np.float32
     np.testing.assert_allclose(spacing, [GAP_MM, PIXEL_MM, PIXEL_MM], rtol=1e-6)
 
@@ -127,8 +128,8 @@ def test_nifti_orientation_and_spacing(tmp_path):
     path = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), path)
     vol, spacing = read_volume(path)
-    # RAS+ voxel (i, j, k) -> (z, y, x) = (k, rows A->P, columns R->L)
-    np.testing.assert_array_equal(vol, data.transpose(2, 1, 0)[:, ::-1, ::-1])
+    # RAS+ voxel (i, j, k) -> (d, h, w) = (k toward I, j toward P, i toward L)
+    np.testing.assert_array_equal(vol, data.transpose(2, 1, 0)[::-1, ::-1, ::-1])
     np.testing.assert_allclose(spacing, [2.0, 0.8, 0.8])
 
     # the same voxels stored LPS-flipped (as DICOM converters often write) read back identically

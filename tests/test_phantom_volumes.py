@@ -1,4 +1,6 @@
 """The synthetic chest phantom and the volume writers (NIfTI, PNG, atomic writes)."""
+import multiprocessing
+import os
 import time
 
 import nibabel as nib
@@ -7,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prdit_fast.atomic import atomic_path
+from prdit_fast.atomic import atomic_path, remove_stale_temps, temp_target
 from prdit_fast.phantom import PhantomDataset, chest_phantom, hu_to_unit, unit_to_hu
 from prdit_fast.volumes import WINDOWS, load_volume, mid_slices, save_nifti, save_slices_png
 
@@ -104,10 +106,16 @@ def test_nifti_float32_and_anisotropic_spacing(tmp_path):
 
 def test_load_volume_reorients_other_orientations(tmp_path):
     v = np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32)
-    # the same volume stored RAS (every axis flipped relative to ours, identity affine)
+    # the same volume stored RAS (every axis flipped relative to ours)
     ras = np.ascontiguousarray(v.transpose(2, 1, 0)[::-1, ::-1, ::-1])
-    nib.save(nib.Nifti1Image(ras, np.eye(4)), str(tmp_path / "ras.nii.gz"))
+    affine = np.eye(4)
+    affine[:3, 3] = (-3.0, -3.5, -4.0)  # a real origin: the affine is geometry, not a placeholder
+    nib.save(nib.Nifti1Image(ras, affine), str(tmp_path / "ras.nii.gz"))
     np.testing.assert_array_equal(load_volume(tmp_path / "ras.nii.gz"), v)
+    # an identity affine is a placeholder: read as dicom2nifti's LAS (the official LIDC files)
+    las = np.ascontiguousarray(v.transpose(2, 1, 0)[:, ::-1, ::-1])
+    nib.save(nib.Nifti1Image(las, np.eye(4)), str(tmp_path / "processed.nii.gz"))
+    np.testing.assert_array_equal(load_volume(tmp_path / "processed.nii.gz"), v)
     np.save(tmp_path / "v.npy", v)
     np.testing.assert_array_equal(load_volume(tmp_path / "v.npy"), v)
 
@@ -160,6 +168,35 @@ def test_atomic_write_replaces_the_old_file_only_when_complete(tmp_path):
             raise RuntimeError
     assert target.read_text() == "old"
     with atomic_path(target) as tmp:
-        assert tmp.name.endswith(".txt") and tmp.parent == tmp_path
+        assert tmp.parent == tmp_path and temp_target(tmp.name) == "a.txt"
         tmp.write_text("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def _killed_mid_write(target):
+    """A child process that dies (os._exit, as under SIGKILL) in the middle of an atomic write."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"\x93NUMPY half a file")
+        os._exit(9)
+
+
+@pytest.mark.parametrize("name, globs", [
+    ("v01.npy", ["*.npy", "v*"]),
+    ("0000100.pt", ["*.pt", "0*"]),
+    ("sample_000003.nii.gz", ["sample_*.nii.gz", "*.nii.gz", "sample_*"]),
+    ("sample_000003.png", ["*.png", "sample_*"]),
+])
+def test_killed_write_leaves_a_temp_no_reader_takes_and_the_next_run_removes(tmp_path, name, globs):
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(tmp_path / name,))
+    child.start()
+    child.join()
+    assert child.exitcode == 9
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(f".{name}.tmp-")  # hidden, and no extension of its own
+    for pattern in globs:
+        assert not list(tmp_path.glob(pattern)), pattern
+    # a temp being written right now (after the cleanup's cutoff) is left alone
+    assert remove_stale_temps(tmp_path, before=leftover.stat().st_mtime - 1) == []
+    assert remove_stale_temps(tmp_path, owned=lambda target: target != name) == []
+    assert remove_stale_temps(tmp_path) == [leftover]
+    assert list(tmp_path.iterdir()) == []

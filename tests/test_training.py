@@ -176,11 +176,11 @@ def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_bit_exact(tmp_path):
     # phantom_length 3 with batch 2: the run crosses epoch boundaries mid-batch
-    straight = train(tiny_config(tmp_path / "a", "PRDiT-XS/10/1", 4, data={"phantom_length": 3}))
+    straight = train(tiny_config(tmp_path / "a", "PRDiT-XS/10/1", 4, data={"phantom_length": 3}), from_scratch=True)
     # the interrupted run goes through the CLI: YAML config + overrides, then --resume
     config_file = tmp_path / "b.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "b", "PRDiT-XS/10/1", 4, data={"phantom_length": 3})))
-    assert main(["train", "--config", str(config_file), "training.total_steps=2"]) == 0
+    assert main(["train", "--config", str(config_file), "--from-scratch", "training.total_steps=2"]) == 0
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "0000002.pt"
     assert main(["train", "--config", str(config_file), "--resume"]) == 0
     resumed = latest_checkpoint(tmp_path / "b" / "checkpoints")
@@ -231,7 +231,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> Non
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, from_scratch=True)
         trainer.run()
         digest = hashlib.sha256()
         for module in (trainer.model, trainer.ema):
@@ -262,7 +262,7 @@ def test_gpu_bf16_training_runs(tmp_path, backend):
                          model={"backend": backend},
                          training={"bf16": True, "grad_checkpointing": backend == "reference", "learning_rate": 3e-4,
                                    "device": "cuda"})
-    ckpt = train(config)
+    ckpt = train(config, from_scratch=True)
     logged = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(logged) == 20 and all(math.isfinite(v) for v in logged)
     model = load_checkpoint(ckpt)

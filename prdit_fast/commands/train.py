@@ -10,7 +10,10 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (the official configs work unchanged)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in output.results_dir/output.checkpoint_dir")
+                        help="continue the run in output.results_dir from its latest readable checkpoint "
+                             "(without it, a results folder holding checkpoints is refused)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="allow stage 2 (depth > 0) without model.pretrained_path")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. data.image_size=128 training.batch_size=8 data.path=prep/")
     parser.epilog = (
@@ -27,12 +30,8 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
     )
-    try:
-        config = apply_overrides(load_config(args.config), args.overrides)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    path = train(config, resume=args.resume)
+    config = apply_overrides(load_config(args.config), args.overrides)
+    path = train(config, resume=args.resume, from_scratch=args.from_scratch)
     if rank == 0:
         print(path)
     return 0

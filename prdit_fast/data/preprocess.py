@@ -6,10 +6,11 @@ percentile, min-max to [0, 1].
 RAD-ChestCT: clip to [-1000, 1000] HU, centre crop / pad to S^3 (pad -1000 HU),
 map linearly to [0, 1] ((HU + 1000) / 2000).
 
-Output: one ``<name>.npy`` per volume (axes (z, y, x) as in
-``prdit_fast.data.readers``), float16 by default (values in [0, 1]; float16 keeps
+Output: one ``<name>.npy`` per volume (axes (d, h, w) as defined in
+``prdit_fast.orientation``), float16 by default (values in [0, 1]; float16 keeps
 steps of <= 4.9e-4, about 2 HU on LIDC's range) or float32, plus ``manifest.json``
-recording each volume's source, original spacing and shape, output and status.
+recording the output's spacing and intensity recipe (``prdit_fast.data.recipes``) and
+each volume's source, original spacing and shape, output and status.
 """
 from __future__ import annotations
 
@@ -24,17 +25,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale_temps
 from .readers import read_volume
+from .recipes import MANIFEST, recipe_manifest
 
 AIR_HU = -1000.0
 DATASETS = ("lidc", "rad")
 OUTPUT_DTYPES = ("float16", "float32")
-MANIFEST = "manifest.json"
 
 
 def resample_isotropic(volume: np.ndarray, spacing, target_mm: float = 1.0, order: int = 3) -> np.ndarray:
-    """Resample (z, y, x) with voxel size ``spacing`` (mm) to ``target_mm`` isotropic.
+    """Resample (d, h, w) with voxel size ``spacing`` (mm) to ``target_mm`` isotropic.
 
     The output has round(shape * spacing / target) voxels per axis; spline of
     ``order`` (3 = cubic, with prefilter), edges extended by nearest value.
@@ -67,7 +68,7 @@ def center_crop_or_pad(volume: np.ndarray, size: int, fill: float = AIR_HU) -> n
 
 
 def preprocess_lidc(volume: np.ndarray, spacing, size: int = 256) -> np.ndarray:
-    """HU volume (z, y, x) with spacing (mm) -> float32 (size,)*3 in [0, 1] (LIDC recipe)."""
+    """HU volume (d, h, w) with spacing (mm) -> float32 (size,)*3 in [0, 1] (LIDC recipe)."""
     vol = center_crop_or_pad(resample_isotropic(volume, spacing), size, AIR_HU)
     vol = np.maximum(vol, AIR_HU)
     vol = np.minimum(vol, np.percentile(vol, 99.9))
@@ -124,7 +125,8 @@ def process_one(source: str, output: str, dataset: str, size: int, dtype: str) -
         record.update(original_shape=list(vol.shape), original_spacing=[round(float(s), 6) for s in spacing])
         out = preprocess_lidc(vol, spacing, size) if dataset == "lidc" else preprocess_rad(vol, size)
         save_npy_atomic(output, out.astype(dtype))
-        record.update(status="ok", shape=list(out.shape), seconds=round(time.perf_counter() - t0, 3))
+        out_spacing = [1.0, 1.0, 1.0] if dataset == "lidc" else record["original_spacing"]
+        record.update(status="ok", output_spacing=out_spacing, shape=list(out.shape), seconds=round(time.perf_counter() - t0, 3))
     except Exception as e:  # one bad volume must not stop a run over a thousand
         record["error"] = f"{type(e).__name__}: {e}"
     return record
@@ -143,8 +145,9 @@ def preprocess_volumes(
     """Preprocess ``sources`` into ``out_dir`` and write its manifest; returns the manifest.
 
     Volumes whose output already exists are skipped (status 'exists'), so a rerun
-    resumes; the manifest's settings must match a previous run's in the same folder.
-    Inputs are only read.
+    resumes; temporary files a killed run left in ``out_dir`` are removed first; the
+    manifest's settings must match a previous run's in the same folder. Inputs are only
+    read.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -154,6 +157,9 @@ def preprocess_volumes(
         raise ValueError(f"size must be >= 1, got {size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out_dir)
+    if stale:
+        log(f"removed {len(stale)} unfinished files a killed run left in {out_dir}")
     settings = {"dataset": dataset, "size": size, "dtype": dtype}
     manifest_path = out_dir / MANIFEST
     previous: dict[str, dict] = {}
@@ -201,6 +207,6 @@ def preprocess_volumes(
     # Keep records of earlier runs' volumes not named this time, so the manifest describes the folder.
     for name, r in previous.items():
         records.setdefault(name, r)
-    manifest = {**settings, "volumes": sorted(records.values(), key=lambda r: r["output"])}
+    manifest = {**settings, **recipe_manifest(dataset, size), "volumes": sorted(records.values(), key=lambda r: r["output"])}
     write_json_atomic(manifest_path, manifest)
     return manifest

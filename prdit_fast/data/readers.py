@@ -1,19 +1,13 @@
 """Readers for CT volumes: DICOM series, NIfTI and RAD-ChestCT ``.npz``.
 
 Every reader returns ``(volume, spacing)``: ``volume`` a float32 array of
-Hounsfield units with axes ``(z, y, x)`` and ``spacing`` the voxel size in mm
-along those axes, shape (3,).
-
-Axis order. DICOM series and NIfTI files are both brought to one orientation:
-``volume[k]`` is an axial slice as a radiologist views it, slices ordered from
-inferior to superior, rows from anterior to posterior, columns from the
-patient's right to the patient's left (voxel indices increase along the DICOM
-patient axes L, P, S reversed to (S, P, L)). Both go through nibabel's
-``as_closest_canonical``, so oblique or sagittal acquisitions land on the
-closest axial grid. RAD-ChestCT ``.npz`` arrays carry no orientation and are
-returned as stored (the dataset stores axial slices first); their spacing is
-unknown to the file and reported as 1 mm unless the archive holds a
-``spacing`` array.
+Hounsfield units in prdit_fast's one axis order ``v[d, h, w]`` (depth superior ->
+inferior, height anterior -> posterior, width patient right -> left; defined and
+documented in ``prdit_fast.orientation``) and ``spacing`` the voxel size in mm along
+those axes, shape (3,). DICOM series and NIfTI files are reoriented from their
+geometry; RAD-ChestCT ``.npz`` arrays carry none and are taken as stored (see
+``prdit_fast.orientation``); their spacing is reported as 1 mm unless the archive
+holds a ``spacing`` array.
 """
 from __future__ import annotations
 
@@ -21,6 +15,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from ..orientation import to_canonical
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NPZ_SUFFIX = ".npz"
@@ -36,24 +32,11 @@ class VolumeReadError(ValueError):
 
 
 def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ affine
-
-
-def _canonical_zyx(data_ijk: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient an (i, j, k) array with a RAS affine to the documented (z, y, x) order."""
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.Nifti1Image(data_ijk, affine_ras))
-    canon = np.asarray(img.dataobj)  # axes: L->R, P->A, I->S
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    # (i, j, k) -> (k, j, i), then flip the in-plane axes: rows A->P, columns R->L.
-    vol = np.ascontiguousarray(canon.transpose(2, 1, 0)[:, ::-1, ::-1])
-    return vol, zooms[::-1].copy()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
 def read_dicom_series(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read one DICOM series directory -> (float32 HU volume (z, y, x), spacing (3,) mm).
+    """Read one DICOM series directory -> (float32 HU volume (d, h, w), spacing (3,) mm).
 
     Files that are not DICOM (e.g. LIDC's XML annotations) and DICOM objects
     without pixel data are ignored. Slices are ordered by ImagePositionPatient
@@ -141,12 +124,12 @@ def read_dicom_series(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndar
     affine[:3, 1] = col_dir * dr
     affine[:3, 2] = normal * gap
     affine[:3, 3] = first
-    return _canonical_zyx(vol.transpose(2, 1, 0), _lps_to_ras(affine))
+    return to_canonical(vol.transpose(2, 1, 0), _lps_to_ras(affine))
 
 
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file (values taken as HU after the header's scl_slope / scl_inter)
-    -> (float32 volume (z, y, x), spacing (3,) mm), reoriented as documented above."""
+    -> (float32 volume (d, h, w), spacing (3,) mm), reoriented as documented above."""
     import nibabel as nib
 
     try:
@@ -158,7 +141,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeReadError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    vol, spacing = _canonical_zyx(data, img.affine)
+    vol, spacing = to_canonical(data, img.affine)
     return vol.astype(np.float32, copy=False), spacing
 
 
@@ -203,7 +186,7 @@ def volume_kind(path: str | os.PathLike) -> str:
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read any supported volume -> (float32 HU array (z, y, x), spacing (3,) mm float64)."""
+    """Read any supported volume -> (float32 HU array (d, h, w), spacing (3,) mm float64)."""
     if not Path(path).exists():
         raise VolumeReadError(f"{path}: no such file or directory")
     reader = {"dicom": read_dicom_series, "nifti": read_nifti, "npz": read_npz}[volume_kind(path)]
