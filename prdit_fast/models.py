@@ -275,21 +275,51 @@ class PatchEmbedder(nn.Module):
         return self.norm(self.fc2(F.gelu(self.fc1(x), approximate="tanh")) + self.skip(x))
 
 
+# How the reference computes softmax(q k^T / sqrt(Dh)) v. "sdpa" is what the official
+# code runs (its config's `flash_attn: True`): F.scaled_dot_product_attention, which picks
+# a flash / memory-efficient / cuDNN kernel for the device and dtype. "handwritten" writes
+# the same math out (scale on q, scores materialized): the equivalence tests compare the two.
+ATTENTION_FORMS = ("sdpa", "handwritten")
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    """Multi-head self-attention over all N tokens (non-causal); same parameters in every form."""
+
+    def __init__(self, hidden: int, heads: int, form: str = "sdpa"):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.form = check_attention_form(form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, hidden) -> (B, N, hidden)."""
         B, N, Dm = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, Dm // self.heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
-        scale = (Dm // self.heads) ** -0.5
-        attn = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(B, N, Dm)
-        return self.proj(out)
+        if self.form == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)  # default scale Dh^-0.5
+        else:
+            scale = (Dm // self.heads) ** -0.5
+            out = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, Dm))
+
+
+def check_attention_form(form: str) -> str:
+    if form not in ATTENTION_FORMS:
+        raise ValueError(f"attention form must be one of {list(ATTENTION_FORMS)}, got {form!r}")
+    return form
+
+
+def set_attention_form(model: nn.Module, form: str) -> nn.Module:
+    """Make every reference ``Attention`` in ``model`` compute with ``form`` ("sdpa", the
+    default and the official code's choice, or "handwritten"); returns ``model``. The
+    parameters and the state dict are unchanged."""
+    check_attention_form(form)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.form = form
+    return model
 
 
 class Mlp(nn.Module):
