@@ -1,189 +1,427 @@
-"""Sampling throughput of PRDiT on one GPU: CUDA graph vs eager vs the official-style loop.
+"""Sampling baselines a sceptic accepts: every way to run PRDiT, in one run, on one GPU.
 
-    python benchmarks/bench_sampling.py                      # B/12/4 at 128^3, batch 1
-    python benchmarks/bench_sampling.py --batch-size 4 --json rows.json
+    python benchmarks/bench_sampling.py --json rows.json          # B/12/4 at 128^3, batch 4
+    python benchmarks/bench_sampling.py --rows fast-graph compile --whole-budget 120
 
-What is measured: the GPU wall time of ``--timed-steps`` denoising steps (after a
-warm-up run), divided by the step count; volumes/hour at 100 and 1000 steps from that step
-time. The ``fast+graph`` row also times whole 100- and 1000-step samples (one engine
-each, capture excluded: ``measured_s_per_volume_{n}``, ``measured_volumes_per_hour_{n}``),
-which include the per-sample work (initial noise, outputs) the step time leaves out.
-MFU: the model's FLOP per step (``prdit_fast.flops``) over the step time, against a bf16
-8192^3 matmul peak measured in the same run.
+Rows (``ROWS``), in the order they run (the slow torch.compile build last, so a capped
+session keeps the others):
 
-Rows:
-* ``fast+graph``  fast backend (bf16), one CUDA graph per step, fused sampler update;
-* ``fast eager``  the same step without the graph;
-* ``official``    the reference network in fp32, eager, ``IaNDiffusion.sample`` with a
-                  host copy of x0_hat every step, as the official sampling loop does.
+* ``fast-graph``     ``accelerate(model, bf16)`` sampled by ``engine.Sampler``, one CUDA
+                     graph per step;
+* ``official``       the official code path as its users run it: the reference network
+                     in fp32, eager, TF32 off, attention through SDPA, the plain sampler
+                     loop (``IaNDiffusion.sample``) copying x0_hat to the host every step;
+* ``reference-bf16`` the reference (SDPA) under ``torch.autocast(bfloat16)``;
+* ``reference-tf32`` the reference (SDPA) in fp32 with TF32 matmuls;
+* ``fast-eager``     the fast backend, the engine's step without the graph;
+* ``compile``        ``torch.compile(reference, mode="max-autotune")`` (SDPA) under bf16
+                     autocast (its own CUDA graphs: max-autotune captures them).
 
-The floor: spec section 11, a 1000-step sample of B/12/4 at 128^3 is 680 TFLOP, 0.85 s on
-a GPU sustaining 800 TFLOP/s in bf16; ``floor_ratio`` = GPU s per 1000-step volume / floor.
-Skips (exit 0) without a GPU.
+Every row but ``official`` drives its network with the engine's sampler step (the fused
+predictor-corrector update, step counter and timesteps on the device, no host sync), so
+rows differ only in the network. Per row, all with ``prdit_fast.bench.time_call``:
+
+* ``forward_ms``   one network call on a fixed (x, t): median over reps;
+* ``step_ms``      one sampler step (network + update): median over reps;
+* ``whole_s_<n>``  a whole n-step sample of the batch, initial noise drawn INSIDE the timed
+                   region for every row alike (engine: from the per-volume keys; official:
+                   ``IaNDiffusion.initial_noise``); one untimed call first. A whole run that
+                   would take more than ``--whole-budget`` seconds (projected from the
+                   shorter one, both calls counted) is not run: ``whole_s_<n>`` is then
+                   absent and ``projected_s_<n>`` = n x its step time says why;
+* ``attention``    the attention kernels that ran: the device kernels (CPU: ops) of one
+                   network call under ``torch.profiler`` that ``profile_step.categorize``
+                   files as attention, shortened (flash / mem-efficient / cudnn / ...);
+                   "materialized (no attention kernel)" when none did (bmm + softmax);
+* ``mfu``          the model FLOP (``prdit_fast.flops`` x batch) over ``step_ms``, against a
+                   bf16 matmul peak measured at the start of this run;
+* ``x_official``, ``x_compile``: step-time ratios, within this run only;
+* ``rel_rms_error`` of one network call against the fp32 reference with TF32 off.
+
+On the CPU (``--device cpu``, for the dry run of ``gpu_session.sh`` and the tests): tf32,
+compile and fast-graph are skipped with the reason recorded, the fast rows compute in fp32
+with the plain-torch kernels, and every figure is a CPU figure.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from prdit_fast.bench import measure_matmul_peak, peak_memory_gib, randomized_model, release, reset_peak_memory, synchronize
+from prdit_fast import bench
 from prdit_fast.devices import resolve_device
 
-FLOOR_TFLOPS = 800.0  # bf16 dense throughput that spec section 11 calls the physical floor
+# the kernel categories of benchmarks/profile_step.py (benchmarks/ is not a package)
+_profile_step = bench._benchmarks_module("profile_step")
+
+SCHEMA = "prdit-fast-baselines/1"
+STEP_COUNTS = (100, 1000)
+WHOLE_BUDGET_S = 45.0  # per row and whole-sample length, both calls (untimed + timed)
+SINGLE_TIMING = {"warmup": 3, "min_reps": 5, "max_reps": 50, "budget_s": 2.0}
+CPU_SINGLE_TIMING = {"warmup": 1, "min_reps": 1, "max_reps": 2, "budget_s": 0.0}  # structure, not figures
+# the profiler's dispatcher entry on the CPU, not a kernel: the op under it names the kernel
+_DISPATCH_OPS = {"aten::scaled_dot_product_attention"}
 
 
-def _time_steps(run: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Seconds per step of ``run`` (which performs ``steps`` steps), after one warm-up call."""
-    run()
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+class RowSpec(NamedTuple):
+    name: str
+    description: str
+    network: str  # "reference" or "fast"
+    official_loop: bool = False
+    tf32: bool = False
+    autocast_bf16: bool = False
+    compiled: bool = False
+    cuda_graph: bool = False
 
 
-def sampling_rows(
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("fast-graph", "accelerate(model, bf16), engine step replayed from one CUDA graph", "fast", cuda_graph=True),
+    RowSpec("official", "reference fp32 eager, TF32 off, SDPA attention; IaNDiffusion.sample with "
+            "x0_hat.cpu() every step (the official loop)", "reference", official_loop=True),
+    RowSpec("reference-bf16", "reference, SDPA attention, torch.autocast bf16; engine step, eager", "reference",
+            autocast_bf16=True),
+    RowSpec("reference-tf32", "reference, SDPA attention, fp32 tensors with TF32 matmuls; engine step, eager",
+            "reference", tf32=True),
+    RowSpec("fast-eager", "accelerate(model, bf16), engine step, eager (no graph)", "fast"),
+    RowSpec("compile", 'torch.compile(reference, mode="max-autotune"), SDPA attention, bf16 autocast; '
+            "engine step", "reference", autocast_bf16=True, compiled=True),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
+def skip_reason(spec: RowSpec, device: torch.device, compile_on_cpu: bool = False) -> str | None:
+    """Why ``spec`` does not run on ``device``; None when it runs."""
+    if device.type == "cuda":
+        return None
+    if spec.tf32:
+        return "TF32 is an NVIDIA tensor-core mode; on the CPU it would be the fp32 row again"
+    if spec.cuda_graph:
+        return "CUDA graphs need a CUDA GPU"
+    if spec.compiled and not compile_on_cpu:
+        return "torch.compile max-autotune of the reference takes minutes on a few CPU cores"
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Attention kernel labels
+# --------------------------------------------------------------------------- #
+_SHORT_ATTENTION = (  # (pattern in the kernel name, short label), first match wins
+    ("cudnn", "cudnn"), ("flash_fwd", "flash"), ("flash_attn", "flash"), ("flash", "flash"),
+    ("fmha", "mem-efficient"), ("efficient", "mem-efficient"), ("xformers", "xformers"), ("math", "math"),
+)
+
+
+def short_attention_label(name: str) -> str:
+    low = name.lower()
+    return next((label for pattern, label in _SHORT_ATTENTION if pattern in low), name[:40])
+
+
+def attention_kernels(run: Callable[[], Any], device: torch.device) -> list[str]:
+    """Names of the kernels (CPU: ops) filed as attention by ``profile_step.categorize``
+    while ``run()`` executes once under ``torch.profiler``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        bench.synchronize(device)
+    wanted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    names = {e.name for e in prof.events() if e.device_type == wanted}
+    triton_names = _profile_step.triton_function_names()
+    return sorted(n for n in names - _DISPATCH_OPS if _profile_step.categorize(n, triton_names) == "attention")
+
+
+def attention_label(kernels: list[str], depth: int) -> str:
+    if depth == 0:
+        return "none (depth 0)"
+    if not kernels:
+        return "materialized (no attention kernel)"
+    return "+".join(sorted({short_attention_label(k) for k in kernels}))
+
+
+# --------------------------------------------------------------------------- #
+# Rows
+# --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _CompiledStep(torch.nn.Module):
+    """The compiled reference, telling its CUDA graphs (max-autotune) that each call starts a
+    new iteration, so the previous call's outputs may be overwritten."""
+
+    def __init__(self, reference: torch.nn.Module, mode: str):
+        super().__init__()
+        self.reference = reference
+        self.config = reference.config
+        torch.compiler.reset()
+        self.compiled = torch.compile(reference, mode=mode)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(x, t)
+
+
+def _rel_rms(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((out.double() - truth.double()).norm() / truth.double().norm()).item()
+
+
+def baseline_rows(
     variant: str = "PRDiT-B/12/4",
     size: int = 128,
-    batch_size: int = 1,
-    timed_steps: int = 20,
-    step_counts: tuple[int, ...] = (100, 1000),
-    dtype: torch.dtype = torch.bfloat16,
-    include_official: bool = True,
-    device: str | torch.device = "cuda",
-    peak_matmul_edge: int = 8192,
-) -> list[dict]:
-    """One dict per configuration: name, backend, dtype, cuda_graph, batch_size, step_ms
-    (per batch), gpu_s_per_volume_{n}, volumes_per_hour_{n} for n in ``step_counts``,
-    floor_s_per_1000_step_volume, floor_ratio, peak_gpu_memory_gib, note."""
+    batch: int = 4,
+    rows: tuple[str, ...] = ROW_NAMES,
+    step_counts: tuple[int, ...] = STEP_COUNTS,
+    whole_budget_s: float = WHOLE_BUDGET_S,
+    device: str | torch.device | None = None,
+    compile_mode: str = "max-autotune",
+    peak_matmul_edge: int | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Run the ``rows`` (names from ``ROW_NAMES``) and return {settings, peak, rows, ...};
+    ``on_row(result)`` is called after every row with the result so far (partial results)."""
     from prdit_fast.diffusion import IaNDiffusion
     from prdit_fast.engine import Sampler, keys_for
+    from prdit_fast.fast import accelerate
     from prdit_fast.flops import flops_per_step
 
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; valid: {list(ROW_NAMES)}")
+    if sorted(step_counts) != list(step_counts) or not step_counts or step_counts[0] < 1:
+        raise ValueError(f"step counts must be increasing integers >= 1, got {list(step_counts)}")
     device = resolve_device(device)
-    peak_tflops = measure_matmul_peak(device, peak_matmul_edge, torch.bfloat16)["tflops"]
-    model = randomized_model(variant, size).to(device)
-    step_flop = flops_per_step(model.config) * batch_size
-    floor_s = flops_per_step(model.config) * 1000 / (FLOOR_TFLOPS * 1e12)
-    keys = keys_for(0, range(batch_size))
-    rows = []
+    cpu = device.type != "cuda"
+    variant = bench.variant_name(variant)
+    peak = bench.measure_matmul_peak(device, peak_matmul_edge or (256 if cpu else 8192), torch.bfloat16)
+    model = bench.randomized_model(variant, size).to(device)
+    cfg = model.config
+    step_flop = flops_per_step(cfg) * batch
+    keys = keys_for(0, range(batch))
+    shape = (batch, cfg.in_channels) + (size,) * 3
+    generator = torch.Generator(device).manual_seed(0)
+    x_fixed = 0.5 * torch.randn(shape, device=device, generator=generator)
+    t_fixed = torch.randint(0, 1000, (batch,), device=device, generator=generator)
+    with tf32(False), torch.no_grad():
+        truth = model(x_fixed, t_fixed)
+    fast_dtype = torch.float32 if cpu else torch.bfloat16
+    fast_kernels = "torch" if cpu else "auto"
+    result: dict[str, Any] = {
+        "schema": SCHEMA, **bench.environment(device),
+        "settings": {"variant": variant, "size": size, "batch": batch, "sampler": "pc", "k": 2,
+                     "step_counts": list(step_counts), "whole_budget_s": whole_budget_s,
+                     "compile_mode": compile_mode,
+                     "single_step_timing": CPU_SINGLE_TIMING if cpu else SINGLE_TIMING,
+                     "fast_dtype": str(fast_dtype).replace("torch.", ""), "fast_kernels": fast_kernels},
+        "peak": peak, "flop_per_step": step_flop, "rows": [],
+        "label": "CPU results (not GPU figures)" if cpu else "GPU",
+    }
 
-    def row(name: str, backend: str, row_dtype: torch.dtype, graph: bool, step_s: float, note: str, **extra) -> dict:
-        per_volume_step = step_s / batch_size
-        r = {
-            "name": name, "variant": model.config.name, "size": size, "backend": backend,
-            "dtype": str(row_dtype).replace("torch.", ""), "cuda_graph": graph, "batch_size": batch_size,
-            "step_ms": round(step_s * 1e3, 3),
-        }
-        for n in step_counts:
-            r[f"gpu_s_per_volume_{n}"] = round(per_volume_step * n, 3)
-            r[f"volumes_per_hour_{n}"] = round(3600 / (per_volume_step * n), 1)
-        r["floor_s_per_1000_step_volume"] = float(f"{floor_s:.4g}")
-        r["floor_ratio"] = round(per_volume_step * 1000 / floor_s, 2)
-        r["tflops"] = float(f"{step_flop / step_s / 1e12:.4g}")
-        r["mfu"] = float(f"{step_flop / step_s / 1e12 / peak_tflops:.4g}")
-        r["peak_tflops"] = float(f"{peak_tflops:.4g}")
-        peak = peak_memory_gib(device)
-        r["peak_gpu_memory_gib"] = round(peak, 2) if peak is not None else None
-        r["note"] = note
-        r.update(extra)
-        rows.append(r)
-        return r
+    for spec in (s for s in ROWS if s.name in rows):
+        row: dict[str, Any] = {"row": spec.name, "description": spec.description}
+        reason = skip_reason(spec, device)
+        if reason is not None:
+            row["status"] = f"skipped: {reason}"
+            result["rows"].append(row)
+            continue
+        bench.release(device)
+        bench.reset_peak_memory(device)
+        try:
+            with tf32(spec.tf32):
+                row.update(_measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, device,
+                                    compile_mode, fast_dtype, fast_kernels, x_fixed, t_fixed, truth,
+                                    Sampler, accelerate, IaNDiffusion))
+            row["status"] = "ok"
+            row["tflops"] = step_flop / (row["step_ms"] / 1e3) / 1e12
+            row["mfu"] = row["tflops"] / peak["tflops"]
+            row["peak_memory_gib"] = bench.peak_memory_gib(device)
+        except Exception as err:  # one failing row (OOM, compile error) must not hide the rest
+            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench._fmt_error(err)}"
+        result["rows"].append(row)
+        _add_ratios(result["rows"])
+        if on_row is not None:
+            on_row(result)
+        if spec.compiled:
+            torch.compiler.reset()
+    return result
 
-    def engine_row(name: str, net: torch.nn.Module, backend: str, row_dtype: torch.dtype, graph: bool,
-                   whole_runs: bool = False) -> None:
-        release(device)
-        reset_peak_memory(device)
 
-        def engine_for(steps: int) -> Sampler:
-            return Sampler(net, batch_size, steps, "pc", k=2, dtype=None if backend == "fast" else row_dtype,
-                           cuda_graph=graph)
+def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, device, compile_mode,
+             fast_dtype, fast_kernels, x_fixed, t_fixed, truth, Sampler, accelerate, IaNDiffusion) -> dict:
+    out: dict[str, Any] = {}
+    if spec.network == "fast":
+        net = accelerate(model, dtype=fast_dtype, kernels=fast_kernels)
+        out["dtype"] = {torch.bfloat16: "bf16", torch.float32: "fp32"}[fast_dtype]
+        autocast_dtype = None
+    else:
+        net = _CompiledStep(model, compile_mode) if spec.compiled else model
+        autocast_dtype = torch.bfloat16 if spec.autocast_bf16 else None
+        out["dtype"] = "bf16 autocast" if spec.autocast_bf16 else ("fp32 tf32" if spec.tf32 else "fp32")
 
-        engine = engine_for(timed_steps)
-        step_s = _time_steps(lambda: engine.sample(keys), timed_steps, device)
-        measured = {}
-        if whole_runs:
-            for n in step_counts:
-                whole = engine_for(n)
-                seconds = _time_steps(lambda: whole.sample(keys), 1, device)
-                measured[f"measured_s_per_volume_{n}"] = round(seconds / batch_size, 3)
-                measured[f"measured_volumes_per_hour_{n}"] = round(3600 * batch_size / seconds, 1)
-                del whole
-        row(name, backend, engine.dtype, engine.cuda_graph, step_s,
-            f"step time measured over {timed_steps} steps x volumes/hour extrapolated to n steps",
-            attention=engine.describe()["attention"], graph_reason=engine.graph_reason or None, **measured)
-        del engine
+    def forward() -> torch.Tensor:
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return net(x_fixed, t_fixed)
 
-    try:
-        from prdit_fast.fast import accelerate
-    except ImportError:
-        accelerate = None
-    if accelerate is not None:
-        fast_model = accelerate(model, dtype=dtype)
-        engine_row("fast+graph", fast_model, "fast", dtype, True, whole_runs=True)
-        engine_row("fast eager", fast_model, "fast", dtype, False)
-        del fast_model
-    engine_row("reference+graph", model, "reference", dtype, True)
+    out["rel_rms_error"] = _rel_rms(forward().float(), truth)  # the first call builds / compiles
+    timing = CPU_SINGLE_TIMING if device.type != "cuda" else SINGLE_TIMING
+    out["forward_ms"] = bench.time_call(forward, device, **timing).median_ms
+    out["attention_kernels"] = attention_kernels(forward, device)
+    out["attention"] = attention_label(out["attention_kernels"], cfg.depth)
+    if spec.network == "fast" and cfg.depth:
+        from prdit_fast.ops.attention import last_backend
 
-    if include_official:
-        release(device)
-        reset_peak_memory(device)
+        out["attention"] = f"{last_backend()}: {out['attention']}"
+
+    if spec.official_loop:
         diffusion = IaNDiffusion()
-        shape = (batch_size, model.config.in_channels) + (size,) * 3
-        official_dtype = next(model.parameters()).dtype
+        generator = torch.Generator(device).manual_seed(0)
 
-        def official() -> None:
-            noise = diffusion.initial_noise(shape, device=device)
-            # the official loop copies each step's prediction to the host (a sync per step)
-            diffusion.sample(model, noise, timed_steps, "pc", 2, callback=lambda n, x, x0: x0.cpu())
+        def host_copy(n: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+            x0_hat.cpu()  # the official loop's per-step host copy (a sync every step)
 
-        step_s = _time_steps(official, timed_steps, device)
-        row("official", "reference", official_dtype, False, step_s,
-            "reference network fp32 eager, IaNDiffusion.sample, x0_hat.cpu() every step")
-    return rows
+        def sampler_for(steps: int) -> Callable[[], Any]:
+            def whole() -> Any:
+                noise = diffusion.initial_noise(shape, generator=generator, device=device)
+                return diffusion.sample(model, noise, steps, "pc", 2, generator=generator, callback=host_copy)
+
+            return whole
+
+        one_step = sampler_for(1)  # noise, one model call, the update, the host copy
+        out["step_ms"] = bench.time_call(one_step, device, **timing).median_ms
+        out["step_note"] = "IaNDiffusion.sample with steps=1 (noise draw, model call, update, host copy)"
+        out["cuda_graph"] = False
+    else:
+        # the single-step engine's table must hold every call time_call makes (warm-up + reps)
+        table_steps = max(step_counts[0], timing["warmup"] + timing["max_reps"])
+        engine = Sampler(net, batch, table_steps, "pc", k=2, dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
+        engine.sample(keys)  # buffers and x_T in place, kernels warm
+        engine.step.zero_()  # the single steps below stay inside the step table
+        out["step_ms"] = bench.time_call(engine.advance, device, **timing).median_ms
+        out["cuda_graph"] = engine.cuda_graph
+        if engine.graph_reason:
+            out["cuda_graph_reason"] = engine.graph_reason
+
+        def sampler_for(steps: int) -> Callable[[], Any]:
+            nonlocal engine
+            if engine.steps != steps:
+                engine = None  # its buffers and graph go before the next engine's are made
+                bench.release(device)
+                engine = Sampler(net, batch, steps, "pc", k=2, dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
+            current = engine
+            return lambda: current.sample(keys)
+
+    done_steps, done_s = None, None
+    for steps in step_counts:
+        per_step_s = done_s / done_steps if done_s else out["step_ms"] / 1e3
+        projected = 2 * per_step_s * steps  # the untimed call and the timed one
+        if projected > whole_budget_s:
+            out[f"projected_s_{steps}"] = per_step_s * steps
+            out[f"whole_{steps}_note"] = (f"not run: two calls projected at {projected:.0f} s, over the "
+                                          f"{whole_budget_s:.0f} s budget per whole-sample measurement")
+            continue
+        whole = bench.time_call(sampler_for(steps), device, warmup=1, min_reps=1, max_reps=1, budget_s=0.0)
+        done_steps, done_s = steps, whole.median_ms / 1e3
+        out[f"whole_s_{steps}"] = done_s
+        out[f"s_per_volume_{steps}"] = done_s / batch
+    return out
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    by_name = {r["row"]: r for r in rows if r.get("status") == "ok"}
+    for r in by_name.values():
+        for other, key in (("official", "x_official"), ("compile", "x_compile")):
+            if other in by_name:
+                r[key] = by_name[other]["step_ms"] / r["step_ms"]
+
+
+# --------------------------------------------------------------------------- #
+# Output
+# --------------------------------------------------------------------------- #
+def _fmt(value: Any, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown: one line per row."""
+    s = result["settings"]
+    counts = s["step_counts"]
+    head = (f"{s['variant']} at {s['size']}^3, batch {s['batch']}, {result['device']['name']} "
+            f"[{result['label']}]; bf16 matmul peak {result['peak']['tflops']:.4g} TFLOP/s measured in this run; "
+            f"ratios are step-time ratios within this run")
+    cols = (["row", "attention", "dtype", "graph", "forward ms", "step ms"]
+            + [f"whole {n} s" for n in counts] + [f"s/volume @{counts[-1]}", "MFU", "x official", "x compile",
+                                                  "rel err"])
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['row']} | {r.get('status')} |" + " |" * (len(cols) - 2))
+            continue
+        whole = []
+        for n in counts:
+            if f"whole_s_{n}" in r:
+                whole.append(f"{r[f'whole_s_{n}']:.3f}")
+            else:
+                whole.append(f"({r[f'projected_s_{n}']:.3f} projected)")
+        last = counts[-1]
+        per_volume = r.get(f"s_per_volume_{last}")
+        per_volume_text = (f"{per_volume:.3f}" if per_volume is not None
+                           else f"({r[f'projected_s_{last}'] / s['batch']:.3f} projected)")
+        lines.append("| " + " | ".join(
+            [r["row"], r["attention"], r["dtype"], "yes" if r["cuda_graph"] else "no",
+             f"{r['forward_ms']:.3f}", f"{r['step_ms']:.3f}", *whole, per_volume_text, f"{r['mfu']:.1%}",
+             _fmt(r.get("x_official"), "{:.2f}"), _fmt(r.get("x_compile"), "{:.2f}"),
+             f"{r['rel_rms_error']:.2e}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    from prdit_fast.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="PRDiT-B/12/4")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--timed-steps", type=int, default=20)
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--no-official", action="store_true", help="skip the slow fp32 official-style loop")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES))
+    parser.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS),
+                        help="whole-sample lengths, increasing (default 100 1000)")
+    parser.add_argument("--whole-budget", type=float, default=WHOLE_BUDGET_S,
+                        help="seconds one whole-sample measurement (two calls) may take; longer ones are projected")
+    parser.add_argument("--compile-mode", default="max-autotune")
+    parser.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda when available)")
+    parser.add_argument("--json", help="write the result here (rewritten after every row)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_sampling: no CUDA GPU, skipped")
-        return 0
-    rows = sampling_rows(
-        args.variant, args.size, args.batch_size, args.timed_steps,
-        dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype], include_official=not args.no_official,
-    )
-    print(f"GPU: {torch.cuda.get_device_name()}  ({args.variant} at {args.size}^3, batch {args.batch_size})")
-    cols = ["name", "dtype", "cuda_graph", "step_ms", "mfu", "gpu_s_per_volume_100", "volumes_per_hour_100",
-            "gpu_s_per_volume_1000", "volumes_per_hour_1000", "measured_s_per_volume_1000",
-            "measured_volumes_per_hour_1000", "floor_ratio", "peak_gpu_memory_gib"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c)) for c in cols))
-    print(f"floor: {rows[0]['floor_s_per_1000_step_volume']} s per 1000-step volume at {FLOOR_TFLOPS:.0f} TFLOP/s; "
-          f"volumes/hour are the measured step time x the step count, measured_* are timed whole samples; "
-          f"MFU against the bf16 peak measured in this run, {rows[0]['peak_tflops']} TFLOP/s")
-    official = next((r for r in rows if r["name"] == "official"), None)
-    fast = next((r for r in rows if r["name"] == "fast+graph"), None)
-    if official and fast:
-        print(f"fast+graph vs official: {official['step_ms'] / fast['step_ms']:.2f}x volumes/hour")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as err:
+        parser.error(f"device must be 'cpu' or 'cuda[:N]': {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here; pass --device cpu for a CPU run")
+    on_row = (lambda result: write_json(result, args.json)) if args.json else None
+    try:
+        result = baseline_rows(args.variant, args.size, args.batch_size, tuple(args.rows), tuple(args.steps),
+                               args.whole_budget, device, args.compile_mode, on_row=on_row)
+    except ValueError as err:
+        parser.error(str(err))
     if args.json:
-        from prdit_fast.atomic import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(result, args.json)
+    print(format_table(result))
     return 0
 
 

@@ -66,8 +66,11 @@ from .models import PRDiT, PRDiTConfig
 from .ops.adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate
 from .ops.attention import BACKENDS as ATTENTION_BACKENDS
 from .ops.attention import attention as attention_op
+from .ops.fp8_linear import E4M3, fp8_linear, quantize_e4m3, require_fp8
 
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# float8_e4m3fn: the transformer's and the patch embedder's GEMMs in FP8 with per-row
+# scales (inference only), everything else in bf16
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, E4M3)
 # "auto": the fused Triton ops wherever they run; "triton": insist; "torch": their
 # plain-torch references (same data flow, same cached weights: for CPU tests and debugging)
 from .ops.common import BACKENDS as KERNEL_BACKENDS
@@ -132,7 +135,10 @@ class FastPRDiT(nn.Module):
         if kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {kernels!r}")
         self.config: PRDiTConfig = reference.config
-        self.dtype = dtype
+        # dtype of the GEMM operands; activations, attention and the local denoiser run in
+        # ``dtype`` (bf16 when the GEMMs are FP8)
+        self.gemm_dtype = dtype
+        self.dtype = torch.bfloat16 if dtype == E4M3 else dtype
         self.attention = attention
         self.kernels = kernels
         self.t_embedder = reference.t_embedder
@@ -155,7 +161,7 @@ class FastPRDiT(nn.Module):
         self._derived.clear()
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, attention={self.attention!r}, kernels={self.kernels!r}"
+        return f"dtype={self.gemm_dtype}, attention={self.attention!r}, kernels={self.kernels!r}"
 
     # ------------------------------------------------------------------ weights
     def _cast(self, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -165,6 +171,21 @@ class FastPRDiT(nn.Module):
 
     def _linear(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._cast(name + ".weight", layer.weight), self._cast(name + ".bias", layer.bias)
+
+    def _gemm(self, name: str, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """``layer(x)`` in the GEMM dtype: (..., K) -> (..., N) in the compute dtype. FP8: the
+        weight quantized once per row (cached), x per row on the way (``ops.fp8_linear``)."""
+        if self.gemm_dtype != E4M3:
+            return F.linear(x, *self._linear(name, layer))
+        weight_q, weight_scale = self._derived.get(name + ".e4m3", (layer.weight,), lambda: quantize_e4m3(layer.weight))
+        bias = self._cast(name + ".bias", layer.bias)
+        return fp8_linear(x, weight_q, weight_scale, bias, out_dtype=self.dtype, backend=self.kernels)
+
+    def _gemm_gelu(self, name: str, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """tanh-GELU(``layer(x)``): cuBLASLt's GELU epilogue in 16 bits, a separate pass after FP8."""
+        if self.gemm_dtype != E4M3:
+            return _linear_gelu(x, *self._linear(name, layer))
+        return F.gelu(self._gemm(name, x, layer), approximate="tanh")
 
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[blocks.0 adaLN; ...; blocks.{depth-1} adaLN; final adaLN]: (6 h depth + 2 h, h), fp32."""
@@ -199,6 +220,8 @@ class FastPRDiT(nn.Module):
         """x (B, C, S, S, S), t (B,) -> (coarse tokens, fine tokens or None at depth 0),
         each (B, N, s^3 Cout) in the compute dtype; their fp32 sum is the output."""
         self.check_input(x, t)
+        if self.gemm_dtype == E4M3 and self.kernels != "torch":
+            require_fp8(x.device)  # before any work, not at the first transformer GEMM
         cfg = self.config
         # ONE unfold per step, casting on the store: the (B, N, D) tokens are written once,
         # in the compute dtype, straight from the fp32 volume
@@ -253,10 +276,14 @@ class FastPRDiT(nn.Module):
 
         pe = fine.patch_embedder
         rows = tokens.reshape(B * N, -1)
-        act = _linear_gelu(rows, *self._linear("embed.fc1", pe.fc1))  # (B N, 4h)
-        # the skip GEMM carries fc2's bias and is fc2's accumulator input: no separate add
-        skip = F.linear(rows, self._cast("embed.skip.weight", pe.skip.weight), self._cast("embed.fc2.bias", pe.fc2.bias))
-        embedded = torch.addmm(skip, act, self._cast("embed.fc2.weight", pe.fc2.weight).t())  # (B N, h)
+        act = self._gemm_gelu("embed.fc1", rows, pe.fc1)  # (B N, 4h)
+        if self.gemm_dtype == E4M3:
+            embedded = self._gemm("embed.fc2", act, pe.fc2) + self._gemm("embed.skip", rows, pe.skip)
+        else:
+            # the skip GEMM carries fc2's bias and is fc2's accumulator input: no separate add
+            skip = F.linear(rows, self._cast("embed.skip.weight", pe.skip.weight),
+                            self._cast("embed.fc2.bias", pe.fc2.bias))
+            embedded = torch.addmm(skip, act, self._cast("embed.fc2.weight", pe.fc2.weight).t())  # (B N, h)
         blocks = fine.blocks
         kernels = self.kernels
         x, y = embed_layernorm_modulate(  # x: the fp32 residual stream
@@ -265,21 +292,21 @@ class FastPRDiT(nn.Module):
         )
         for i, block in enumerate(blocks):
             name = f"blocks.{i}"
-            qkv = F.linear(y, *self._linear(name + ".qkv", block.attn.qkv)).view(B, N, 3, heads, h // heads)
+            qkv = self._gemm(name + ".qkv", y, block.attn.qkv).view(B, N, 3, heads, h // heads)
             attended = attention_op(qkv, self.attention).reshape(B, N, h)
-            branch = F.linear(attended, *self._linear(name + ".proj", block.attn.proj))
+            branch = self._gemm(name + ".proj", attended, block.attn.proj)
             x, y = gated_residual_layernorm_modulate(
                 x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, kernels
             )
-            hidden = _linear_gelu(y, *self._linear(name + ".fc1", block.mlp.fc1))
-            branch = F.linear(hidden, *self._linear(name + ".fc2", block.mlp.fc2))
+            hidden = self._gemm_gelu(name + ".fc1", y, block.mlp.fc1)
+            branch = self._gemm(name + ".fc2", hidden, block.mlp.fc2)
             # the next LayerNorm is the next block's norm1, or the final layer's
             nxt = 6 * (i + 1)
             eps = blocks[i + 1].norm1.eps if i + 1 < len(blocks) else fine.final_layer.norm_final.eps
             x, y = gated_residual_layernorm_modulate(
                 x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, kernels
             )
-        return F.linear(y, *self._linear("final", fine.final_layer.linear))
+        return self._gemm("final", y, fine.final_layer.linear)
 
 
 def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -310,7 +337,10 @@ def accelerate(
         whose state dict has the official PRDiT structure (e.g. the official code's model,
         possibly DDP-wrapped); for the latter a reference PRDiT is built whose parameters
         ARE the module's parameter tensors.
-    dtype: compute dtype of the GEMMs and attention (bf16, fp16 or fp32).
+    dtype: compute dtype of the GEMMs and attention (bf16, fp16 or fp32), or
+        ``torch.float8_e4m3fn``: the transformer's and patch embedder's GEMMs in FP8 with
+        per-row scales on a GPU with FP8 tensor cores (sm_89+), the rest in bf16; inference
+        only (``prdit_fast.ops.fp8_linear``).
     attention: 'auto' or a backend of ``prdit_fast.ops.attention``.
     input_size: volume edge S; needed only for a foreign module whose size cannot be read
         from it (a depth-0 model without ``config`` / ``input_size`` / ``pos_embed``).

@@ -280,29 +280,3 @@ def test_gpu_small_run_every_backend(tmp_path):
             assert r["train_status"] == "ok", r
     assert {c["backend"] for c in result["capacity"]} == set(ran)
     assert all(c["max_batch"] >= 1 for c in result["capacity"]), result["capacity"]
-
-
-def test_sampling_benchmark_rows_on_cpu(monkeypatch):
-    """benchmarks/bench_sampling.py end to end on a tiny model, so a GPU session cannot be
-    the first to find an error in it: every row present, whole runs consistent. The fast
-    backend runs its plain-torch kernels here (tests/test_fast.py checks the Triton ones)."""
-    import functools
-
-    from prdit_fast import fast
-
-    monkeypatch.setattr(fast, "accelerate", functools.partial(fast.accelerate, kernels="torch"))
-    sampling = bench._benchmarks_module("bench_sampling")
-    rows = sampling.sampling_rows(
-        "PRDiT-XS/10/1", 16, batch_size=2, timed_steps=2, step_counts=(2, 3), dtype=torch.float32,
-        device="cpu", peak_matmul_edge=64,
-    )
-    assert [r["name"] for r in rows] == ["fast+graph", "fast eager", "reference+graph", "official"]
-    for r in rows:
-        assert r["step_ms"] > 0 and 0 < r["mfu"] and r["peak_tflops"] > 0
-        assert r["volumes_per_hour_2"] == pytest.approx(3600 / (r["step_ms"] / 1e3 / 2 * 2), rel=1e-2), r
-    fast = rows[0]
-    assert fast["cuda_graph"] is False and "no CUDA graphs" in fast["graph_reason"]
-    for n in (2, 3):
-        per_volume = fast[f"measured_s_per_volume_{n}"]
-        assert per_volume > 0
-        assert fast[f"measured_volumes_per_hour_{n}"] == pytest.approx(3600 / per_volume, rel=2e-2)
