@@ -61,7 +61,8 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pydicom>=2.4", "scipy", "matplotlib"],
+        "eval": ["scipy", "monai"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pydicom>=2.4", "scipy", "matplotlib", "monai"],
     },
     entry_points={"console_scripts": ["prdit-fast=prdit_fast.cli:main"]},
 )

@@ -20,6 +20,7 @@ COMMANDS = {
     "preprocess": "DICOM / NIfTI / npz volumes -> the paper's 1 mm, 256^3 preprocessing",
     "train": "two-stage training with EMA, exact resume, multi-GPU",
     "plot": "loss and throughput curves (PNG) of a training run from its log",
+    "evaluate": "3D FID, MMD and MS-SSIM of sampled volumes against real ones (MedicalNet features)",
     "bench": "end-to-end benchmark: GPU-hours and memory for every backend",
 }
 
