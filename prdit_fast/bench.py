@@ -42,7 +42,7 @@ import torch
 from .atomic import atomic_path
 from .devices import resolve_device
 from .diffusion import IaNDiffusion
-from .models import PRDiT, PRDiTConfig, create_model, parse_variant, variant_config
+from .models import PRDiT, PRDiTConfig, canonical_name, create_model, parse_variant, variant_config
 
 SCHEMA = "prdit-fast-bench/1"
 REFERENCE = "eager-fp32"
@@ -529,8 +529,7 @@ class BenchOptions:
 
 def variant_name(name: str) -> str:
     """'B/12/4' -> 'PRDiT-B/12/4' (ValueError for an unknown variant)."""
-    size, patch, depth = parse_variant(name)
-    return f"PRDiT-{size}/{patch}/{depth}"
+    return canonical_name(name)
 
 
 def default_batch(size: int, device: torch.device) -> int:

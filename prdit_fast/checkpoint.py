@@ -12,9 +12,15 @@ Three kinds of file load with ``load_checkpoint``:
   ``sr_model.*`` sections, ours ``SRConfig.to_dict()``; the state dict ``base.*``,
   ``t_embedder_sr.*``, ``sr.mlp_denoise.*``;
 * our own format, written by ``save_checkpoint``: a torch file holding
-  ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "model": ...,
-  "ema": ... (optional), "extra": ... (optional)}``, or a ``.safetensors`` file with the
-  same config as JSON metadata and the EMA weights under an ``ema.`` prefix.
+  ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "process":
+  "ian" | "flow_matching", "model": ..., "ema": ... (optional), "extra": ... (optional)}``,
+  or a ``.safetensors`` file with the same config and process as metadata and the EMA
+  weights under an ``ema.`` prefix.
+
+The process follows the network's head, as in the official code: ``out_channels`` = 2C
+is IaN, = C flow matching (spec section 14); an official config gives it as
+``config["model"]["out_channels"]`` (absent: 2C), a bare state dict by the shape of
+``linear_final``. The loaded model's ``config.process`` says which.
 
 Files are always read with ``torch.load(..., weights_only=True)``: nothing in a
 checkpoint can run code.
@@ -34,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
-from .models import SIZES, STRIDE, PRDiT, PRDiTConfig, parse_variant, variant_config
+from .models import SIZES, PRDiT, PRDiTConfig, canonical_name, variant_config
 from .sr import PRDiTSR, SRConfig, build_sr_model, config_from_official_sr, is_official_sr_config
 
 FORMAT = "prdit_fast"
@@ -115,6 +121,8 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         out["ema"] = ema
     if "extra" in meta:
         out["extra"] = json.loads(meta["extra"])
+    if "process" in meta:
+        out["process"] = meta["process"]
     return out
 
 
@@ -146,7 +154,15 @@ def config_from_official(config: Mapping[str, Any]) -> PRDiTConfig:
         if len(set(size)) != 1:
             raise CheckpointError(f"PRDiT needs a cubic volume; the checkpoint config has image_size {list(size)}")
         size = size[0]
-    return variant_config(name, int(size), int(config["model"].get("in_channels", 1)))
+    # as in the official code, the head decides the process: C outputs -> flow matching, 2C -> IaN
+    out_channels = config["model"].get("out_channels")
+    try:
+        return variant_config(
+            name, int(size), int(config["model"].get("in_channels", 1)),
+            None if out_channels is None else int(out_channels),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint config does not describe a PRDiT: {e}") from e
 
 
 def model_from_config(config: Mapping[str, Any]) -> PRDiT | PRDiTSR:
@@ -193,6 +209,12 @@ def _weights_and_config(
                 f"{FORMAT_VERSION}: upgrade prdit_fast"
             )
         config = _parse_config(ckpt["config"])
+        process = ckpt.get("process", config.process)
+        if process != config.process:
+            raise CheckpointError(
+                f"checkpoint {path} says process {process!r}, but its config has {config.out_channels} output "
+                f"channels for {config.in_channels} input channels, i.e. {config.process!r}: the file is inconsistent"
+            )
     elif isinstance(ckpt.get("model"), Mapping):
         config = _official_config(ckpt["config"]) if isinstance(ckpt.get("config"), Mapping) else None
     elif _is_state_dict(ckpt):
@@ -207,37 +229,65 @@ def _weights_and_config(
     return dict(ckpt["model"]), config, "model"
 
 
+def _geometry_from_rows(coarse_rows: int, out_rows: int) -> tuple[int, int, int, int] | None:
+    """(in_channels C, patch p, stride s, out_channels Cout) with C p^3 = coarse_rows and
+    s^3 Cout = out_rows, Cout in {2C, C}, s <= p, p - s even; the fewest channels first
+    (CT has one). For a given C the head is unambiguous: s^3 = 2 s'^3 has no integer
+    solution."""
+    for channels in range(1, coarse_rows + 1):
+        if coarse_rows % channels:
+            continue
+        patch = round((coarse_rows // channels) ** (1 / 3))
+        if channels * patch**3 != coarse_rows:
+            continue
+        for out_channels in (2 * channels, channels):
+            stride = round((out_rows / out_channels) ** (1 / 3))
+            if stride >= 1 and stride**3 * out_channels == out_rows and stride <= patch and (patch - stride) % 2 == 0:
+                return channels, patch, stride, out_channels
+    return None
+
+
 def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
     """What a state dict's shapes say about the network, or None when the keys needed
-    are absent: ``hidden`` (rows of t_embedder.mlp.0), ``in_channels`` (rows of
-    linear_final / 2 s^3), ``patch`` (rows of coarse_head = C p^3), ``depth`` (highest
-    fine.blocks.N + 1), ``name`` (the variant name when hidden is a named size) and
-    ``evidence`` (a sentence for error messages)."""
+    are absent: ``hidden`` (rows of t_embedder.mlp.0), ``patch`` and ``in_channels``
+    (rows of coarse_head = C p^3), ``stride`` and ``out_channels`` (rows of linear_final =
+    s^3 Cout, Cout = 2C for IaN or C for flow matching), ``pad`` ((p - s) / 2), ``depth``
+    (highest fine.blocks.N + 1), ``name`` (the variant name when hidden is a named size)
+    and ``evidence`` (a sentence for error messages)."""
     try:
         hidden = state["t_embedder.mlp.0.weight"].shape[0]
         coarse_rows = state["t_embedder.coarse_head.weight"].shape[0]
         out_rows = state["coarse.mlp_denoise.linear_final.weight"].shape[0]
     except (KeyError, AttributeError, IndexError):
         return None
-    channels = max(1, out_rows // (2 * STRIDE**3))
-    patch = round((coarse_rows / channels) ** (1 / 3))
-    if channels * patch**3 != coarse_rows:
+    geometry = _geometry_from_rows(coarse_rows, out_rows)
+    if geometry is None:
         return None
+    channels, patch, stride, out_channels = geometry
     blocks = [int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))]
     depth = max(blocks) + 1 if blocks else 0
     size = next((s for s, (h, _) in SIZES.items() if h == hidden), None)
+    try:
+        name = canonical_name(f"{size}/{patch}/{depth}-s{stride}") if size else None
+    except ValueError:
+        name = None
+    head = "velocity (flow matching)" if out_channels == channels else "[eps_hat, x0_hat] (IaN)"
     evidence = (
         f"hidden {hidden} (t_embedder.mlp.0), patch {patch} (t_embedder.coarse_head has {coarse_rows} = "
-        f"{channels} x {patch}^3 rows), depth {depth} ("
+        f"{channels} x {patch}^3 rows), stride {stride} and {out_channels} output channels "
+        f"(linear_final has {out_rows} = {stride}^3 x {out_channels} rows: {head}), depth {depth} ("
         + (f"highest block fine.blocks.{depth - 1}" if depth else "no fine.blocks")
         + f"), in_channels {channels}"
     )
     return {
         "hidden": hidden,
         "patch": patch,
+        "stride": stride,
+        "pad": (patch - stride) // 2,
         "depth": depth,
         "in_channels": channels,
-        "name": f"PRDiT-{size}/{patch}/{depth}" if size else None,
+        "out_channels": out_channels,
+        "name": name,
         "evidence": evidence,
     }
 
@@ -245,14 +295,19 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | No
 def _check_architecture(arch: dict[str, Any] | None, cfg: PRDiTConfig, path: Path, origin: str) -> None:
     if arch is None:
         return
-    want = {"hidden": cfg.hidden, "patch": cfg.patch, "depth": cfg.depth, "in_channels": cfg.in_channels}
+    want = {
+        "hidden": cfg.hidden, "patch": cfg.patch, "stride": cfg.stride, "depth": cfg.depth,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+    }
     if all(arch[k] == v for k, v in want.items()):
         return
     looks = arch["name"] or "a network with " + ", ".join(f"{k} {arch[k]}" for k in want)
+    hint = f"Pass variant={arch['name']!r}" if arch["name"] else "Pass the matching variant"
+    if arch["out_channels"] != cfg.out_channels:
+        hint += f" and out_channels={arch['out_channels']}"
     raise CheckpointError(
         f"{path} holds the weights of {looks} ({arch['evidence']}), but {origin} asks for {cfg.name} "
-        f"(hidden {cfg.hidden}, patch {cfg.patch}, depth {cfg.depth}, in_channels {cfg.in_channels}). "
-        + (f"Pass variant={arch['name']!r}." if arch["name"] else "Pass the matching variant.")
+        f"(" + ", ".join(f"{k} {v}" for k, v in want.items()) + f"). {hint}."
     )
 
 
@@ -306,10 +361,7 @@ def load_checkpoint(
     if backend_kwargs and backend != "fast":
         raise ValueError(f"options {sorted(backend_kwargs)} apply to backend='fast' only")
     path = Path(path)
-    requested = None
-    if variant is not None:
-        size, patch, depth = parse_variant(variant)
-        requested = f"PRDiT-{size}/{patch}/{depth}"
+    requested = canonical_name(variant) if variant is not None else None
     state, cfg, which = _weights_and_config(read_checkpoint(path, map_location), ema, path)
     state = strip_wrapper_prefixes(state)
     if isinstance(cfg, SRConfig) or (cfg is None and _SR_MARKER in state):
@@ -328,7 +380,9 @@ def load_checkpoint(
                 f"{path} has no model config (a bare state dict, or a checkpoint without 'config'): pass "
                 f"variant= (e.g. 'PRDiT-B/12/4') and input_size= (the volume edge it was trained at).{hint}"
             )
-        cfg = variant_config(requested, input_size, arch["in_channels"] if arch else 1)
+        cfg = variant_config(
+            requested, input_size, arch["in_channels"] if arch else 1, arch["out_channels"] if arch else None
+        )
         origin = f"variant={variant!r}"
     else:
         if requested is not None and cfg.name != requested:
@@ -497,7 +551,9 @@ def save_checkpoint(
     if path.name.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict())}
+        meta = {
+            "format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict()), "process": cfg.process,
+        }
         if extra is not None:
             try:
                 meta["extra"] = json.dumps(extra)
@@ -514,7 +570,9 @@ def save_checkpoint(
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
-    payload: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "model": weights}
+    payload: dict[str, Any] = {
+        "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "process": cfg.process, "model": weights,
+    }
     if ema_weights is not None:
         payload["ema"] = ema_weights
     if extra is not None:

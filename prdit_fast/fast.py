@@ -375,10 +375,11 @@ def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
     heads = next((n for hid, n in models.SIZES.values() if hid == arch["hidden"]), None)
     if heads is None:
         raise ValueError(f"hidden width {arch['hidden']} is not a PRDiT size {dict(models.SIZES)}")
-    size = input_size or _input_size_of(module, state, arch["hidden"])
+    size = input_size or _input_size_of(module, state, arch["hidden"], arch["stride"])
     cfg = PRDiTConfig(
         hidden=arch["hidden"], heads=heads, depth=arch["depth"], patch=arch["patch"], input_size=size,
-        in_channels=arch["in_channels"], name=arch["name"],
+        in_channels=arch["in_channels"], stride=arch["stride"], pad=arch["pad"], name=arch["name"],
+        out_channels=arch["out_channels"],
     )
     with torch.device("meta"):  # shapes only: every parameter is replaced by the module's
         reference = PRDiT(cfg)
@@ -399,7 +400,7 @@ def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
     return reference
 
 
-def _input_size_of(module: nn.Module, state: dict[str, torch.Tensor], hidden: int) -> int:
+def _input_size_of(module: nn.Module, state: dict[str, torch.Tensor], hidden: int, stride: int) -> int:
     config = getattr(module, "config", None)
     for source in (config, module):
         for attr in ("input_size", "image_size"):
@@ -411,6 +412,6 @@ def _input_size_of(module: nn.Module, state: dict[str, torch.Tensor], hidden: in
         pos = next((b for n, b in module.named_buffers() if n.endswith("pos_embed")), None)
     if pos is not None and pos.shape[-1] == hidden:
         grid = round(pos.shape[-2] ** (1 / 3))
-        return grid * models.STRIDE
+        return grid * stride
     raise ValueError(f"cannot tell the volume edge of {type(module).__name__}: pass accelerate(..., input_size=S)")
 

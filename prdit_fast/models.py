@@ -6,7 +6,11 @@ Data flow for a volume ``x`` of shape (B, C, S, S, S):
     c        = t_embedder(t)                           # (B, hidden)
     coarse   = coarse.mlp_denoise(tokens, c_coarse)    # (B, N, s^3 Cout)  local denoiser
     fine     = fine(tokens, c_fine)                    # (B, N, s^3 Cout)  global residual DiT
-    out      = unpatchify(coarse + fine)               # (B, 2C, S, S, S)  [eps_hat, x0_hat]
+    out      = unpatchify(coarse + fine)               # (B, Cout, S, S, S)
+
+Cout = 2C for the IaN process (channels [eps_hat, x0_hat]) or C for flow matching
+(the velocity ``v``; spec section 14). ``t`` is the integer IaN step or, for flow
+matching, the float ``1000 t``; the sinusoidal features take either.
 
 Parameter names and shapes are those of the official release, so an official
 state dict loads with ``strict=True``. This module is the numerical truth that
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +42,16 @@ MLP_RATIO = 4.0
 TIMESTEP_FEATURES = 256
 NUM_TIMESTEPS = 1000
 
-_NAME_RE = re.compile(r"^(?:PRDiT-)?(XS|S|B|L|XL)/(\d+)/(\d+)$")
+# 'PRDiT-{size}/{p}/{depth}', optionally '-s{stride}' (spec sections 1 and 14)
+_NAME_RE = re.compile(r"^(?:PRDiT-)?(XS|S|B|L|XL)/(\d+)/(\d+)(?:-s(\d+))?$")
+# the official registry's variants outside the standard grid: name -> (patch, stride, pad).
+# XS/4/1 is listed there but its grids do not agree; validate_tiling refuses it.
+SPECIAL_VARIANTS: dict[str, tuple[int, int, int]] = {
+    "XS/4/0": (4, 4, 0),
+    "XS/4/1": (4, 2, 0),
+}
+# the released 256^3 line of work (spec section 14), listed by list_models()
+STRIDE16_VARIANTS = ("PRDiT-B/16/0-s16", "PRDiT-B/16/12-s16")
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class PRDiTConfig:
     stride: int = STRIDE
     pad: int | None = None  # None: (patch - stride) / 2
     name: str | None = None
+    out_channels: int | None = None  # None: 2C (IaN); C: the flow-matching velocity head
 
     def __post_init__(self):
         if self.pad is None:
@@ -60,6 +75,14 @@ class PRDiTConfig:
         validate_tiling(self.input_size, self.patch, self.stride, self.pad)
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", 2 * self.in_channels)
+        if self.out_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ValueError(
+                f"out_channels must be 2 * in_channels = {2 * self.in_channels} (IaN: noise and clean "
+                f"predictions) or in_channels = {self.in_channels} (flow matching: the velocity), "
+                f"got {self.out_channels}"
+            )
         if self.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
         if self.depth > 0 and self.hidden % self.heads:
@@ -70,8 +93,9 @@ class PRDiTConfig:
         return self.in_channels * self.patch**3
 
     @property
-    def out_channels(self) -> int:  # Cout = 2C: [eps_hat, x0_hat]
-        return 2 * self.in_channels
+    def process(self) -> str:
+        """'ian' (Cout = 2C: [eps_hat, x0_hat]) or 'flow_matching' (Cout = C: velocity)."""
+        return "flow_matching" if self.out_channels == self.in_channels else "ian"
 
     @property
     def out_token_dim(self) -> int:  # s^3 Cout
@@ -94,9 +118,9 @@ def validate_tiling(input_size: int, patch: int, stride: int, pad: int) -> None:
     reflect-padded by ``pad`` give exactly ``input_size / stride`` windows per axis,
     i.e. the input and output token grids agree (spec section 1)."""
     hint = (
-        f"PRDiT needs stride s = {STRIDE}, an even patch p > s with pad = (p - s) / 2 "
-        f"(standard p: {', '.join(map(str, PATCHES))}), and a volume edge S divisible by s "
-        f"with S > pad (e.g. 32, 64, 128, 256)"
+        f"PRDiT needs a patch p >= stride s with pad = (p - s) / 2 (standard: s = {STRIDE}, "
+        f"p in {', '.join(map(str, PATCHES))}; the '-s16' variants: p = s = 16, pad 0), and a "
+        f"volume edge S divisible by s with S > pad (e.g. 32, 64, 128, 256)"
     )
     if stride < 1 or patch < stride:
         raise ValueError(f"patch {patch} / stride {stride} do not tile: {hint}")
@@ -111,25 +135,66 @@ def validate_tiling(input_size: int, patch: int, stride: int, pad: int) -> None:
         raise ValueError(f"reflect padding {pad} needs a volume edge > {pad}, got {input_size}. {hint}")
 
 
-def parse_variant(name: str) -> tuple[str, int, int]:
-    """'PRDiT-B/12/4' (or 'B/12/4') -> ('B', 12, 4). ValueError lists the valid names."""
+class Variant(NamedTuple):
+    """A parsed variant name: size (XS..XL), patch p, depth, stride s, reflect pad."""
+
+    size: str
+    patch: int
+    depth: int
+    stride: int
+    pad: int
+
+    @property
+    def name(self) -> str:
+        """The canonical name: 'PRDiT-B/12/4', 'PRDiT-B/16/12-s16', 'PRDiT-XS/4/0'."""
+        base = f"PRDiT-{self.size}/{self.patch}/{self.depth}"
+        special = SPECIAL_VARIANTS.get(f"{self.size}/{self.patch}/{self.depth}")
+        official_stride = special[1] if special is not None else STRIDE
+        return base if self.stride == official_stride else f"{base}-s{self.stride}"
+
+
+def parse_variant(name: str) -> Variant:
+    """'PRDiT-B/12/4' (or 'B/12/4') -> Variant('B', 12, 4, stride 8, pad 2).
+
+    'PRDiT-{size}/{p}/{depth}-s{stride}' sets the stride (pad (p - s) / 2), e.g.
+    'PRDiT-B/16/12-s16' (p 16, s 16, pad 0); the official special 'PRDiT-XS/4/0' is p 4,
+    s 4, pad 0. ValueError lists the valid names; whether the geometry tiles is checked
+    by ``validate_tiling`` when a config is built."""
     m = _NAME_RE.match(name.strip()) if isinstance(name, str) else None
-    if m is None or int(m.group(2)) not in PATCHES or int(m.group(3)) not in DEPTHS:
-        raise ValueError(
-            f"unknown PRDiT variant {name!r}. Valid names are PRDiT-{{size}}/{{p}}/{{depth}} with size in "
-            f"{list(SIZES)}, p in {list(PATCHES)}, depth in {list(DEPTHS)}, e.g. 'PRDiT-B/12/4'; "
-            f"see prdit_fast.list_models()"
-        )
-    return m.group(1), int(m.group(2)), int(m.group(3))
-
-
-def variant_config(name: str, input_size: int, in_channels: int = 1) -> PRDiTConfig:
-    size, patch, depth = parse_variant(name)
-    hidden, heads = SIZES[size]
-    return PRDiTConfig(
-        hidden=hidden, heads=heads, depth=depth, patch=patch, input_size=input_size,
-        in_channels=in_channels, name=f"PRDiT-{size}/{patch}/{depth}",
+    if m is not None:
+        size, patch, depth = m.group(1), int(m.group(2)), int(m.group(3))
+        special = SPECIAL_VARIANTS.get(f"{size}/{patch}/{depth}")
+        if special is not None and (m.group(4) is None or int(m.group(4)) == special[1]):
+            return Variant(size, patch, depth, special[1], special[2])
+        if patch in PATCHES and depth in DEPTHS:
+            stride = int(m.group(4)) if m.group(4) is not None else STRIDE
+            if 1 <= stride <= patch and (patch - stride) % 2 == 0:
+                return Variant(size, patch, depth, stride, (patch - stride) // 2)
+    raise ValueError(
+        f"unknown PRDiT variant {name!r}. Valid names are PRDiT-{{size}}/{{p}}/{{depth}} with size in "
+        f"{list(SIZES)}, p in {list(PATCHES)}, depth in {list(DEPTHS)}, e.g. 'PRDiT-B/12/4' (stride "
+        f"{STRIDE}), optionally with '-s{{stride}}' for a stride s <= p with p - s even, e.g. "
+        f"'PRDiT-B/16/12-s16', and the official 'PRDiT-XS/4/0'; see prdit_fast.list_models()"
     )
+
+
+def canonical_name(name: str) -> str:
+    """'B/16/12-s16' -> 'PRDiT-B/16/12-s16'; 'B/12/4-s8' -> 'PRDiT-B/12/4'."""
+    return parse_variant(name).name
+
+
+def variant_config(name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None) -> PRDiTConfig:
+    """The config of a named variant at volume edge ``input_size``; ``out_channels`` None
+    is 2C (IaN), C the flow-matching velocity head."""
+    v = parse_variant(name)
+    hidden, heads = SIZES[v.size]
+    try:
+        return PRDiTConfig(
+            hidden=hidden, heads=heads, depth=v.depth, patch=v.patch, input_size=input_size,
+            in_channels=in_channels, stride=v.stride, pad=v.pad, name=v.name, out_channels=out_channels,
+        )
+    except ValueError as e:
+        raise ValueError(f"{v.name} (p {v.patch}, s {v.stride}, pad {v.pad}) at {input_size}^3: {e}") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -210,8 +275,9 @@ class TimestepEmbedder(nn.Module):
         self.fine_head = nn.Linear(hidden, hidden) if depth > 0 else nn.Identity()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: (B,) integer steps -> shared embedding c (B, hidden); the heads map it to
-        c_coarse = coarse_head(c) (B, D) and c_fine = fine_head(c) (B, hidden)."""
+        """t: (B,) integer IaN steps or float flow-matching times 1000 t -> shared embedding
+        c (B, hidden); the heads map it to c_coarse = coarse_head(c) (B, D) and
+        c_fine = fine_head(c) (B, hidden)."""
         return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype))
 
 
@@ -384,8 +450,9 @@ class GlobalDiT(nn.Module):
 class PRDiT(nn.Module):
     """PRDiT: local denoiser + (depth > 0) global residual DiT.
 
-    forward(x (B, C, S, S, S), t (B,) int) -> (B, 2C, S, S, S): channels [0:C] eps_hat,
-    [C:2C] x0_hat. When depth > 0 the coarse path is frozen and runs without gradients.
+    forward(x (B, C, S, S, S), t (B,)) -> (B, Cout, S, S, S). IaN (Cout = 2C, t the integer
+    step): channels [0:C] eps_hat, [C:2C] x0_hat. Flow matching (Cout = C, t = 1000 t as a
+    float): the velocity. When depth > 0 the coarse path is frozen and runs without gradients.
     """
 
     def __init__(self, cfg: PRDiTConfig):
@@ -439,6 +506,8 @@ class PRDiT(nn.Module):
             )
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) (one step per volume), got {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"t must hold integer IaN steps or float flow-matching times 1000 t, got {t.dtype}")
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -458,13 +527,19 @@ class PRDiT(nn.Module):
 
 
 def list_models() -> list[str]:
-    """All named variants, e.g. 'PRDiT-B/12/4'."""
-    return [f"PRDiT-{s}/{p}/{d}" for s in SIZES for p in PATCHES for d in DEPTHS]
+    """The named variants: the standard grid (e.g. 'PRDiT-B/12/4'), the stride-16 256^3
+    models and the official special variant that tiles ('PRDiT-XS/4/0'). Other strides
+    are reachable with the '-s{stride}' suffix."""
+    standard = [f"PRDiT-{s}/{p}/{d}" for s in SIZES for p in PATCHES for d in DEPTHS]
+    return standard + list(STRIDE16_VARIANTS) + ["PRDiT-XS/4/0"]
 
 
-def create_model(name: str, input_size: int, in_channels: int = 1) -> PRDiT:
-    """Build the reference network of a named variant for volumes of edge ``input_size``."""
-    return PRDiT(variant_config(name, input_size, in_channels))
+def create_model(name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None) -> PRDiT:
+    """Build the reference network of a named variant for volumes of edge ``input_size``.
+
+    out_channels: None or 2C for the IaN process ([eps_hat, x0_hat]), C for flow matching
+    (the velocity head of the released 256^3 models, spec section 14)."""
+    return PRDiT(variant_config(name, input_size, in_channels, out_channels))
 
 
 def count_parameters(model: nn.Module) -> int:

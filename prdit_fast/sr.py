@@ -91,6 +91,10 @@ class SRConfig:
         return self.base.out_channels
 
     @property
+    def process(self) -> str:  # always "ian": the base is checked to be IaN above
+        return self.base.process
+
+    @property
     def depth(self) -> int:  # the transformer depth (the base's; the head has none)
         return self.base.depth
 

@@ -44,7 +44,7 @@ from .atomic import atomic_path, remove_stale_temps
 from .checkpoint import copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
 from .diffusion import IaNDiffusion
 from .errors import UsageError
-from .models import DiTBlock, PRDiT, SwiGLU, create_model, parse_variant
+from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
 
 log = logging.getLogger("prdit_fast.train")
 
@@ -377,7 +377,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 def _canonical_name(name: Any) -> str | None:
     try:
-        return "PRDiT-{}/{}/{}".format(*parse_variant(name))
+        return canonical_name(name)
     except ValueError:
         return None
 

@@ -25,7 +25,7 @@ def test_info_json(capsys):
     model = info["model"]
     assert model["variant"] == "PRDiT-XS/10/1" and model["parameters"] == 15_367_400
     assert model["gflop_per_step"] == pytest.approx(flops_per_step(variant_config("XS/10/1", 32)) / 1e9)
-    assert model["tokens"] == 64 and len(info["variants"]) == 160
+    assert model["tokens"] == 64 and len(info["variants"]) == 163  # 160 standard + 2 stride-16 + XS/4/0
     assert info["environment"]["backends"]["reference"] is True
 
 

@@ -1,5 +1,6 @@
-"""``prdit-fast info``: variants, parameter count and GFLOP per step of one variant,
-devices and the backends this installation can use."""
+"""``prdit-fast info``: variants, parameter count and GFLOP per step of one variant (or
+of the network a checkpoint holds, with its process), devices and the backends this
+installation can use."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,17 @@ from typing import Any
 import torch
 
 from prdit_fast.flops import flops_breakdown
-from prdit_fast.models import DEPTHS, PATCHES, SIZES, count_parameters, create_model, list_models, variant_config
+from prdit_fast.models import (
+    DEPTHS,
+    PATCHES,
+    SIZES,
+    STRIDE16_VARIANTS,
+    PRDiTConfig,
+    count_parameters,
+    create_model,
+    list_models,
+    variant_config,
+)
 
 DEFAULT_VARIANT = "PRDiT-B/12/4"
 DEFAULT_SIZE = 128
@@ -28,7 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="describe the PRDiT-SR wrapper (spec section 8, default head 768/12/8/2) refining the variant "
              "at --size to S_HI^3 (e.g. --size 128 --sr-size 256)",
     )
+    parser.add_argument(
+        "--out-channels", type=int, default=None,
+        help="output channels: 2C (default) for IaN, C (1 for CT) for the flow-matching velocity head",
+    )
+    parser.add_argument(
+        "--ckpt", help="describe the network of this checkpoint (variant, size, process) instead of --variant/--size"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+_PROCESS_NAMES = {"ian": "IaN diffusion ([eps_hat, x0_hat] head)", "flow_matching": "flow matching (velocity head)"}
 
 
 def sr_summary(name: str, size: int, sr_size: int) -> dict[str, Any]:
@@ -56,25 +77,47 @@ def sr_summary(name: str, size: int, sr_size: int) -> dict[str, Any]:
     }
 
 
-def variant_summary(name: str, size: int) -> dict[str, Any]:
+def variant_summary(name: str, size: int, out_channels: int | None = None) -> dict[str, Any]:
     """Parameter count and per-step cost of one variant at volume edge ``size``."""
-    cfg = variant_config(name, size)
+    return config_summary(variant_config(name, size, out_channels=out_channels))
+
+
+def config_summary(cfg: PRDiTConfig) -> dict[str, Any]:
+    """Parameter count, process and per-evaluation cost of the network ``cfg`` describes."""
+    from prdit_fast.models import PRDiT
+
     with torch.device("meta"):  # parameter count without allocating or initializing weights
-        params = count_parameters(create_model(name, size))
+        params = count_parameters(PRDiT(cfg))
     parts = flops_breakdown(cfg)
     return {
         "variant": cfg.name,
-        "input_size": size,
+        "input_size": cfg.input_size,
         "hidden": cfg.hidden,
         "heads": cfg.heads,
         "depth": cfg.depth,
         "patch": cfg.patch,
+        "stride": cfg.stride,
+        "pad": cfg.pad,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "process": cfg.process,
         "tokens": cfg.num_tokens,
         "token_dim": cfg.token_dim,
         "parameters": params,
         "gflop_per_step": sum(parts.values()) / 1e9,
         "gflop_breakdown": {k: v / 1e9 for k, v in parts.items()},
     }
+
+
+def checkpoint_summary(path: str) -> dict[str, Any]:
+    """``config_summary`` of the network in a checkpoint file, plus which weights it holds."""
+    from prdit_fast.checkpoint import load_checkpoint
+
+    model = load_checkpoint(path)
+    summary = config_summary(model.config)
+    summary["checkpoint"] = str(path)
+    summary["weights"] = model.checkpoint_weights
+    return summary
 
 
 def _version(module: str) -> str | None:
@@ -133,8 +176,9 @@ def environment() -> dict[str, Any]:
 def _variants_line() -> str:
     sizes = ", ".join(f"{s} {h}/{n}" for s, (h, n) in SIZES.items())
     return (
-        f"PRDiT-{{{','.join(SIZES)}}}/{{{','.join(map(str, PATCHES))}}}/{{{','.join(map(str, DEPTHS))}}} "
-        f"({len(list_models())} names; size = hidden/heads: {sizes})"
+        f"PRDiT-{{{','.join(SIZES)}}}/{{{','.join(map(str, PATCHES))}}}/{{{','.join(map(str, DEPTHS))}}}[-s{{stride}}] "
+        f"(stride 8 unless -s; {len(list_models())} listed names incl. {', '.join(STRIDE16_VARIANTS)} and "
+        f"PRDiT-XS/4/0; size = hidden/heads: {sizes})"
     )
 
 
@@ -152,10 +196,16 @@ def _yes(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = variant_summary(args.variant, args.size)
+        if args.ckpt:
+            summary = checkpoint_summary(args.ckpt)
+        else:
+            summary = variant_summary(args.variant, args.size, args.out_channels)
         sr = sr_summary(args.variant, args.size, args.sr_size) if args.sr_size is not None else None
-    except ValueError as e:
-        print(f"prdit-fast info: {e}", file=sys.stderr)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # CheckpointError included
+        print(f"error: {e}", file=sys.stderr)
         return 2
     env = environment()
     if args.json:
@@ -167,11 +217,15 @@ def run(args: argparse.Namespace) -> int:
     b = env["backends"]
     parts = summary["gflop_breakdown"]
     print(f"variants: {_variants_line()}")
+    if args.ckpt:
+        print(f"checkpoint {summary['checkpoint']}: {summary['weights']} weights")
     print(
-        f"{summary['variant']} at {args.size}^3: {summary['parameters']:,} parameters, "
-        f"{_gflop(summary['gflop_per_step'])} GFLOP per step per volume (forward), "
-        f"{summary['tokens']} tokens of width {summary['token_dim']}"
+        f"{summary['variant']} at {summary['input_size']}^3: {summary['parameters']:,} parameters "
+        f"({summary['parameters'] / 1e6:.1f}M), {_gflop(summary['gflop_per_step'])} GFLOP per step per volume "
+        f"(one network evaluation, forward), {summary['tokens']} tokens of width {summary['token_dim']} "
+        f"(p {summary['patch']}, stride {summary['stride']}, pad {summary['pad']})"
     )
+    print(f"  process: {_PROCESS_NAMES[summary['process']]}; output channels {summary['out_channels']}")
     print(
         f"  local denoiser {_gflop(parts['local_denoiser'])}, patch embedder {_gflop(parts['patch_embedder'])}, "
         f"DiT blocks {_gflop(parts['blocks_gemm'] + parts['blocks_attention'])} "
