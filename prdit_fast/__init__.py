@@ -4,6 +4,7 @@
     model = prdit_fast.load_checkpoint("ckpt.pt", backend="fast")         # official or ours
     fast = prdit_fast.accelerate(model, dtype=torch.bfloat16)             # same parameters, fused kernels
     x, x0_hat = prdit_fast.IaNDiffusion().sample(model, noise, steps=100) # reference sampler
+    x = prdit_fast.FlowMatching().sample(fm_model, noise, steps=100, solver="euler")  # released 256^3 models
     x, x0_hat = prdit_fast.Sampler(fast, batch_size=4, steps=100).sample(keys)  # CUDA-graph engine
 
 Heavy pieces (the fast backend, the engine, Triton) load on first use.
@@ -13,6 +14,7 @@ from importlib import import_module
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
 from .flops import flops_per_step
+from .flow_matching import FlowMatching
 from .models import PRDiT, PRDiTConfig, count_parameters, create_model, list_models
 from .sr import PRDiTSR, SRConfig, create_sr_model
 from .phantom import PhantomDataset, chest_phantom, hu_to_unit, unit_to_hu
@@ -38,6 +40,7 @@ __all__ = [
     "PRDiT",
     "PRDiTConfig",
     "IaNDiffusion",
+    "FlowMatching",
     "SamplerStep",
     "sampling_grid",
     "create_model",
