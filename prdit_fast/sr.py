@@ -141,8 +141,10 @@ class SRConfig:
 
 
 def is_official_sr_config(config: Any) -> bool:
-    """True for the official stage-3 config dict (``base_model`` and ``sr_model`` sections)."""
-    return isinstance(config, Mapping) and isinstance(config.get("base_model"), Mapping)
+    """True for the official stage-3 config dict (a ``base_model`` section naming the base)."""
+    return isinstance(config, Mapping) and isinstance(config.get("base_model"), Mapping) and bool(
+        config["base_model"].get("name")
+    )
 
 
 def config_from_official_sr(config: Mapping[str, Any]) -> SRConfig:
@@ -336,3 +338,80 @@ def lowfreq_consistency(out: torch.Tensor, base_out: torch.Tensor, factor: int, 
     x0 prediction (detached: the base is the prior the refinement must agree with)."""
     pooled = F.avg_pool3d(out[:, channels:].float(), factor)
     return (pooled - base_out[:, channels:].detach().float()).pow(2).mean(dim=(1, 2, 3, 4))
+
+
+# --------------------------------------------------------------------------- #
+# Training (stages 3a and 3b)
+# --------------------------------------------------------------------------- #
+def sr_model_for_training(config: Mapping[str, Any], fresh: bool) -> PRDiTSR:
+    """The wrapper a resolved stage-3 training config describes, on the CPU.
+
+    Stage 3a (``base_model.finetune`` false): the base's weights are the ``model`` entry of
+    ``base_model.checkpoint`` (as the official code loads them), frozen. Stage 3b (true):
+    the whole wrapper's ``model`` weights come from ``sr_model.resume_checkpoint`` and the
+    base trains too. ``fresh`` False (resuming a run of our own) skips those loads: the
+    run's checkpoint provides every tensor.
+    """
+    from .checkpoint import load_checkpoint
+
+    cfg = config_from_official_sr(config)
+    finetune = bool(config["base_model"]["finetune"])
+    model = build_sr_model(cfg)
+    if fresh:
+        if finetune:
+            source = config["sr_model"]["resume_checkpoint"]
+            if not source:
+                raise ValueError(
+                    "stage 3b (base_model.finetune: true) continues from a stage-3a checkpoint: set "
+                    "sr_model.resume_checkpoint"
+                )
+            loaded = load_checkpoint(source, ema=False, input_size=cfg.input_size)
+            if not isinstance(loaded, PRDiTSR) or loaded.config != cfg:
+                got = loaded.config.name if isinstance(loaded, PRDiTSR) else f"a plain {loaded.config.name}"
+                raise ValueError(
+                    f"sr_model.resume_checkpoint {source} holds {got}, not the {cfg.name} {cfg.base.input_size}^3 -> "
+                    f"{cfg.input_size}^3 wrapper (head {cfg.hidden}/{cfg.patch}/{cfg.stride}/{cfg.pad}) this config asks for"
+                )
+            model.load_state_dict(loaded.state_dict())
+        else:
+            source = config["base_model"]["checkpoint"]
+            if not source:
+                raise ValueError(
+                    "stage 3a (base_model.finetune: false) refines a trained base: set base_model.checkpoint "
+                    "(a stage-1 or stage-2 checkpoint at data.base_image_size)"
+                )
+            loaded = load_checkpoint(source, ema=False, variant=cfg.base.name, input_size=cfg.base.input_size)
+            model.base.load_state_dict(loaded.state_dict())
+    model.set_base_trainable(finetune)
+    return model
+
+
+def sr_parameter_groups(model: PRDiTSR, learning_rate: float, fine_tune_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the head (``t_embedder_sr``, ``sr.*``) at ``learning_rate``,
+    and, when the base trains (stage 3b), its trainable parameters at ``fine_tune_lr``."""
+    groups = [{"params": list(model.head_parameters()), "lr": learning_rate}]
+    base = [p for p in model.base.parameters() if p.requires_grad]
+    if base:
+        if fine_tune_lr is None:
+            raise ValueError("stage 3b trains the base in its own parameter group: set training.fine_tune_lr")
+        groups.append({"params": base, "lr": fine_tune_lr})
+    return groups
+
+
+def training_losses_with_consistency(
+    diffusion, net, x0: torch.Tensor, generator: torch.Generator | None, weight: float, factor: int
+) -> dict[str, torch.Tensor]:
+    """``diffusion.training_losses`` of the wrapper ``net`` plus ``weight`` times the
+    low-frequency consistency term (also returned as ``lowfreq_loss``), from the same
+    forward pass: ``net(x, t, return_base=True)`` hands back the base's prediction."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        captured["out"], captured["base"] = net(x, t, return_base=True)
+        return captured["out"]
+
+    losses = diffusion.training_losses(model, x0, generator=generator)
+    lowfreq = lowfreq_consistency(captured["out"], captured["base"], factor, x0.shape[1])
+    losses["lowfreq_loss"] = lowfreq
+    losses["loss"] = losses["loss"] + weight * lowfreq
+    return losses

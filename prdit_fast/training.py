@@ -1,5 +1,7 @@
 """Two-stage PRDiT training: stage 1 (depth 0, local denoiser) and stage 2 (depth > 0,
-global residual DiT over a frozen stage-1 coarse path), spec sections 7, 9, 12 and 13.
+global residual DiT over a frozen stage-1 coarse path), spec sections 7, 9, 12 and 13;
+and stage 3, the PRDiT-SR refinement of section 8 (a config with a ``base_model`` section:
+3a trains the head over a frozen base, 3b fine-tunes the base too; see ``prdit_fast.sr``).
 
 ``train(config)`` runs on one device, or on every rank of a ``torchrun`` launch
 (DistributedDataParallel; NCCL on GPU, gloo on CPU). ``training.batch_size`` is the
@@ -45,6 +47,14 @@ from .checkpoint import copy_matching_weights, read_checkpoint, strip_wrapper_pr
 from .diffusion import IaNDiffusion
 from .errors import UsageError
 from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
+from .sr import (
+    PRDiTSR,
+    config_from_official_sr,
+    is_official_sr_config,
+    sr_model_for_training,
+    sr_parameter_groups,
+    training_losses_with_consistency,
+)
 
 log = logging.getLogger("prdit_fast.train")
 
@@ -55,6 +65,7 @@ REQUIRED = object()  # marks config keys without a default
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "image_size": REQUIRED,  # volume edge S the model sees; preprocessed volumes are average-pooled to it
+        "base_image_size": None,  # stage 3: the base network's edge S_lo
         "path": None,  # folder / list of volumes, or the root of train_list / val_list entries
         "train_list": None,  # official split file: one volume per line (prdit_fast.data.dataset)
         "val_list": None,  # validation split file (logging.eval_every)
@@ -85,6 +96,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # "auto" (CUDA when available), "cuda" or "cpu"
         "grad_checkpointing": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
         "max_bad_steps": 10,  # consecutive non-finite gradient steps before giving up
+        "fine_tune_lr": None,  # stage 3b: learning rate of the base's parameter group
+        "lowfreq_weight": 0.0,  # stage 3: weight of the low-frequency consistency term (official: unused)
     },
     "logging": {
         "log_every": 100,
@@ -97,16 +110,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "output": {"results_dir": "results", "checkpoint_dir": "checkpoints"},
     "wandb": {"enable": False, "project": "", "entity": "", "tags": ""},
 }
+# stage 3 (PRDiT-SR, spec section 8): sections a config with base_model.name has, where
+# model.name is not needed
+SR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "base_model": {"name": REQUIRED, "in_channels": 1, "out_channels": None, "checkpoint": None, "finetune": False},
+    "sr_model": {"hidden_size": 768, "patch_size": 12, "stride": 8, "padding": 2, "resume_checkpoint": None},
+}
 IGNORED: dict[str, set[str]] = {
     "data": {"val_frac", "augment", "normalize"},
     "model": {"num_classes", "checkpoint", "flash_attn"},
-    "training": {"compile_model", "compile_mode", "fine_tune_lr"},
+    "training": {"compile_model", "compile_mode"},
 }
 DATASET_VALUES = (None, "phantom")
 
 # Numeric keys: (type, lowest allowed, whether None is allowed). Checked after defaults.
 _NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
     ("data", "image_size"): (int, 1, False),
+    ("data", "base_image_size"): (int, 1, True),
     ("data", "num_workers"): (int, 0, False),
     ("data", "phantom_length"): (int, 1, False),
     ("model", "in_channels"): (int, 1, False),
@@ -118,6 +138,8 @@ _NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
     ("training", "weight_decay"): (float, 0, False),
     ("training", "seed"): (int, 0, False),
     ("training", "max_bad_steps"): (int, 1, False),
+    ("training", "fine_tune_lr"): (float, 0, True),
+    ("training", "lowfreq_weight"): (float, 0, False),
     ("training", "log_every"): (int, 1, True),
     ("training", "ckpt_every"): (int, 1, True),
     ("logging", "log_every"): (int, 1, False),
@@ -215,24 +237,28 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
     """A complete, typed copy of a training config: defaults filled in, numbers parsed
     and range-checked, required keys checked (ConfigError names the key), keys that
     prdit_fast does not use warned about."""
+    stage3 = is_official_sr_config(config)
+    defaults_all = {**DEFAULTS, **SR_DEFAULTS} if stage3 else DEFAULTS
     out: dict[str, dict[str, Any]] = {}
     for section, values in config.items():
         if not isinstance(values, Mapping):
-            if section in DEFAULTS:
+            if section in defaults_all:
                 raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             warnings.warn(f"unknown config key {section!r} ignored", stacklevel=2)
             continue
         for key in values:
-            known = section in DEFAULTS and key in DEFAULTS[section]
+            known = section in defaults_all and key in defaults_all[section]
             ignored = section in IGNORED and ({key, "*"} & IGNORED[section])
             if not known and not ignored:
                 warnings.warn(f"unknown config key {section}.{key} ignored", stacklevel=2)
     missing = []
-    for section, defaults in DEFAULTS.items():
+    for section, defaults in defaults_all.items():
         given = config.get(section) or {}
         out[section] = {}
         for key, default in defaults.items():
             value = given.get(key, default)
+            if value is REQUIRED and stage3 and (section, key) == ("model", "name"):
+                value = None  # the wrapper is named by base_model.name
             if value is REQUIRED:
                 missing.append(f"{section}.{key}")
                 continue
@@ -267,7 +293,34 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
         )
     for section, key in (("model", "pretrained_path"), ("data", "path"), ("data", "train_list"), ("data", "val_list")):
         out[section][key] = out[section][key] or None
+    if stage3:
+        _check_stage3(out)
     return out
+
+
+def _check_stage3(config: dict) -> None:
+    """Stage-3 consistency: the wrapper's geometry, the base's learning rate, no stage-2 keys."""
+    if config["model"]["pretrained_path"]:
+        raise ConfigError("stage 3 loads its base from base_model.checkpoint; remove model.pretrained_path")
+    if config["data"]["base_image_size"] is None:
+        raise ConfigError("a stage-3 config (base_model section) needs data.base_image_size, the base's volume edge")
+    try:
+        config_from_official_sr(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if config["base_model"]["finetune"] and not config["training"]["fine_tune_lr"]:
+        raise ConfigError("stage 3b (base_model.finetune: true) needs training.fine_tune_lr > 0 for the base's parameter group")
+
+
+def _run_identity(config: Mapping[str, Any]) -> tuple:
+    """What a checkpoint's config must share with this run's to resume it: the network
+    (for stage 3 also the base, both sizes and the stage), the volume edge, the channels."""
+    if is_official_sr_config(config):
+        cfg = config_from_official_sr(config)
+        stage = "3b" if config["base_model"].get("finetune") else "3a"
+        return (cfg.name, f"{cfg.base.input_size}^3 -> {cfg.input_size}^3", cfg.in_channels, f"stage {stage}")
+    model, data = config.get("model") or {}, config.get("data") or {}
+    return (_canonical_name(model.get("name")), data.get("image_size"), model.get("in_channels", 1))
 
 
 # --------------------------------------------------------------------------- #
@@ -443,13 +496,18 @@ class Trainer:
         per_epoch = math.ceil(n / self.global_batch)
         self.total_steps = int(tr["total_steps"] if tr["total_steps"] is not None else tr["epochs"] * per_epoch)
 
-        self.model: PRDiT = create_model(cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"]).to(self.device)
+        self.stage3 = is_official_sr_config(self.config)
+        self.model: PRDiT | PRDiTSR
+        if self.stage3:
+            self.model = sr_model_for_training(self.config, fresh=not candidates).to(self.device)
+        else:
+            self.model = create_model(cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"]).to(self.device)
         if resume and not candidates:
             self._info(f"--resume: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
         if cfg_model["pretrained_path"] and not candidates:
             copied = load_pretrained(self.model, cfg_model["pretrained_path"])
             self._info(f"stage 2: copied {len(copied)} tensors from {cfg_model['pretrained_path']}")
-        elif self.model.config.depth > 0 and not candidates:
+        elif self.model.config.depth > 0 and not candidates and not self.stage3:
             if not from_scratch:
                 raise ConfigError(
                     f"model.pretrained_path is empty: stage 2 ({self.model.config.name}) starts from a stage-1 "
@@ -484,7 +542,10 @@ class Trainer:
         self.diffusion = IaNDiffusion()
         # one fused kernel on CUDA; elsewhere the multi-tensor (foreach) path, not a loop
         impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=tr["learning_rate"], weight_decay=tr["weight_decay"], **impl)
+        groups = (
+            sr_parameter_groups(self.model, tr["learning_rate"], tr["fine_tune_lr"]) if self.stage3 else self.trainable
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=tr["learning_rate"], weight_decay=tr["weight_decay"], **impl)
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(seed * 1_000_003 + self.rank)  # differs per rank: independent noise and t
         self.step = 0
@@ -556,14 +617,11 @@ class Trainer:
         raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoints in {self.ckpt_dir} can be read")
 
     def _restore(self, path: Path, ckpt: Mapping[str, Any]) -> None:
-        saved = ckpt.get("config", {})
-        mine = (self.model.config.name, self.config["data"]["image_size"], self.config["model"]["in_channels"])
-        theirs = (_canonical_name(saved.get("model", {}).get("name")), saved.get("data", {}).get("image_size"),
-                  saved.get("model", {}).get("in_channels", 1))
+        mine, theirs = _run_identity(self.config), _run_identity(ckpt.get("config", {}))
         if mine != theirs:
             raise ValueError(
-                f"cannot resume from {path}: it trains {theirs[0]} at {theirs[1]}^3 with {theirs[2]} channels, "
-                f"the config asks for {mine[0]} at {mine[1]}^3 with {mine[2]}; use another output.results_dir"
+                f"cannot resume from {path}: it trains {', '.join(map(str, theirs))} (network, volume edge, channels), "
+                f"the config asks for {', '.join(map(str, mine))}; use another output.results_dir"
             )
         self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
         self.ema.load_state_dict(strip_wrapper_prefixes(ckpt["ema"]))
@@ -590,12 +648,12 @@ class Trainer:
         config records the new values."""
         tr = self.config["training"]
         for key, name in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
-            old = {group[key] for group in self.optimizer.param_groups}
-            if old != {tr[name]}:
-                self._info(f"resume: training.{name} changed from {', '.join(map(str, sorted(old)))} "
-                           f"(checkpoint) to {tr[name]} (config)")
-                for group in self.optimizer.param_groups:
-                    group[key] = tr[name]
+            # stage 3b: the base's group (the second) has its own learning rate
+            names = [name] + [("fine_tune_lr" if key == "lr" else name)] * (len(self.optimizer.param_groups) - 1)
+            for group, wanted in zip(self.optimizer.param_groups, names):
+                if group[key] != tr[wanted]:
+                    self._info(f"resume: training.{wanted} changed from {group[key]} (checkpoint) to {tr[wanted]} (config)")
+                    group[key] = tr[wanted]
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -648,7 +706,13 @@ class Trainer:
         bf16_autocast = tr["bf16"] and self.config["model"]["backend"] == "reference"
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
         with autocast:
-            loss = self.diffusion.training_losses(self.net, x, generator=self.noise)["loss"].mean()
+            if self.stage3 and tr["lowfreq_weight"] > 0:
+                losses = training_losses_with_consistency(
+                    self.diffusion, self.net, x, self.noise, tr["lowfreq_weight"], self.model.config.factor
+                )
+            else:
+                losses = self.diffusion.training_losses(self.net, x, generator=self.noise)
+            loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm is identical on every rank (gradients are all-reduced), so all skip together
