@@ -308,6 +308,7 @@ def _check_stage3(config: dict) -> None:
         config_from_official_sr(config)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    config["model"]["in_channels"] = int(config["base_model"]["in_channels"])  # what the data loader reads
     if config["base_model"]["finetune"] and not config["training"]["fine_tune_lr"]:
         raise ConfigError("stage 3b (base_model.finetune: true) needs training.fine_tune_lr > 0 for the base's parameter group")
 
