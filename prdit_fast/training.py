@@ -251,6 +251,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
             ignored = section in IGNORED and ({key, "*"} & IGNORED[section])
             if not known and not ignored:
                 warnings.warn(f"unknown config key {section}.{key} ignored", stacklevel=2)
+    if (config.get("data") or {}).get("augment"):
+        warnings.warn("data.augment is not implemented by prdit_fast (no random flips); training without", stacklevel=2)
     missing = []
     for section, defaults in defaults_all.items():
         given = config.get(section) or {}

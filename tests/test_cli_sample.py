@@ -72,10 +72,16 @@ def test_killed_run_resumes_to_the_same_files(ckpt, tmp_path):
         assert np.allclose(img.header.get_zooms()[:3], 1.0)
         volumes.append(np.asarray(img.dataobj, dtype=np.float32))
     assert np.isfinite(volumes[0]).all() and np.ptp(volumes[0]) > 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
     assert summary["volumes_written"] == 2 and summary["volumes_skipped"] == 1
     assert summary["backend"] == "reference" and summary["cuda_graph"] is False
     assert summary["volumes_per_hour"] > 0 and summary["seconds_per_volume"] > 0
+
+    # the resumed run's files are byte for byte an uninterrupted run's
+    straight = tmp_path / "straight"
+    assert main(cli_args(ckpt, straight)) == 0
+    for name in files + [f"sample_{i:06d}.png" for i in range(3)]:
+        assert (straight / name).read_bytes() == (out / name).read_bytes(), name
 
     # volume i depends only on (seed, i): an uninterrupted run in other batches agrees
     fresh = tmp_path / "fresh"
@@ -87,7 +93,8 @@ def test_killed_run_resumes_to_the_same_files(ckpt, tmp_path):
 
     # nothing left to do: a rerun writes nothing and says so
     assert main(cli_args(ckpt, out)) == 0
-    assert json.loads((out / "summary.json").read_text())["volumes_written"] == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["volumes_written"] for r in runs] == [2, 0]  # every invocation's record is kept
 
 
 def test_ranks_shard_indices_and_npy(ckpt, tmp_path, monkeypatch):
@@ -98,7 +105,7 @@ def test_ranks_shard_indices_and_npy(ckpt, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.glob("sample_*")) == ["sample_000001.npy"]
     volume = np.load(out / "sample_000001.npy")
     assert volume.shape == (SIZE,) * 3 and volume.dtype == np.float32
-    summary = json.loads((out / "summary_rank1.json").read_text())
+    summary = json.loads((out / "summary_rank1.json").read_text())["runs"][-1]
     assert summary["rank"] == 1 and summary["world_size"] == 2 and summary["volumes_written"] == 1
 
 
@@ -118,7 +125,7 @@ def test_gpu_run_uses_fast_backend_and_graph(ckpt, tmp_path):
     argv[argv.index("--device") + 1] = "cuda"
     assert main(argv) == 0
     assert len(list(out.glob("sample_*.nii.gz"))) == 3
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
     if sample_cmd._fast_available():
         assert summary["backend"] == "fast" and summary["dtype"] == "bfloat16"
     assert summary["cuda_graph"] is True, summary["cuda_graph_reason"]

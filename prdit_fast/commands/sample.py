@@ -1,14 +1,21 @@
-"""``prdit-fast sample``: N volumes from a checkpoint to NIfTI (HU, 1 mm) or npy, resumable.
+"""``prdit-fast sample``: N volumes from a checkpoint to NIfTI or npy, resumable.
 
 Volume i of a run is a pure function of (checkpoint, --steps/--sampler/--k, --seed, i):
 its starting and corrector noise come from the Philox key ``sample_key(seed, i)``. Each
 finished volume is written atomically as ``sample_{i:06d}.nii.gz`` (or ``.npy``), with a
-PNG of its three mid-slices written just before it, so a killed run restarted with the
-same arguments skips every volume already on disk and ends with the same files.
+PNG of its three mid-slices written just before it. The folder belongs to one run and
+volumes are sampled in fixed groups (``prdit_fast.sample_runs``), so a killed run
+restarted with the same arguments samples only the missing groups and ends with the
+same bytes; other arguments are refused.
 
-The saved volume is the sampler's final state x (spec section 7: the sampler returns x
-and the last x0_hat; ``--save x0_hat`` writes the network's clean prediction at t = 0
-instead), converted from [-1, 1] to Hounsfield units.
+The saved volume is the network's clean prediction x0_hat of the last step (spec
+section 7; ``--save x`` writes the sampler's final state, which carries the last
+corrector's noise). Units and geometry come from the checkpoint
+(``prdit_fast.data.recipes``): Hounsfield units where the training data's intensity
+recipe is invertible (a fixed HU window: RAD-ChestCT, the phantom), else the model's
+normalized [0, 1] intensities, said in the NIfTI header description and the summary;
+the voxel size is the training data's. A volume with NaN or Inf values is an error and
+is not written.
 
 Multi-GPU: ``torchrun --nproc_per_node G -m prdit_fast.cli sample ...`` (or any launcher
 that sets RANK / WORLD_SIZE / LOCAL_RANK): rank r samples the indices i with
@@ -28,8 +35,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from prdit_fast.atomic import remove_stale_temps
+from prdit_fast.data.recipes import OutputUnits, output_units
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion
+from prdit_fast.errors import UsageError
+from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, claim_folder, file_sha256
 
 log = logging.getLogger("prdit_fast")
 
@@ -54,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute dtype; auto: bf16 on CUDA, fp32 on CPU (the sampler state is always fp32)",
     )
     parser.add_argument("--format", choices=("nii.gz", "npy"), default="nii.gz", help="file format of the volumes")
-    parser.add_argument("--save", choices=("x", "x0_hat"), default="x", help="final sampler state (default) or last x0_hat")
+    parser.add_argument("--save", choices=("x", "x0_hat"), default="x0_hat",
+                        help="x0_hat: the clean prediction of the last step (default); x: the final sampler state")
     parser.add_argument("--variant", help="variant name, e.g. PRDiT-B/12/4 (needed for bare state dicts)")
     parser.add_argument("--size", type=int, help="volume edge S (needed for bare state dicts)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA copy")
@@ -81,16 +93,19 @@ def _distributed() -> tuple[int, int, int]:
 
 def _validate(args: argparse.Namespace) -> None:
     if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+        raise UsageError(f"--num must be >= 1, got {args.num}")
     if args.num > 2**32:
-        raise ValueError(f"--num must be <= 2^32 (the volume index is the low half of the Philox key), got {args.num}")
+        raise UsageError(f"--num must be <= 2^32 (the volume index is the low half of the Philox key), got {args.num}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed must be in [0, 2^32) (the high half of the Philox key), got {args.seed}")
-    IaNDiffusion().schedule(args.steps, args.sampler, args.k)  # ValueError for bad steps / sampler / k
+        raise UsageError(f"--seed must be in [0, 2^32) (the high half of the Philox key), got {args.seed}")
+    try:
+        IaNDiffusion().schedule(args.steps, args.sampler, args.k)
+    except ValueError as e:
+        raise UsageError(f"--steps / --sampler / --k: {e}") from e
     if not Path(args.ckpt).is_file():
-        raise ValueError(f"--ckpt {args.ckpt!r} is not a file")
+        raise UsageError(f"--ckpt {args.ckpt!r} is not a file")
 
 
 
@@ -125,36 +140,36 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     return model, dtype, backend
 
 
-def _write_volume(path: Path, volume_hu: np.ndarray, fmt: str, png: bool) -> None:
-    """PNG first, volume last: the volume file is what marks index i as done."""
+def _write_volume(path: Path, volume: torch.Tensor, units: OutputUnits, fmt: str, png: bool) -> None:
+    """One model output (C, S, S, S) in [-1, 1] to disk in ``units``. PNG first, volume
+    last: the volume file is what marks index i as done."""
     from prdit_fast.atomic import atomic_path
 
+    v = volume[0] if volume.shape[0] == 1 else volume
+    array = units.convert(v.float().cpu().numpy())
     if png:
         from prdit_fast.volumes import save_slices_png
 
-        save_slices_png(path.with_name(path.name.split(".")[0] + ".png"), volume_hu)
+        windows = ("lung", "mediastinal") if units.hu_window is not None else ((0.0, 1.0),)
+        save_slices_png(path.with_name(path.name.split(".")[0] + ".png"), array, windows=windows)
     if fmt == "nii.gz":
         from prdit_fast.volumes import save_nifti
 
-        save_nifti(path, volume_hu, spacing=(1.0, 1.0, 1.0))
+        save_nifti(path, array, spacing=units.voxel_size_mm, dtype="int16" if units.hu_window else "float32",
+                   description=units.description)
     else:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, volume_hu)
+            np.save(f, array)
 
 
-def _to_hu(volume: torch.Tensor) -> np.ndarray:
-    """(C, S, S, S) in [-1, 1] -> float32 HU array, (S, S, S) for one channel."""
-    from prdit_fast.phantom import unit_to_hu
-
-    v = volume[0] if volume.shape[0] == 1 else volume
-    return np.asarray(unit_to_hu(v.float().cpu()), dtype=np.float32)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from prdit_fast.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+def _run_identity(args: argparse.Namespace, world: int, batch_size: int) -> dict:
+    """Everything that changes the bytes of a volume (``prdit_fast.sample_runs``)."""
+    return {
+        "checkpoint_sha256": file_sha256(args.ckpt), "num": args.num, "seed": args.seed, "steps": args.steps,
+        "sampler": args.sampler, "k": args.k, "save": args.save, "ema": not args.no_ema, "dtype": args.dtype,
+        "backend": args.backend, "batch_size": batch_size, "world_size": world, "format": args.format,
+        "variant": args.variant, "size": args.size, "cuda_graph": not args.no_cuda_graph,
+    }
 
 
 def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None = None) -> int:
@@ -170,22 +185,29 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = args.png if args.png is not None else args.format == "nii.gz"
-    mine = range(rank, args.num, world)
-    todo = [i for i in mine if not volume_path(out, i, args.format).exists()]
+    mine = list(range(rank, args.num, world))
+    batch_size = min(args.batch_size, len(mine))
+    identity = _run_identity(args, world, batch_size)
+    claim_folder(out, identity)
+    remove_stale_temps(out, owned=lambda name: name.startswith("sample_") and int(name[7:13]) % world == rank)
+    groups = [g for g in batch_groups(mine, batch_size)
+              if not all(volume_path(out, i, args.format).exists() for i in g)]
+    todo = [i for g in groups for i in g if not volume_path(out, i, args.format).exists()]
     skipped = len(mine) - len(todo)
     if skipped:
         log.info("rank %d: %d of its %d volumes already on disk; sampling %d", rank, skipped, len(mine), len(todo))
 
     device = resolve_device(args.device, local_rank)
+    units = output_units(checkpoint_volume_metadata(args.ckpt))
     summary: dict = {
         "checkpoint": str(args.ckpt), "num": args.num, "rank": rank, "world_size": world,
-        "seed": args.seed, "format": args.format, "saved": args.save,
+        "seed": args.seed, "format": args.format, "saved": args.save, "identity": identity, **units.summary,
         "volumes_written": 0, "volumes_skipped": skipped,
     }
     if todo:
         model, dtype, backend = build_model(args, device)
         engine = Sampler(
-            model, batch_size=min(args.batch_size, len(todo)), steps=args.steps, sampler=args.sampler,
+            model, batch_size=batch_size, steps=args.steps, sampler=args.sampler,
             k=args.k, dtype=None if backend == "fast" else dtype, cuda_graph=not args.no_cuda_graph,
         )
         summary.update(engine.describe())
@@ -197,35 +219,45 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
         bar = tqdm(total=len(todo), unit="vol", desc=f"sampling (rank {rank})", position=rank, dynamic_ncols=True)
         started = time.perf_counter()
         done = 0
-        for start in range(0, len(todo), engine.batch_size):
-            batch = todo[start:start + engine.batch_size]
-            x, x0_hat = engine.sample(keys_for(args.seed, batch))
-            result = (x if args.save == "x" else x0_hat).cpu()
-            for j, index in enumerate(batch):
-                path = volume_path(out, index, args.format)
-                _write_volume(path, _to_hu(result[j]), args.format, png)
-                done += 1
-                per_volume = (time.perf_counter() - started) / done
-                bar.set_postfix(
-                    vol_per_h=f"{3600 / per_volume:.1f}", gpu_h_for_N=f"{args.num * per_volume / 3600:.2f}"
-                )
-                bar.update(1)
-                if on_volume is not None:
-                    on_volume(index, path)
-        bar.close()
+        try:
+            for batch in groups:
+                x, x0_hat = engine.sample(keys_for(args.seed, batch))
+                result = (x if args.save == "x" else x0_hat).cpu()
+                broken = [index for j, index in enumerate(batch) if not torch.isfinite(result[j]).all()]
+                for j, index in enumerate(batch):
+                    path = volume_path(out, index, args.format)
+                    if path.exists() or index in broken:
+                        continue
+                    _write_volume(path, result[j], units, args.format, png)
+                    done += 1
+                    per_volume = (time.perf_counter() - started) / done
+                    bar.set_postfix(
+                        vol_per_h=f"{3600 / per_volume:.1f}", **{f"{device.type}_h_for_N": f"{args.num * per_volume / 3600:.2f}"}
+                    )
+                    bar.update(1)
+                    if on_volume is not None:
+                        on_volume(index, path)
+                if broken:
+                    raise RuntimeError(
+                        f"volume {broken[0]} ({volume_path(out, broken[0], args.format).name}) has NaN or Inf values "
+                        f"(the checkpoint's weights or --dtype {args.dtype}); nothing was written for "
+                        f"{'it' if len(broken) == 1 else f'it and {len(broken) - 1} more'}"
+                    )
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - started
-        per_volume = elapsed / done
+        per_volume = elapsed / max(done, 1)
         summary.update({
             "volumes_written": done,
             "seconds": round(elapsed, 3),
             "seconds_per_volume": round(per_volume, 4),
             "volumes_per_hour": round(3600 / per_volume, 2),
-            "projected_gpu_hours_for_num": round(args.num * per_volume / 3600, 4),
+            f"projected_{device.type}_hours_for_num": round(args.num * per_volume / 3600, 4),
             "peak_gpu_memory_gib": (
                 round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
             ),
         })
     name = "summary.json" if world == 1 else f"summary_rank{rank}.json"
-    _write_json(out / name, summary)
+    append_record(out / name, summary)
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,0 +1,135 @@
+"""``prdit-fast sample`` runs: one run per folder, every record kept, NaN refused, the
+clean prediction by default, and the units and voxel size the checkpoint's training data
+had. A randomized PRDiT-XS/10/0 at 16^3, 2 steps."""
+from __future__ import annotations
+
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from prdit_fast.cli import main
+from prdit_fast.models import create_model
+
+SIZE = 16
+
+
+def _weights(scale: float = 0.05) -> dict:
+    torch.manual_seed(0)
+    model = create_model("PRDiT-XS/10/0", SIZE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    return model.state_dict()
+
+
+def official_checkpoint(path, volume: dict | None = None, weights: dict | None = None):
+    """The layout training writes (spec section 13), with the ``volume`` metadata or without."""
+    state = weights if weights is not None else _weights()
+    config = {"model": {"name": "PRDiT-XS/10/0", "in_channels": 1}, "data": {"image_size": SIZE}}
+    if volume is not None:
+        config["volume"] = volume
+    torch.save({"model": state, "ema": state, "config": config, "train_steps": 1, "epoch": 0}, path)
+    return path
+
+
+def args(ckpt, out, *extra: str) -> list[str]:
+    return ["sample", "--ckpt", str(ckpt), "--num", "2", "--batch-size", "2", "--steps", "2", "--seed", "5",
+            "--out", str(out), "--device", "cpu", "--no-png", *extra]
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    return official_checkpoint(tmp_path_factory.mktemp("ckpt") / "plain.pt")
+
+
+def test_a_folder_of_another_run_is_refused(plain_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(plain_ckpt, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args(plain_ckpt, out, "--seed", "6")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "seed 5 (folder) vs 6" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = official_checkpoint(tmp_path / "other.pt", weights=_weights(0.04))
+    assert main(args(other, out)) == 2
+    assert "checkpoint_sha256" in capsys.readouterr().err
+    identity = json.loads((out / "run.json").read_text())
+    assert identity["seed"] == 5 and identity["steps"] == 2 and identity["sampler"] == "pc"
+    assert identity["dtype"] == "auto" and len(identity["checkpoint_sha256"]) == 64
+    # a rerun of the same run is welcome and its record is added, not replacing the first
+    assert main(args(plain_ckpt, out)) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["volumes_written"] for r in runs] == [2, 0]
+
+
+def test_volumes_from_an_unrecorded_run_are_refused(plain_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sample_000000.nii.gz").write_bytes(b"someone else's")
+    assert main(args(plain_ckpt, out)) == 2
+    assert "run.json" in capsys.readouterr().err
+
+
+def test_nan_volume_is_an_error_and_not_written(tmp_path, capsys):
+    weights = _weights()
+    weights["coarse.mlp_denoise.linear_final.bias"] = torch.full_like(weights["coarse.mlp_denoise.linear_final.bias"],
+                                                                      float("nan"))
+    ckpt = official_checkpoint(tmp_path / "nan.pt", weights=weights)
+    out = tmp_path / "out"
+    assert main(args(ckpt, out, "--png")) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert len(err) == 1 and "sample_000000.nii.gz" in err[0] and "NaN" in err[0]
+    assert not list(out.glob("sample_*"))
+
+
+def test_default_saves_the_clean_prediction(plain_ckpt, tmp_path):
+    assert main(args(plain_ckpt, tmp_path / "default", "--format", "npy")) == 0
+    assert main(args(plain_ckpt, tmp_path / "x", "--format", "npy", "--save", "x")) == 0
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())["runs"][-1]
+    assert summary["saved"] == "x0_hat"
+    x0 = np.load(tmp_path / "default" / "sample_000000.npy")
+    x = np.load(tmp_path / "x" / "sample_000000.npy")
+    assert x0.shape == x.shape == (SIZE,) * 3 and not np.array_equal(x0, x)
+
+
+@pytest.mark.parametrize("volume, units, dtype, zooms, descrip", [
+    ({"voxel_size_mm": [2.0, 2.0, 2.0], "intensity": "lidc"}, "normalized", np.float32, (2.0, 2.0, 2.0), "not HU"),
+    ({"voxel_size_mm": [1.6, 1.6, 1.6], "intensity": "rad"}, "HU", np.int16, (1.6, 1.6, 1.6), "HU"),
+    ({"voxel_size_mm": None, "intensity": "official-rad"}, "normalized", np.float32, (1.0, 1.0, 1.0), "unknown"),
+])
+def test_units_and_voxel_size_come_from_the_checkpoint(tmp_path, volume, units, dtype, zooms, descrip):
+    ckpt = official_checkpoint(tmp_path / "c.pt", volume={**volume, "axes": "IPL"})
+    out = tmp_path / "out"
+    assert main(args(ckpt, out)) == 0
+    image = nib.load(out / "sample_000000.nii.gz")
+    assert image.get_data_dtype() == dtype
+    np.testing.assert_allclose(image.header.get_zooms()[:3], zooms, rtol=1e-6)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "I")
+    assert descrip in image.header["descrip"].item().decode()
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if units == "normalized":
+        assert 0.0 <= data.min() and data.max() <= 1.0
+    else:
+        assert -1000 <= data.min() and data.max() <= 1000
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+    assert summary["units"] == units and summary["intensity"] == volume["intensity"]
+
+
+def test_old_checkpoints_keep_hu_at_1mm_with_a_warning(plain_ckpt, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="prdit_fast.data"):
+        assert main(args(plain_ckpt, tmp_path / "out")) == 0
+    assert any("records no voxel size" in r.getMessage() for r in caplog.records)
+    image = nib.load(tmp_path / "out" / "sample_000000.nii.gz")
+    assert image.get_data_dtype() == np.int16 and image.header.get_zooms()[:3] == (1.0, 1.0, 1.0)
+
+
+def test_sample_usage_errors_are_one_line_exit_2(plain_ckpt, tmp_path, capsys):
+    for extra, word in ((("--num", "0"), "--num"), (("--k", "0"), "--k"), (("--seed", "-1"), "--seed")):
+        assert main(args(plain_ckpt, tmp_path / "bad", *extra)) == 2  # the later option wins
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and word in err[0], err
