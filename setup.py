@@ -62,6 +62,7 @@ setup(
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "eval": ["scipy", "monai"],
+        "monitor": ["tensorboard", "matplotlib"],  # training curves: event files, `prdit-fast plot`; wandb optional
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pydicom>=2.4", "scipy", "matplotlib", "monai"],
     },
     entry_points={"console_scripts": ["prdit-fast=prdit_fast.cli:main"]},

@@ -11,7 +11,8 @@ For each cell (variant, volume edge S, batch B) and each backend it measures
     MFU                 FLOP/s against a bf16 matmul peak measured at the start of the run
 
 and ratios against the reference (eager fp32, TF32 off). From these: GPU-hour projections
-of the paper's two-stage recipe and of sampling 1,000 volumes, and per backend the largest
+of the paper's two-stage recipe and of sampling 1,000 volumes (GPU runs, from throughput
+at 128^3 only; a CPU run or another edge projects nothing), and per backend the largest
 batch that fits in memory at each volume edge. Results go to
 ``<out>/<device-slug>-<YYYY-MM-DD>/bench.{json,md,png}``; CPU results are labelled CPU.
 """
@@ -716,7 +717,8 @@ def add_derived(rows: list[dict[str, Any]], flops: dict[tuple[str, int], dict[st
         f = flops.get((r["variant"], r["size"]), {})
         if ms:
             r["volumes_per_hour"] = volumes_per_hour(ms, r["batch"])
-            r["sample_1000_volumes_gpu_hours"] = sampling_gpu_hours(SAMPLING_VOLUMES, SAMPLING_STEPS, ms, r["batch"])
+            if r.get("device_type") != "cpu":  # a CPU figure is no GPU-hour projection
+                r["sample_1000_volumes_gpu_hours"] = sampling_gpu_hours(SAMPLING_VOLUMES, SAMPLING_STEPS, ms, r["batch"])
             if peak_tflops and f.get("forward"):
                 r["sample_mfu"] = model_flops_utilization(f["forward"], r["batch"] / (ms / 1e3), peak_tflops)
         if sps and peak_tflops and f.get("train"):
@@ -735,9 +737,9 @@ def _best(rows: list[dict[str, Any]], key: Callable[[dict], float | None]) -> di
 
 def projections(rows: list[dict[str, Any]], backends: tuple[str, ...]) -> list[dict[str, Any]]:
     """Per backend: GPU-hours of the paper's recipe (stage 1 B/12/0 104k steps + stage 2
-    B/12/4 130k steps, global batch 64) and of sampling 1,000 volumes at 1000 steps, at
-    128^3 when measured (else the largest edge measured for both stages), using the
-    fastest batch measured. Ratios are reference hours / backend hours."""
+    B/12/4 130k steps, global batch 64) and of sampling 1,000 volumes at 1000 steps, from
+    throughput measured at 128^3 (the paper's edge; never extrapolated from another
+    edge), using the fastest batch measured. Ratios are reference hours / backend hours."""
     out = []
     for name in backends:
         mine = [r for r in rows if r["backend"] == name]
@@ -745,8 +747,8 @@ def projections(rows: list[dict[str, Any]], backends: tuple[str, ...]) -> list[d
         stage_sizes = [{r["size"] for r in mine if r["variant"] == v and r.get("train_samples_per_s")}
                        for _, v, _ in STAGES]
         both = set.intersection(*stage_sizes) if stage_sizes else set()
-        if both:
-            size = PROJECTION_SIZE if PROJECTION_SIZE in both else max(both)
+        if PROJECTION_SIZE in both:
+            size = PROJECTION_SIZE
             total = 0.0
             for label, variant, steps in STAGES:
                 best = _best([r for r in mine if r["variant"] == variant and r["size"] == size],
@@ -758,14 +760,14 @@ def projections(rows: list[dict[str, Any]], backends: tuple[str, ...]) -> list[d
             proj["training_gpu_hours"] = total
             proj["training_size"] = size
         else:
-            proj["training_note"] = ("needs training throughput of PRDiT-B/12/0 and PRDiT-B/12/4 at a common "
-                                     "volume edge")
+            proj["training_note"] = (f"needs training throughput of PRDiT-B/12/0 and PRDiT-B/12/4 at "
+                                     f"{PROJECTION_SIZE}^3")
         sampling = {}
         for variant in SAMPLING_VARIANTS:
             measured = {r["size"] for r in mine if r["variant"] == variant and r.get("sample_step_ms")}
-            if not measured:
+            if PROJECTION_SIZE not in measured:
                 continue
-            size = PROJECTION_SIZE if PROJECTION_SIZE in measured else max(measured)
+            size = PROJECTION_SIZE
             best = _best([r for r in mine if r["variant"] == variant and r["size"] == size],
                          lambda r: r["batch"] / r["sample_step_ms"] if r.get("sample_step_ms") else None)
             sampling[variant] = {"size": size, "batch": best["batch"], "step_ms": best["sample_step_ms"],
@@ -856,11 +858,10 @@ def title(result: dict[str, Any]) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     env, peaks = result, result["peaks"]
     cpu = result["device_type"] == "cpu"
-    unit = "CPU" if cpu else "GPU"
     lines = [f"# {title(result)}", ""]
     if cpu:
         lines += ["> **CPU results.** These numbers were measured on a CPU and say nothing about GPU "
-                  "throughput; GPU-hour columns are CPU-hours here.", ""]
+                  "throughput, and no GPU-hours are projected from them.", ""]
     v = env["versions"]
     lines += [
         f"- device: {env['device']['name']} ({result['device_type']}), driver {v.get('driver') or 'n/a'}, "
@@ -903,23 +904,28 @@ def to_markdown(result: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "## Backends not run", ""] + [f"- `{b['name']}`: {b['reason']}" for b in skipped]
 
-    lines += ["", f"## {unit}-hour projections", "",
-              f"Training: the paper's recipe at global batch {GLOBAL_BATCH}, {unit}-hours = steps x "
-              f"{GLOBAL_BATCH} / samples per s / 3600 ({', '.join(f'{l}: {v} {s // 1000}k steps' for l, v, s in STAGES)}), "
-              f"from the measured throughput at the stated edge (128^3 when measured). Sampling: "
-              f"{SAMPLING_VOLUMES:,} volumes at {SAMPLING_STEPS} steps. `x ref` = reference hours / backend hours.",
-              "",
-              f"| backend | train S | stage 1 {unit}h | stage 2 {unit}h | total {unit}h | x ref | "
-              + " | ".join(f"sample {v.split('-')[1]} {unit}h (S) | x ref" for v in SAMPLING_VARIANTS) + " |",
-              "| --- " * (6 + 2 * len(SAMPLING_VARIANTS)) + "|"]
-    for p in result["projections"]:
-        cells = [p["backend"], _f(p.get("training_size")),
-                 _f(p.get("stage 1", {}).get("gpu_hours"), "{:.4g}"), _f(p.get("stage 2", {}).get("gpu_hours"), "{:.4g}"),
-                 _f(p.get("training_gpu_hours"), "{:.4g}"), _x(p.get("training_speedup"))]
-        for variant in SAMPLING_VARIANTS:
-            s = p["sampling_1000_volumes"].get(variant)
-            cells += [f"{s['gpu_hours']:.4g} ({s['size']})", _x(s.get("speedup"))] if s else ["–", "–"]
-        lines.append("| " + " | ".join(cells) + " |")
+    if not result["projections"]:
+        lines += ["", "## GPU-hour projections", "",
+                  "None: " + ("a CPU run projects no GPU-hours." if cpu else
+                              f"projections come only from throughput measured at {PROJECTION_SIZE}^3."), ""]
+    else:
+        lines += ["", "## GPU-hour projections", "",
+                  f"Training: the paper's recipe at global batch {GLOBAL_BATCH}, GPU-hours = steps x "
+                  f"{GLOBAL_BATCH} / samples per s / 3600 ({', '.join(f'{l}: {v} {s // 1000}k steps' for l, v, s in STAGES)}), "
+                  f"from the throughput measured at {PROJECTION_SIZE}^3. Sampling: "
+                  f"{SAMPLING_VOLUMES:,} volumes at {SAMPLING_STEPS} steps. `x ref` = reference hours / backend hours.",
+                  "",
+                  "| backend | train S | stage 1 GPUh | stage 2 GPUh | total GPUh | x ref | "
+                  + " | ".join(f"sample {v.split('-')[1]} GPUh (S) | x ref" for v in SAMPLING_VARIANTS) + " |",
+                  "| --- " * (6 + 2 * len(SAMPLING_VARIANTS)) + "|"]
+        for p in result["projections"]:
+            cells = [p["backend"], _f(p.get("training_size")),
+                     _f(p.get("stage 1", {}).get("gpu_hours"), "{:.4g}"), _f(p.get("stage 2", {}).get("gpu_hours"), "{:.4g}"),
+                     _f(p.get("training_gpu_hours"), "{:.4g}"), _x(p.get("training_speedup"))]
+            for variant in SAMPLING_VARIANTS:
+                s = p["sampling_1000_volumes"].get(variant)
+                cells += [f"{s['gpu_hours']:.4g} ({s['size']})", _x(s.get("speedup"))] if s else ["–", "–"]
+            lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", "## Largest sampling batch that fits in memory", ""]
     if result["capacity"]:
@@ -1088,7 +1094,7 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print) -> tup
         "notes": [],
     }
     if cpu:
-        result["notes"].append("CPU run: every figure is a CPU figure; GPU-hour projections are CPU-hours.")
+        result["notes"].append("CPU run: every figure is a CPU figure; no GPU-hour projections.")
     if any(b.compiled for b in runnable):
         result["notes"].append(f"torch.compile mode: {opts.compile_mode}; its compile time is in "
                                f"sample_first_call_s / train_first_call_s, not in the step times.")
@@ -1126,7 +1132,7 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print) -> tup
             del base
             release(device)
 
-    result["projections"] = projections(result["rows"], tuple(b.name for b in runnable))
+    result["projections"] = [] if cpu else projections(result["rows"], tuple(b.name for b in runnable))
     if not opts.capacity:
         result["capacity_note"] = "disabled with --no-capacity"
     elif cpu:

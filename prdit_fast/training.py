@@ -553,6 +553,8 @@ class Trainer:
         self.noise.manual_seed(seed * 1_000_003 + self.rank)  # differs per rank: independent noise and t
         self.step = 0
         self.position = 0  # samples of the training stream consumed (all ranks)
+        self.monitor = None  # prdit_fast.monitor.RunMonitor, opened by run()
+        self.val_set = self._validation_set()
         self.last_checkpoint: Path | None = None
         if candidates:
             self._restore_latest_readable(candidates)
@@ -585,6 +587,18 @@ class Trainer:
             named = data["train_list"] or data["path"]
             self._info(f"data: {len(dataset)} volumes from {named} (first {self.train_files[0]})")
         return dataset
+
+    def _validation_set(self) -> Dataset | None:
+        """The set ``logging.eval_every`` evaluates on, or None when evaluation is off."""
+        if self.config["logging"]["eval_every"] is None:
+            return None
+        from .data.dataset import build_dataset
+
+        data = self.config["data"]
+        val = build_dataset(data, self.config["model"]["in_channels"], self.config["training"]["seed"], split="val")
+        if val is None:
+            log.warning("logging.eval_every is set but data.val_list is not: no validation during training")
+        return val
 
     def _volume_metadata(self) -> dict:
         from .data.recipes import volume_metadata
@@ -694,8 +708,32 @@ class Trainer:
                 tmp.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def _log_metrics(self, record: dict) -> None:
+        """One record (rank 0) to ``log.jsonl`` and to TensorBoard / W&B."""
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.monitor.scalars(record["step"], {k: v for k, v in record.items() if k not in ("step", "time")})
+
+    def _evaluate(self) -> None:
+        """logging.eval_every: the EMA model's validation loss and mid-slices of a few EMA
+        samples (rank 0; see ``prdit_fast.monitor``)."""
+        if self.rank != 0:
+            return
+        from PIL import Image
+
+        from .monitor import sample_sheet, validation_loss
+
+        lg = self.config["logging"]
+        started = time.perf_counter()
+        loss = validation_loss(self.ema, self.diffusion, self.val_set, self.device, self.global_batch // self.world)
+        self._log_metrics({"step": self.step, "val_loss": loss, "time": time.time()})
+        message = f"step {self.step}: validation loss {loss:.5f} (EMA, {min(len(self.val_set), 64)} volumes)"
+        if lg["eval_samples"]:
+            sheet = sample_sheet(self.ema, self.diffusion, lg["eval_samples"], lg["eval_sample_steps"], self.device)
+            with atomic_path(self.run_dir / "eval" / f"step_{self.step:07d}.png") as tmp:
+                Image.fromarray(np.rint(sheet * 255).astype(np.uint8)).save(tmp, format="PNG")
+            self.monitor.image(self.step, "ema_samples", sheet)
+            message += f"; {lg['eval_samples']} EMA samples in {self.run_dir / 'eval'}"
+        self._info(f"{message} ({time.perf_counter() - started:.1f} s)")
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -734,6 +772,9 @@ class Trainer:
             if stale:
                 self._info(f"removed {len(stale)} unfinished files a killed run left (e.g. {stale[0].name})")
             self._write_run_config()
+        from .monitor import RunMonitor
+
+        self.monitor = RunMonitor(self.run_dir, self.config, enabled=self.rank == 0)  # W&B fails here, not later
         if self.step >= self.total_steps:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
             return self.last_checkpoint or self.save()
@@ -766,6 +807,9 @@ class Trainer:
             if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
                 path = self.save()
                 self._info(f"checkpoint {path}")
+            if self.val_set is not None and self.step % self.config["logging"]["eval_every"] == 0:
+                self._evaluate()
+        self.monitor.close()
         return self.last_checkpoint
 
     def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> None:

@@ -9,6 +9,7 @@ import datetime
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,15 +85,9 @@ def test_quick_cpu_json_is_labelled_cpu_with_required_keys(quick_run):
     fast, ref = by_key[("PRDiT-B/12/4", "bf16-autocast")], by_key[("PRDiT-B/12/4", "eager-fp32")]
     assert math.isclose(fast["sample_speedup"], ref["sample_step_ms"] / fast["sample_step_ms"])
 
-    proj = {p["backend"]: p for p in result["projections"]}
-    assert set(proj) == {"eager-fp32", "bf16-autocast"}
-    for p in proj.values():
-        s1, s2 = p["stage 1"], p["stage 2"]
-        assert (s1["variant"], s1["steps"], s2["variant"], s2["steps"]) == ("PRDiT-B/12/0", 104_000, "PRDiT-B/12/4", 130_000)
-        assert math.isclose(s1["gpu_hours"], 104_000 * 64 / s1["samples_per_s"] / 3600)
-        assert math.isclose(p["training_gpu_hours"], s1["gpu_hours"] + s2["gpu_hours"])
-        assert p["training_size"] == 16
-        assert p["sampling_1000_volumes"]["PRDiT-B/12/4"]["gpu_hours"] > 0
+    # a CPU run projects no GPU-hours, per row or for the paper's recipe
+    assert result["projections"] == [] and not any("sample_1000_volumes_gpu_hours" in r for r in rows)
+    assert any("no GPU-hour projections" in n for n in result["notes"])
     assert result["capacity"] == [] and "CPU" in result["capacity_note"]
 
 
@@ -100,7 +95,7 @@ def test_quick_cpu_markdown_carries_the_cpu_label(quick_run):
     text = (quick_run[2][0] / "bench.md").read_text()
     first = text.splitlines()[0]
     assert first.startswith("# ") and "CPU results" in first and "not GPU figures" in first
-    assert "## CPU-hour projections" in text and "## GPU-hour projections" not in text
+    assert "CPU-hour" not in text and "None: a CPU run projects no GPU-hours." in text
     assert "| PRDiT-B/12/4 | 16 | bf16-autocast |" in text
     assert "1.00x" in text  # the reference's own ratio column
     assert "`fast`:" in text  # skipped backends are listed with their reason
@@ -164,13 +159,13 @@ def test_projection_and_ratio_arithmetic_on_made_up_rows():
     assert math.isclose(s["speedup"], 8.0)
 
 
-def test_projection_falls_back_to_the_largest_common_edge_and_says_when_it_cannot():
+def test_projection_is_never_extrapolated_from_another_edge():
     rows = [_row("PRDiT-B/12/0", 32, "eager-fp32", 1.0, 1.0), _row("PRDiT-B/12/4", 32, "eager-fp32", 1.0, 1.0),
-            _row("PRDiT-B/12/0", 64, "eager-fp32", 1.0, 1.0)]
-    (p,) = bench.projections(rows, ("eager-fp32",))
-    assert p["training_size"] == 32  # 64 lacks stage 2
-    (p,) = bench.projections(rows[:1], ("eager-fp32",))
-    assert "training_gpu_hours" not in p and "B/12/4" in p["training_note"]
+            _row("PRDiT-B/12/12", 128, "eager-fp32", 1.0, 1.0)]
+    (p,) = bench.projections(rows, ("eager-fp32",))  # both training stages measured at 32^3 only
+    assert "training_gpu_hours" not in p and "128^3" in p["training_note"]
+    assert p["sampling_1000_volumes"].keys() == {"PRDiT-B/12/12"}  # B/12/4 sampled at 32^3 only: none
+    assert p["sampling_1000_volumes"]["PRDiT-B/12/12"]["size"] == 128
 
 
 def test_capacity_summary_picks_the_largest_edge_that_fits():
@@ -280,3 +275,16 @@ def test_gpu_small_run_every_backend(tmp_path):
             assert r["train_status"] == "ok", r
     assert {c["backend"] for c in result["capacity"]} == set(ran)
     assert all(c["max_batch"] >= 1 for c in result["capacity"]), result["capacity"]
+
+
+def test_default_output_is_outside_the_source_tree(tmp_path, monkeypatch):
+    from prdit_fast.commands import bench as bench_cmd
+
+    seen = {}
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setattr(bench_cmd, "run_benchmark", lambda opts, log: seen.setdefault("out", opts.out))
+    assert main(["bench", "--quick", "--device", "cpu"]) == 0
+    assert seen["out"] == str(tmp_path / "data" / "prdit_fast" / "bench")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    repo = Path(bench.__file__).resolve().parent.parent
+    assert repo not in Path(bench_cmd.default_out()).resolve().parents

@@ -4,22 +4,33 @@
     prdit-fast bench --quick               # GPU: 64^3 and 128^3; CPU: B/12/0 and B/12/4 at 16^3
     prdit-fast bench --variants B/12/4 --sizes 128 --batch 1 4 --backends eager-fp32 fast fast-cudagraph
 
-Writes ``OUT/<device-slug>-<YYYY-MM-DD>/bench.{json,md,png}`` (see ``prdit_fast.bench``).
+Writes ``OUT/<device-slug>-<YYYY-MM-DD>/bench.{json,md,png}`` (see ``prdit_fast.bench``);
+OUT defaults to a folder outside any source tree (``default_out``), so a run from a
+checkout leaves the checkout clean.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from prdit_fast.bench import BACKEND_NAMES, BenchOptions, run_benchmark
+
+
+def default_out() -> str:
+    """``$XDG_DATA_HOME/prdit_fast/bench`` (``~/.local/share/prdit_fast/bench``)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(data_home) / "prdit_fast" / "bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer sizes and reps, torch.compile in default mode; on CPU B/12/0 and B/12/4 at "
                              "16^3 with the CPU backends (well under 3 minutes on 2 cores)")
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="results root; files go to OUT/<device-slug>-<date>/ (default: %(default)s)")
+    parser.add_argument("--out", help="results root; files go to OUT/<device-slug>-<date>/ (default: "
+                                      "$XDG_DATA_HOME/prdit_fast/bench, i.e. ~/.local/share/prdit_fast/bench; "
+                                      "benchmarks/results to commit them)")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="variants such as PRDiT-B/12/4 or B/12/4 (default: B/12/0 B/12/4 B/12/12)")
     parser.add_argument("--sizes", nargs="+", type=int, metavar="S", help="volume edges (default: 64 128 256)")
@@ -55,14 +66,14 @@ def command_line(args: argparse.Namespace) -> list[str]:
             argv.append(flag)
         elif isinstance(value, (list, tuple)):
             argv += [flag] + [str(v) for v in value]
-        elif name != "out" or value != "benchmarks/results":
+        else:
             argv += [flag, str(value)]
     return argv
 
 
 def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(
-        out=args.out,
+        out=args.out or default_out(),
         quick=args.quick,
         variants=tuple(args.variants) if args.variants else None,
         sizes=tuple(args.sizes) if args.sizes else None,
@@ -82,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_benchmark(opts, log=lambda line: print(line, flush=True))
     except ValueError as err:
-        print(f"prdit-fast bench: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

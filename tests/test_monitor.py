@@ -1,0 +1,77 @@
+"""Training observability: validation loss and EMA sample images every
+``logging.eval_every`` steps, TensorBoard event files (when installed), W&B refused
+clearly when enabled but absent, and ``prdit-fast plot``. Phantom, 16^3, XS, 2 steps."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from prdit_fast.cli import main
+from prdit_fast.training import train
+
+
+def config(out, **logging_keys) -> dict:
+    return {
+        "data": {"image_size": 16, "num_workers": 0, "phantom_length": 3},
+        "model": {"name": "PRDiT-XS/10/0"},
+        "training": {"batch_size": 2, "learning_rate": 1e-3, "total_steps": 2, "log_every": 1, "ckpt_every": 2,
+                     "seed": 0, "ema_decay": 0.9, "device": "cpu"},
+        "logging": {"eval_every": 1, "eval_samples": 1, "eval_sample_steps": 2, **logging_keys},
+        "output": {"results_dir": str(out)},
+    }
+
+
+def test_eval_every_logs_validation_loss_and_sample_images_then_plot(tmp_path):
+    run = tmp_path / "run"
+    train(config(run))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2] and all(r["val_loss"] > 0 for r in val)
+    assert len([r for r in records if "loss" in r]) == 2
+    for step in (1, 2):
+        sheet = Image.open(run / "eval" / f"step_{step:07d}.png")
+        assert sheet.size == (3 * 16, 16)  # axial, coronal, sagittal of one 16^3 sample
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        assert [e.step for e in events.Scalars("loss")] == [1, 2]
+        assert [e.step for e in events.Scalars("val_loss")] == [1, 2]
+        assert [e.step for e in events.Images("ema_samples")] == [1, 2]
+
+    assert main(["plot", str(run)]) == 0
+    for name in ("loss.png", "throughput.png"):
+        image = Image.open(run / name)
+        assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_validation_loss_is_at_fixed_noise(tmp_path):
+    from prdit_fast.diffusion import IaNDiffusion
+    from prdit_fast.models import create_model
+    from prdit_fast.monitor import validation_loss
+    from prdit_fast.phantom import PhantomDataset
+
+    model = create_model("PRDiT-XS/10/0", 16)
+    data = PhantomDataset(16, 3, seed=1)
+    first = validation_loss(model, IaNDiffusion(), data, device=__import__("torch").device("cpu"), batch_size=2)
+    again = validation_loss(model, IaNDiffusion(), data, device=__import__("torch").device("cpu"), batch_size=2)
+    assert first == again > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_enabled_but_missing_is_one_clear_error(tmp_path, capsys):
+    cfg = config(tmp_path / "run")
+    cfg["wandb"] = {"enable": True, "project": "p", "entity": "", "tags": ""}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wandb" in err[0]
+
+
+def test_plot_without_a_log_is_a_usage_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "log.jsonl" in capsys.readouterr().err
