@@ -71,9 +71,9 @@ def native_bandwidth_rows(
     """
     from prdit_fast import models, native
     from prdit_fast.diffusion import IaNDiffusion
-    from prdit_fast.ops import sampler_update as ops_sampler
-    from prdit_fast.ops import unfold3d as ops_unfold
-    from prdit_fast.ops import unpatchify as ops_unpatchify
+    from prdit_fast.ops import sampling as ops_sampler
+    from prdit_fast.ops import unfold as ops_unfold
+    from prdit_fast.ops import token_cubes as ops_unpatchify
     from prdit_fast.ops.common import triton_importable
 
     if not native.available():
@@ -93,7 +93,7 @@ def native_bandwidth_rows(
             rows.append(_measure(
                 "unfold3d", size, batch, patch, dtype, (volume_elems + tokens.numel()) * isz,
                 lambda: native.unfold3d(x, patch, STRIDE, pad),
-                (lambda: ops_unfold.unfold3d(x, patch, STRIDE, pad, backend="triton")) if use_triton else None,
+                (lambda: ops_unfold.unfold3d(x, patch, STRIDE, pad, impl="triton")) if use_triton else None,
                 device,
             ))
             folded = native.fold3d(tokens, size, patch, STRIDE, pad)
@@ -102,7 +102,7 @@ def native_bandwidth_rows(
             rows.append(_measure(
                 "fold3d", size, batch, patch, dtype, (volume_elems + tokens.numel()) * isz,
                 lambda: native.fold3d(tokens, size, patch, STRIDE, pad),
-                (lambda: ops_unfold.fold3d(tokens, size, patch, STRIDE, pad, backend="triton")) if use_triton else None,
+                (lambda: ops_unfold.fold3d(tokens, size, patch, STRIDE, pad, impl="triton")) if use_triton else None,
                 device,
             ))
             del tokens, folded, reference, x
@@ -114,7 +114,7 @@ def native_bandwidth_rows(
             rows.append(_measure(
                 "unpatchify+residual", size, batch, patch, dtype, (2 * coarse.numel() + out.numel()) * isz,
                 lambda: native.unpatchify(coarse, size, STRIDE, OUT_CHANNELS, residual=fine),
-                (lambda: ops_unpatchify.unpatchify(coarse, size, STRIDE, OUT_CHANNELS, fine, backend="triton"))
+                (lambda: ops_unpatchify.unpatchify(coarse, size, STRIDE, OUT_CHANNELS, fine, impl="triton"))
                 if use_triton else None,
                 device,
             ))
@@ -134,7 +134,7 @@ def native_bandwidth_rows(
                 lambda: native.sampler_update(coarse, state, table, step, keys, stride=STRIDE, x_out=x_next,
                                               x0_out=x0_hat),
                 (lambda: ops_sampler.sampler_update(coarse, state, table, step, keys, stride=STRIDE, x_out=x_next,
-                                                    x0_out=x0_hat, backend="triton")) if use_triton else None,
+                                                    x0_out=x0_hat, impl="triton")) if use_triton else None,
                 device,
             ))
             del coarse, state, x_next, x0_hat, tri_next

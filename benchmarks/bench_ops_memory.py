@@ -34,9 +34,9 @@ import torch
 from conftest import requires_cuda
 from prdit_fast import models
 from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.ops.sampler_update import build_step_table, sample_key, sampler_update, sampler_update_reference
-from prdit_fast.ops.unfold3d import fold3d, unfold3d
-from prdit_fast.ops.unpatchify import unpatchify
+from prdit_fast.ops.sampling import build_step_table, sample_key, sampler_update, sampler_update_reference
+from prdit_fast.ops.unfold import fold3d, unfold3d
+from prdit_fast.ops.token_cubes import unpatchify
 
 
 PATCH, STRIDE, PAD, CHANNELS, BATCH = 12, 8, 2, 1, 4
@@ -120,7 +120,7 @@ def test_unfold3d(benchmark, roofline, impl, size, dtype):
     bf16 row is the fast path's fp32 volume -> bf16 tokens in one pass."""
     x = torch.randn(BATCH, CHANNELS, size, size, size, device="cuda")
     fn = {
-        "triton": lambda: unfold3d(x, PATCH, STRIDE, PAD, out_dtype=dtype, backend="triton"),
+        "triton": lambda: unfold3d(x, PATCH, STRIDE, PAD, out_dtype=dtype, impl="triton"),
         "torch": lambda: models.unfold3d(x, PATCH, STRIDE, PAD),
         "compile": lambda: _compile("unfold", models.unfold3d)(x, PATCH, STRIDE, PAD),
     }[impl]
@@ -137,7 +137,7 @@ def test_fold3d(benchmark, roofline, impl, size, dtype):
     voxel = torch.arange(numel, device="cuda", dtype=torch.float64).view(1, CHANNELS, size, size, size)
     source = models.unfold3d(voxel, PATCH, STRIDE, PAD).long().reshape(1, -1)
     fn = {
-        "triton": lambda: fold3d(tokens, size, PATCH, STRIDE, PAD, backend="triton"),
+        "triton": lambda: fold3d(tokens, size, PATCH, STRIDE, PAD, impl="triton"),
         "torch": lambda: _scatter_fold(tokens, source, numel),
         "compile": lambda: _compile("fold", _scatter_fold)(tokens, source, numel),
     }[impl]
@@ -150,7 +150,7 @@ def test_unpatchify_residual(benchmark, roofline, impl, size):
     shape = (BATCH, (size // STRIDE) ** 3, STRIDE**3 * 2 * CHANNELS)
     a, b = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
     fn = {
-        "triton": lambda: unpatchify(a, size, STRIDE, 2 * CHANNELS, residual=b, backend="triton"),
+        "triton": lambda: unpatchify(a, size, STRIDE, 2 * CHANNELS, residual=b, impl="triton"),
         "torch": lambda: _sum_unpatchify(a, b, size),
         "compile": lambda: _compile("unpatchify", _sum_unpatchify)(a, b, size),
     }[impl]
@@ -179,7 +179,7 @@ def test_sampler_update_corrector(benchmark, roofline, impl, size):
     keys = torch.tensor([sample_key(0, i) for i in range(BATCH)], device="cuda")
     kwargs = dict(residual=residual, x_out=x, x0_out=x0)
     fn = {
-        "triton": lambda: sampler_update(tokens, x, table, step, keys, backend="triton", **kwargs),
+        "triton": lambda: sampler_update(tokens, x, table, step, keys, impl="triton", **kwargs),
         "torch": lambda: sampler_update_reference(tokens, x, table, step, keys, **kwargs),
         "compile": lambda: _compile("sampler", sampler_update_reference)(tokens, x, table, step, keys, **kwargs),
     }[impl]

@@ -7,7 +7,7 @@ Reports milliseconds and achieved TFLOP/s for
     bf16) and torch.compile of it (bf16); FLOPs = 3 GEMMs of 2 M D^2 (fc1_g, fc1_x, fc2);
     bf16 kernel 1 in both forms (per-sample folded weights, prologue), and the per-sample
     fold of fc1_g + fc1_x alone (ms and GB/s of its B-copy write plus one read of W);
-  - local denoiser: fused (impl="fused") and gemm-path (impl="gemm", cuBLAS GEMMs) vs
+  - local denoiser: fused (impl="triton") and gemm-path (impl="gemm", cuBLAS GEMMs) vs
     eager and torch.compile of ``coarse.mlp_denoise`` (bf16);
     FLOPs = 6 x 2 M D^2 + 2 M D (s^3 Cout);
   - a bf16 matmul peak measured in the same run (cuBLAS 8192^3, and cuBLAS at the
@@ -56,7 +56,7 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(batch: int, tokens: int, dim: int) -> dict:
     from prdit_fast.models import LocalDenoiser, SwiGLU
-    from prdit_fast.ops.adaptive_swiglu import (
+    from prdit_fast.ops.swiglu import (
         adaptive_swiglu,
         chunk_moments,
         folded_norm_linear,
@@ -65,7 +65,7 @@ def run(batch: int, tokens: int, dim: int) -> dict:
         swiglu_params,
         tiles_within_samples,
     )
-    from prdit_fast.ops.local_denoiser import local_denoiser
+    from prdit_fast.ops.denoiser import local_denoiser
 
     dev = "cuda"
     M = batch * tokens
@@ -104,9 +104,9 @@ def run(batch: int, tokens: int, dim: int) -> dict:
         record("adaptive SwiGLU torch.compile bf16",
                _time_ms(lambda: compiled(x16, shift16, scale16, block16)), swiglu_flops)
         record("adaptive SwiGLU fused fp32",
-               _time_ms(lambda: adaptive_swiglu(x, shift, scale, block, backend="triton")), swiglu_flops)
+               _time_ms(lambda: adaptive_swiglu(x, shift, scale, block, impl="triton")), swiglu_flops)
         record("adaptive SwiGLU fused bf16",
-               _time_ms(lambda: adaptive_swiglu(x16, shift16, scale16, block16, backend="triton")), swiglu_flops)
+               _time_ms(lambda: adaptive_swiglu(x16, shift16, scale16, block16, impl="triton")), swiglu_flops)
         fused_swiglu = rows[-1]["tflops"]
         rows16, params16 = x16.view(M, dim), swiglu_params(block16)
         stats16 = chunk_moments(rows16)
@@ -123,7 +123,7 @@ def run(batch: int, tokens: int, dim: int) -> dict:
         print(f"{'per-sample fold of fc1_g + fc1_x':48s} {fold_ms:9.3f} ms {fold_bytes / fold_ms / 1e6:8.1f} GB/s")
         truth = reference_adaptive_swiglu(x, shift, scale, block)
         results["swiglu_bf16_rel_err_vs_fp32"] = {
-            "fused": _rel_err(adaptive_swiglu(x16, shift16, scale16, block16, backend="triton"), truth),
+            "fused": _rel_err(adaptive_swiglu(x16, shift16, scale16, block16, impl="triton"), truth),
             "eager": _rel_err(reference_adaptive_swiglu(x16, shift16, scale16, block16), truth),
         }
     results["swiglu_fraction_of_peak"] = fused_swiglu / peak
@@ -138,14 +138,14 @@ def run(batch: int, tokens: int, dim: int) -> dict:
         record("local denoiser eager bf16", _time_ms(lambda: module(x16, c16)), denoiser_flops)
         compiled_ms = _time_ms(lambda: compiled_module(x16, c16))
         record("local denoiser torch.compile bf16", compiled_ms, denoiser_flops)
-        fused_ms = _time_ms(lambda: local_denoiser(x16, c16, module, backend="triton", impl="fused"))
+        fused_ms = _time_ms(lambda: local_denoiser(x16, c16, module, impl="triton"))
         record("local denoiser fused bf16", fused_ms, denoiser_flops)
-        gemm_ms = _time_ms(lambda: local_denoiser(x16, c16, module, backend="triton", impl="gemm"))
+        gemm_ms = _time_ms(lambda: local_denoiser(x16, c16, module, impl="gemm"))
         record("local denoiser gemm-path bf16", gemm_ms, denoiser_flops)
         truth = module.float()(x16.float(), c16.float())
         module.bfloat16()
         results["denoiser_bf16_rel_err_vs_fp32"] = {
-            impl: _rel_err(local_denoiser(x16, c16, module, backend="triton", impl=impl), truth)
+            impl: _rel_err(local_denoiser(x16, c16, module, impl="triton", impl=impl), truth)
             for impl in ("fused", "gemm")
         }
     print(f"local denoiser bf16 relative error vs fp32: {results['denoiser_bf16_rel_err_vs_fp32']}")

@@ -216,14 +216,14 @@ def baseline_rows(
     with tf32(False), torch.no_grad():
         truth = model(x_fixed, t_fixed)
     fast_dtype = torch.float32 if cpu else torch.bfloat16
-    fast_kernels = "torch" if cpu else "auto"
+    fast_impl = "torch" if cpu else "auto"
     result: dict[str, Any] = {
         "schema": SCHEMA, **bench.environment(device),
         "settings": {"variant": variant, "size": size, "batch": batch, "sampler": "pc", "k": 2,
                      "step_counts": list(step_counts), "whole_budget_s": whole_budget_s,
                      "compile_mode": compile_mode,
                      "single_step_timing": CPU_SINGLE_TIMING if cpu else SINGLE_TIMING,
-                     "fast_dtype": str(fast_dtype).replace("torch.", ""), "fast_kernels": fast_kernels},
+                     "fast_dtype": str(fast_dtype).replace("torch.", ""), "fast_impl": fast_impl},
         "peak": peak, "flop_per_step": step_flop, "rows": [],
         "label": "CPU results (not GPU figures)" if cpu else "GPU",
     }
@@ -240,7 +240,7 @@ def baseline_rows(
         try:
             with tf32(spec.tf32):
                 row.update(_measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, device,
-                                    compile_mode, fast_dtype, fast_kernels, x_fixed, t_fixed, truth,
+                                    compile_mode, fast_dtype, fast_impl, x_fixed, t_fixed, truth,
                                     Sampler, accelerate, IaNDiffusion))
             row["status"] = "ok"
             row["tflops"] = step_flop / (row["step_ms"] / 1e3) / 1e12
@@ -258,10 +258,10 @@ def baseline_rows(
 
 
 def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, device, compile_mode,
-             fast_dtype, fast_kernels, x_fixed, t_fixed, truth, Sampler, accelerate, IaNDiffusion) -> dict:
+             fast_dtype, fast_impl, x_fixed, t_fixed, truth, Sampler, accelerate, IaNDiffusion) -> dict:
     out: dict[str, Any] = {}
     if spec.network == "fast":
-        net = accelerate(model, dtype=fast_dtype, kernels=fast_kernels)
+        net = accelerate(model, dtype=fast_dtype, impl=fast_impl)
         out["dtype"] = {torch.bfloat16: "bf16", torch.float32: "fp32"}[fast_dtype]
         autocast_dtype = None
     else:
@@ -280,7 +280,7 @@ def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, 
     out["attention_kernels"] = attention_kernels(forward, device)
     out["attention"] = attention_label(out["attention_kernels"], cfg.depth)
     if spec.network == "fast" and cfg.depth:
-        from prdit_fast.ops.attention import last_backend
+        from prdit_fast.ops.attention_backends import last_backend
 
         out["attention"] = f"{last_backend()}: {out['attention']}"
 

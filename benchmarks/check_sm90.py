@@ -55,7 +55,7 @@ def _jit(kernel):
 
 
 def _gemm_cases() -> list[Case]:
-    from prdit_fast.ops import adaptive_swiglu as sw
+    from prdit_fast.ops import swiglu as sw
 
     M, D, groups = BATCH * TOKENS, WIDTH, -(-WIDTH // sw.STATS_GROUP)
     pointers = {name: "*bf16" for name in ("a_ptr", "res_ptr", "shift_ptr", "w_ptr", "bias_ptr", "w2_ptr",
@@ -93,7 +93,7 @@ def _gemm_cases() -> list[Case]:
 
 
 def _copy_cases() -> list[Case]:
-    from prdit_fast.ops import unfold3d as uf
+    from prdit_fast.ops import unfold as uf
 
     geometry = dict(C=1, D=EDGE, H=EDGE, W=EDGE, P=PATCH, STRIDE=STRIDE, PAD=PAD)
     volume = EDGE**3

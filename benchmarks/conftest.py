@@ -17,7 +17,7 @@ import importlib.util
 import pytest
 import torch
 
-from prdit_fast.ops.common import interpret_without_gpu
+from prdit_fast.testing import interpret_without_gpu
 
 # Triton modules then import cleanly without a GPU (their benchmarks skip)
 interpret_without_gpu()

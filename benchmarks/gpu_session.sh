@@ -73,7 +73,7 @@ stage_command() {
       python3 -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" $select 2>&1 | tee "$OUT/tests.log" ;;
     profile)
       if [ "$DRY_RUN" = 1 ]; then
-        python3 benchmarks/profile_step.py "${DEVICE[@]}" "${TINY[@]}" --batch 1 --steps 1 --rounds 1 --kernels torch --out "$WORK/profile"
+        python3 benchmarks/profile_step.py "${DEVICE[@]}" "${TINY[@]}" --batch 1 --steps 1 --rounds 1 --impl torch --out "$WORK/profile"
       else
         python3 benchmarks/profile_step.py --out "$WORK/profile"
       fi ;;

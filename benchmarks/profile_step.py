@@ -29,7 +29,7 @@ and ``.json`` there (``--trace`` adds a Chrome trace ``...-trace.json``), writte
 atomically. The JSON records device, torch / Triton versions, date, git commit ("unknown"
 where the tree has no ``.git``) and the settings.
 
-On the CPU "auto" kernels are the ops' plain-torch references; Triton runs there only
+On the CPU impl "auto" runs the ops' plain-torch references; Triton runs there only
 under ``TRITON_INTERPRET=1``, and the profiler does not see interpreted kernels by name
 (their time lands in the self time of the autograd Function wrapping them, or in the gap).
 A CPU report checks the structure, not GPU figures.
@@ -171,7 +171,7 @@ def profile_step(
     steps: int = 5,
     device: str | torch.device | None = None,
     dtype: str | None = None,
-    kernels: str | None = None,
+    impl: str | None = None,
     timing_rounds: int = TIMING_ROUNDS,
     trace: str | Path | None = None,
     argv: list[str] | None = None,
@@ -180,7 +180,7 @@ def profile_step(
     ``format_markdown`` for its reading and the module docstring for the method).
 
     device: None for cuda when available, else cpu. dtype: "bf16" or "fp32" (None: bf16 on
-    CUDA, fp32 on the CPU). kernels: ``accelerate``'s kernels argument ("auto", "triton",
+    CUDA, fp32 on the CPU). impl: ``accelerate``'s impl argument ("auto", "triton",
     "torch"; None: "auto"). trace: also write a Chrome trace of the profiled round there.
     """
     from prdit_fast import bench
@@ -189,7 +189,7 @@ def profile_step(
     from prdit_fast.fast import accelerate
     from prdit_fast.flops import flops_breakdown, flops_per_step
     from prdit_fast.models import variant_config
-    from prdit_fast.ops.attention import last_backend
+    from prdit_fast.ops.attention_backends import last_backend
 
     try:
         device = resolve_device(device)
@@ -200,7 +200,7 @@ def profile_step(
     dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    kernels = kernels or "auto"
+    impl = impl or "auto"
     for name, value, low in (("steps", steps, 1), ("timing_rounds", timing_rounds, 1), ("batch", batch, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -212,7 +212,7 @@ def profile_step(
     env = bench.environment(device, argv)
     peak = bench.measure_matmul_peak(device, MATMUL_PEAK_N, torch.bfloat16) if device.type == "cuda" else None
     model = bench.randomized_model(variant, size).to(device)
-    fast = accelerate(model, dtype=DTYPES[dtype], kernels=kernels)
+    fast = accelerate(model, dtype=DTYPES[dtype], impl=impl)
     sampler = Sampler(fast, batch, steps, "pc", k=2, cuda_graph=False)
     sampler.sample(keys_for(0, range(batch)))  # x_T and the sampler's buffers; runs `steps` steps
 
@@ -297,7 +297,7 @@ def profile_step(
         "schema": SCHEMA,
         "settings": {
             "variant": variant, "size": size, "batch": batch, "steps": steps,
-            "dtype": dtype, "kernels": kernels, "device": str(device), "sampler": "pc", "k": 2,
+            "dtype": dtype, "impl": impl, "device": str(device), "sampler": "pc", "k": 2,
             "cuda_graph": False, "warmup_steps": warmup_steps, "timing_rounds": timing_rounds,
             "autotune": _autotune_setting(),
         },
@@ -369,8 +369,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"# One fast-backend step: {s['variant']} at {s['size']}^3, batch {s['batch']}, {s['dtype']}",
         "",
         (f"{report['device']['name']} ({s['device']}); torch {report['versions']['torch']}, Triton "
-        f"{report['versions']['triton']}; commit {report['git_commit']}; {report['date']}. Kernels "
-        f"{s['kernels']} (Triton autotune {s['autotune']}), attention {report['attention_backend'] or '–'}, "
+        f"{report['versions']['triton']}; commit {report['git_commit']}; {report['date']}. Impl "
+        f"{s['impl']} (Triton autotune {s['autotune']}), attention {report['attention_backend'] or '–'}, "
         f"pc sampler k=2, no CUDA graph; {s['steps']} profiled steps after {s['warmup_steps']} warm-up "
         f"steps; wall time: median of {s['timing_rounds']} unprofiled rounds ({report['timing']})."),
         "",
@@ -437,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (and steps per timing round)")
     parser.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                        help="accelerate()'s kernels: auto = the Triton kernels where they run")
+    parser.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto",
+                        help="accelerate()'s impl: auto = the documented default per device and dtype")
     parser.add_argument("--rounds", type=int, default=TIMING_ROUNDS, help="unprofiled timing rounds")
     parser.add_argument("--out", help="write profile-<variant>-<size>-b<batch>.{md,json} into this folder")
     parser.add_argument("--trace", action="store_true", help="with --out, also a Chrome trace <stem>-trace.json")
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = output_stem(args.variant, args.size, args.batch)
         trace = Path(args.out) / f"{stem}-trace.json" if args.trace else None
         report = profile_step(args.variant, args.size, args.batch, args.steps, args.device, args.dtype,
-                              args.kernels, args.rounds, trace=trace, argv=full_argv)
+                              args.impl, args.rounds, trace=trace, argv=full_argv)
     except ValueError as err:
         parser.error(str(err))
     print(format_markdown(report))

@@ -4,6 +4,7 @@
     model = prdit_fast.load_checkpoint("ckpt.pt", backend="fast")         # official or ours
     fast = prdit_fast.accelerate(model, dtype=torch.bfloat16)             # same parameters, fused kernels
     x, x0_hat = prdit_fast.IaNDiffusion().sample(model, noise, steps=100) # reference sampler
+    keys = prdit_fast.keys_for(run_seed=0, indices=range(4))             # volume i depends on (seed, i) only
     x = prdit_fast.FlowMatching().sample(fm_model, noise, steps=100, solver="euler")  # released 256^3 models
     x, x0_hat = prdit_fast.Sampler(fast, batch_size=4, steps=100).sample(keys)  # CUDA-graph engine
 
@@ -22,10 +23,13 @@ from .volumes import load_volume, save_nifti, save_slices_png
 
 __version__ = "0.1.0"
 
+# name -> module, imported on first access: these import Triton (seconds of start-up)
 _LAZY = {
     "accelerate": "prdit_fast.fast",
     "FastPRDiT": "prdit_fast.fast",
     "Sampler": "prdit_fast.engine",
+    "keys_for": "prdit_fast.engine",
+    "ImplUnavailable": "prdit_fast.ops.dispatch",
     "train": "prdit_fast.training",
 }
 

@@ -451,7 +451,7 @@ class PreparedBackend:
         if not self.backend.fast:
             return None
         try:
-            from .ops.attention import last_backend
+            from .ops.attention_backends import last_backend
         except Exception:  # optional module
             return getattr(self.net, "attention", None)
         return last_backend() or getattr(self.net, "attention", None)

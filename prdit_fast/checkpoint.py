@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import pickle
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,16 +39,15 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
-from .models import SIZES, PRDiT, PRDiTConfig, canonical_name, variant_config
+from .models import PRDiT, PRDiTConfig, canonical_name, variant_config
 from .sr import PRDiTSR, SRConfig, build_sr_model, config_from_official_sr, is_official_sr_config
+from .state_dict import infer_architecture, strip_wrapper_prefixes
 
 FORMAT = "prdit_fast"
 FORMAT_VERSION = 1
-BACKENDS = ("reference", "fast")
+# what ``load_checkpoint(backend=...)`` and training's ``model.backend`` build
+MODEL_BACKENDS = ("reference", "fast")
 _EMA_PREFIX = "ema."
-# DDP wraps the model in ``module.``, torch.compile in ``_orig_mod.``
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_BLOCK_RE = re.compile(r"^fine\.blocks\.(\d+)\.")
 _LISTED = 5  # how many offending keys an error message names
 
 
@@ -123,16 +121,6 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         out["extra"] = json.loads(meta["extra"])
     if "process" in meta:
         out["process"] = meta["process"]
-    return out
-
-
-def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from every key."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
     return out
 
 
@@ -229,69 +217,6 @@ def _weights_and_config(
     return dict(ckpt["model"]), config, "model"
 
 
-def _geometry_from_rows(coarse_rows: int, out_rows: int) -> tuple[int, int, int, int] | None:
-    """(in_channels C, patch p, stride s, out_channels Cout) with C p^3 = coarse_rows and
-    s^3 Cout = out_rows, Cout in {2C, C}, s <= p, p - s even; the fewest channels first
-    (CT has one). For a given C the head is unambiguous: s^3 = 2 s'^3 has no integer
-    solution."""
-    for channels in range(1, coarse_rows + 1):
-        if coarse_rows % channels:
-            continue
-        patch = round((coarse_rows // channels) ** (1 / 3))
-        if channels * patch**3 != coarse_rows:
-            continue
-        for out_channels in (2 * channels, channels):
-            stride = round((out_rows / out_channels) ** (1 / 3))
-            if stride >= 1 and stride**3 * out_channels == out_rows and stride <= patch and (patch - stride) % 2 == 0:
-                return channels, patch, stride, out_channels
-    return None
-
-
-def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
-    """What a state dict's shapes say about the network, or None when the keys needed
-    are absent: ``hidden`` (rows of t_embedder.mlp.0), ``patch`` and ``in_channels``
-    (rows of coarse_head = C p^3), ``stride`` and ``out_channels`` (rows of linear_final =
-    s^3 Cout, Cout = 2C for IaN or C for flow matching), ``pad`` ((p - s) / 2), ``depth``
-    (highest fine.blocks.N + 1), ``name`` (the variant name when hidden is a named size)
-    and ``evidence`` (a sentence for error messages)."""
-    try:
-        hidden = state["t_embedder.mlp.0.weight"].shape[0]
-        coarse_rows = state["t_embedder.coarse_head.weight"].shape[0]
-        out_rows = state["coarse.mlp_denoise.linear_final.weight"].shape[0]
-    except (KeyError, AttributeError, IndexError):
-        return None
-    geometry = _geometry_from_rows(coarse_rows, out_rows)
-    if geometry is None:
-        return None
-    channels, patch, stride, out_channels = geometry
-    blocks = [int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))]
-    depth = max(blocks) + 1 if blocks else 0
-    size = next((s for s, (h, _) in SIZES.items() if h == hidden), None)
-    try:
-        name = canonical_name(f"{size}/{patch}/{depth}-s{stride}") if size else None
-    except ValueError:
-        name = None
-    head = "velocity (flow matching)" if out_channels == channels else "[eps_hat, x0_hat] (IaN)"
-    evidence = (
-        f"hidden {hidden} (t_embedder.mlp.0), patch {patch} (t_embedder.coarse_head has {coarse_rows} = "
-        f"{channels} x {patch}^3 rows), stride {stride} and {out_channels} output channels "
-        f"(linear_final has {out_rows} = {stride}^3 x {out_channels} rows: {head}), depth {depth} ("
-        + (f"highest block fine.blocks.{depth - 1}" if depth else "no fine.blocks")
-        + f"), in_channels {channels}"
-    )
-    return {
-        "hidden": hidden,
-        "patch": patch,
-        "stride": stride,
-        "pad": (patch - stride) // 2,
-        "depth": depth,
-        "in_channels": channels,
-        "out_channels": out_channels,
-        "name": name,
-        "evidence": evidence,
-    }
-
-
 def _check_architecture(arch: dict[str, Any] | None, cfg: PRDiTConfig, path: Path, origin: str) -> None:
     if arch is None:
         return
@@ -356,8 +281,8 @@ def load_checkpoint(
     The returned PRDiT's ``checkpoint_weights`` says which tensors were loaded:
     'ema', 'model' or 'state dict'.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in MODEL_BACKENDS:
+        raise ValueError(f"backend must be one of {MODEL_BACKENDS}, got {backend!r}")
     if backend_kwargs and backend != "fast":
         raise ValueError(f"options {sorted(backend_kwargs)} apply to backend='fast' only")
     path = Path(path)
@@ -400,7 +325,7 @@ def load_checkpoint(
     model.eval()
     model.checkpoint_weights = which
     if backend == "fast":
-        from .fast import accelerate
+        from .fast import accelerate  # here: the fast backend imports Triton, slow to start
 
         return accelerate(model, **backend_kwargs)
     return model

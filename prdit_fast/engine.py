@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import IaNDiffusion, sampling_grid
-from .ops.sampler_update import build_step_table, initial_noise, sample_key, sampler_update
+from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update
 
 log = logging.getLogger("prdit_fast")
 
@@ -229,7 +229,7 @@ class Sampler:
             return "reference"
         chosen = getattr(self.model, "attention", None)
         if chosen == "auto":  # resolved at the first call (the warm-up, or the first step)
-            from .ops.attention import last_backend
+            from .ops.attention_backends import last_backend
 
             return last_backend() or chosen
         return chosen

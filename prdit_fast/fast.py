@@ -23,7 +23,7 @@ What runs per step (B volumes, N tokens, hidden h):
 * DiT blocks: the residual stream stays fp32; every ``LayerNorm + modulate`` is one Triton
   kernel writing the GEMM input in the compute dtype, and every ``x + gate * branch`` is
   fused with the LayerNorm + modulation that follows it (``prdit_fast.ops.adaln``).
-  Attention through ``prdit_fast.ops.attention`` (flash-attn / cuDNN / flash SDPA / ...).
+  Attention through ``prdit_fast.ops.attention_backends`` (flash-attn / cuDNN / flash SDPA / ...).
   GEMMs are cuBLAS in the compute dtype (bf16 by default); in inference on CUDA the MLP's
   ``fc1`` + tanh-GELU is one cuBLASLt GEMM with a GELU epilogue, in training GELU is a
   separate elementwise pass (the epilogue op has no backward).
@@ -31,7 +31,7 @@ What runs per step (B volumes, N tokens, hidden h):
   ``coarse.mlp_denoise`` whose parameter slots hold the cached compute-dtype weights: for
   16-bit CUDA tokens its cuBLAS path (fused LayerNorm + modulation, one GEMM for both gate
   halves, a fused SiLU-gate + LayerNorm kernel), otherwise the fused adaptive-SwiGLU
-  kernels (see ``resolve_impl`` there for the measured reason).
+  kernels (``prdit_fast.ops.dispatch`` decides, and says why).
 * Output assembly in fp32: coarse + fine tokens are summed in fp32 and unpatchified, in
   one kernel; the sampling engine passes both parts to its update kernel instead, which
   sums them as it reads them.
@@ -49,13 +49,12 @@ Tolerances (tests/test_fast.py): with ``dtype=torch.float32`` the output and gra
 match the reference within 1e-4 of their largest magnitude (only summation order
 differs). bf16 (GEMM and attention inputs rounded to 8 mantissa bits; statistics,
 modulation, residual stream and output sum in fp32): the GPU tests allow 3e-2 relative
-RMS error on the output and 5e-2 on gradients; on the CPU (kernels="torch", weights
+RMS error on the output and 5e-2 on gradients; on the CPU (impl="torch", weights
 N(0, 0.02), 32^3, batch 2) B/12/2 measured 3.5e-3 and B/12/0 4.4e-3 relative RMS.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -63,17 +62,28 @@ import torch.nn.functional as F
 
 from . import models
 from .models import PRDiT, PRDiTConfig
-from .ops.adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate
-from .ops.attention import BACKENDS as ATTENTION_BACKENDS
-from .ops.attention import attention as attention_op
-from .ops.fp8_linear import E4M3, fp8_linear, quantize_e4m3, require_fp8
+from .ops import (
+    attention,
+    embed_layernorm_modulate,
+    gated_residual_layernorm_modulate,
+    local_denoiser,
+    unfold3d,
+    unpatchify,
+)
+from .ops.attention_backends import ATTENTION_BACKENDS
+from .ops.dispatch import per_op_impl, resolve
+from .ops.fp8_linear import E4M3, fp8_linear, fp8_unsupported, quantize_e4m3
+from .state_dict import infer_architecture, strip_wrapper_prefixes
 
 # float8_e4m3fn: the transformer's and the patch embedder's GEMMs in FP8 with per-row
 # scales (inference only), everything else in bf16
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, E4M3)
-# "auto": the fused Triton ops wherever they run; "triton": insist; "torch": their
-# plain-torch references (same data flow, same cached weights: for CPU tests and debugging)
-from .ops.common import BACKENDS as KERNEL_BACKENDS
+# the ops a FastPRDiT forward runs, whose implementation ``impl`` chooses (attention has
+# its own ``attention`` choice of library)
+FAST_OPS = (
+    "unfold3d", "local_denoiser", "embed_layernorm_modulate", "gated_residual_layernorm_modulate", "fp8_linear",
+    "unpatchify",
+)
 
 
 class DerivedWeights:
@@ -100,15 +110,6 @@ class DerivedWeights:
         self._store.clear()
 
 
-def _optional_op(module: str, name: str):
-    """An op of a sibling module in prdit_fast.ops, or None where that module is absent
-    (the forward then uses the reference piece from ``models``)."""
-    try:
-        return getattr(importlib.import_module(f"prdit_fast.ops.{module}"), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 class FastPRDiT(nn.Module):
     """PRDiT forward over the reference's parameters: bf16 GEMMs, fused adaLN, fast attention.
 
@@ -125,22 +126,25 @@ class FastPRDiT(nn.Module):
     initialize_weights = PRDiT.initialize_weights
 
     def __init__(
-        self, reference: PRDiT, dtype: torch.dtype = torch.bfloat16, attention: str = "auto", kernels: str = "auto"
+        self,
+        reference: PRDiT,
+        dtype: torch.dtype = torch.bfloat16,
+        attention: str = "auto",
+        impl: str | Mapping[str, str] = "auto",
     ):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
         if attention != "auto" and attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be 'auto' or one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
-        if kernels not in KERNEL_BACKENDS:
-            raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {kernels!r}")
         self.config: PRDiTConfig = reference.config
         # dtype of the GEMM operands; activations, attention and the local denoiser run in
         # ``dtype`` (bf16 when the GEMMs are FP8)
         self.gemm_dtype = dtype
         self.dtype = torch.bfloat16 if dtype == E4M3 else dtype
         self.attention = attention
-        self.kernels = kernels
+        self.impl = impl
+        self._impls = per_op_impl(impl, FAST_OPS)  # op name -> "auto" | "torch" | "triton" | "gemm"
         self.t_embedder = reference.t_embedder
         self.coarse = reference.coarse
         self.fine = reference.fine
@@ -161,7 +165,7 @@ class FastPRDiT(nn.Module):
         self._derived.clear()
 
     def extra_repr(self) -> str:
-        return f"dtype={self.gemm_dtype}, attention={self.attention!r}, kernels={self.kernels!r}"
+        return f"dtype={self.gemm_dtype}, attention={self.attention!r}, impl={self.impl!r}"
 
     # ------------------------------------------------------------------ weights
     def _cast(self, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -179,7 +183,7 @@ class FastPRDiT(nn.Module):
             return F.linear(x, *self._linear(name, layer))
         weight_q, weight_scale = self._derived.get(name + ".e4m3", (layer.weight,), lambda: quantize_e4m3(layer.weight))
         bias = self._cast(name + ".bias", layer.bias)
-        return fp8_linear(x, weight_q, weight_scale, bias, out_dtype=self.dtype, backend=self.kernels)
+        return fp8_linear(x, weight_q, weight_scale, bias, out_dtype=self.dtype, impl=self._impls["fp8_linear"])
 
     def _gemm_gelu(self, name: str, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         """tanh-GELU(``layer(x)``): cuBLASLt's GELU epilogue in 16 bits, a separate pass after FP8."""
@@ -199,15 +203,11 @@ class FastPRDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         coarse, fine = self.token_parts(x, t)
-        unpatchify = _optional_op("unpatchify", "unpatchify")
-        if unpatchify is None:
-            total = coarse.float() if fine is None else coarse.float() + fine.float()
-            return models.unpatchify(total, cfg.input_size, cfg.stride, cfg.out_channels)
         # the coarse + fine sum is fused into the layout kernel, in fp32
         tokens, residual = (coarse, None) if fine is None else (fine, coarse)
         return unpatchify(
             tokens, cfg.input_size, cfg.stride, cfg.out_channels, residual,
-            out_dtype=torch.float32, backend=self.kernels,
+            out_dtype=torch.float32, impl=self._impls["unpatchify"],
         )
 
     def forward_tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -220,16 +220,12 @@ class FastPRDiT(nn.Module):
         """x (B, C, S, S, S), t (B,) -> (coarse tokens, fine tokens or None at depth 0),
         each (B, N, s^3 Cout) in the compute dtype; their fp32 sum is the output."""
         self.check_input(x, t)
-        if self.gemm_dtype == E4M3 and self.kernels != "torch":
-            require_fp8(x.device)  # before any work, not at the first transformer GEMM
+        if self.gemm_dtype == E4M3:  # an explicit impl that cannot run fails before any work
+            resolve("fp8_linear", self._impls["fp8_linear"], [x], fp8_unsupported(x.device))
         cfg = self.config
         # ONE unfold per step, casting on the store: the (B, N, D) tokens are written once,
         # in the compute dtype, straight from the fp32 volume
-        unfold = _optional_op("unfold3d", "unfold3d")
-        if unfold is not None:
-            tokens = unfold(x, cfg.patch, cfg.stride, cfg.pad, out_dtype=self.dtype, backend=self.kernels)
-        else:
-            tokens = models.unfold3d(x.to(self.dtype), cfg.patch, cfg.stride, cfg.pad)
+        tokens = unfold3d(x, cfg.patch, cfg.stride, cfg.pad, out_dtype=self.dtype, impl=self._impls["unfold3d"])
         frozen = self.fine is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             c = self.t_embedder(t)  # (B, hidden) fp32
@@ -244,10 +240,7 @@ class FastPRDiT(nn.Module):
         if self.dtype != module.linear_final.weight.dtype:
             module = self._compute_dtype_denoiser()
             c_coarse = c_coarse.to(self.dtype)
-        fused = _optional_op("local_denoiser", "local_denoiser")
-        if fused is None:
-            return module(tokens, c_coarse)
-        return fused(tokens, c_coarse, module, backend=self.kernels)
+        return local_denoiser(tokens, c_coarse, module, impl=self._impls["local_denoiser"])
 
     def _compute_dtype_denoiser(self) -> nn.Module:
         """A LocalDenoiser whose parameter slots hold the (cached) compute-dtype casts of
@@ -285,18 +278,18 @@ class FastPRDiT(nn.Module):
                             self._cast("embed.fc2.bias", pe.fc2.bias))
             embedded = torch.addmm(skip, act, self._cast("embed.fc2.weight", pe.fc2.weight).t())  # (B N, h)
         blocks = fine.blocks
-        kernels = self.kernels
+        adaln_impl = self._impls["gated_residual_layernorm_modulate"]
         x, y = embed_layernorm_modulate(  # x: the fp32 residual stream
             embedded.view(B, N, h), pe.norm.weight, pe.norm.bias, pe.norm.eps, fine.pos_embed,
-            vector(0), vector(1), blocks[0].norm1.eps, dt, kernels,
+            vector(0), vector(1), blocks[0].norm1.eps, dt, self._impls["embed_layernorm_modulate"],
         )
         for i, block in enumerate(blocks):
             name = f"blocks.{i}"
             qkv = self._gemm(name + ".qkv", y, block.attn.qkv).view(B, N, 3, heads, h // heads)
-            attended = attention_op(qkv, self.attention).reshape(B, N, h)
+            attended = attention(qkv, self.attention).reshape(B, N, h)
             branch = self._gemm(name + ".proj", attended, block.attn.proj)
             x, y = gated_residual_layernorm_modulate(
-                x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, kernels
+                x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, adaln_impl
             )
             hidden = self._gemm_gelu(name + ".fc1", y, block.mlp.fc1)
             branch = self._gemm(name + ".fc2", hidden, block.mlp.fc2)
@@ -304,7 +297,7 @@ class FastPRDiT(nn.Module):
             nxt = 6 * (i + 1)
             eps = blocks[i + 1].norm1.eps if i + 1 < len(blocks) else fine.final_layer.norm_final.eps
             x, y = gated_residual_layernorm_modulate(
-                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, kernels
+                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, adaln_impl
             )
         return self._gemm("final", y, fine.final_layer.linear)
 
@@ -329,7 +322,7 @@ def accelerate(
     dtype: torch.dtype = torch.bfloat16,
     attention: str = "auto",
     input_size: int | None = None,
-    kernels: str = "auto",
+    impl: str | Mapping[str, str] = "auto",
 ) -> FastPRDiT:
     """A FastPRDiT sharing ``model``'s parameters.
 
@@ -341,11 +334,14 @@ def accelerate(
         ``torch.float8_e4m3fn``: the transformer's and patch embedder's GEMMs in FP8 with
         per-row scales on a GPU with FP8 tensor cores (sm_89+), the rest in bf16; inference
         only (``prdit_fast.ops.fp8_linear``).
-    attention: 'auto' or a backend of ``prdit_fast.ops.attention``.
+    attention: 'auto' or a backend of ``prdit_fast.ops.attention_backends``.
     input_size: volume edge S; needed only for a foreign module whose size cannot be read
         from it (a depth-0 model without ``config`` / ``input_size`` / ``pos_embed``).
-    kernels: "auto" (fused Triton ops where they run), "triton" or "torch" (their
-        plain-torch references).
+    impl: which implementation runs each op (``prdit_fast.ops.dispatch``): "auto" (the
+        documented default per device and dtype), "triton" (the Triton kernels; raises
+        where they cannot run), "torch" (the plain-torch references: same data flow, same
+        cached weights), or a mapping from op names in ``FAST_OPS`` to choices, e.g.
+        ``{"local_denoiser": "gemm"}`` (ops not named run "auto").
     """
     if isinstance(model, FastPRDiT):
         model = model.reference
@@ -356,14 +352,12 @@ def accelerate(
             f"model was built for input_size={model.config.input_size}; build the reference at "
             f"{input_size} (the weights do not depend on it) instead of passing input_size"
         )
-    return FastPRDiT(model, dtype=dtype, attention=attention, kernels=kernels)
+    return FastPRDiT(model, dtype=dtype, attention=attention, impl=impl)
 
 
 def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
     """A reference PRDiT built from ``module``'s state-dict shapes whose parameters are
     ``module``'s own parameter tensors."""
-    from .checkpoint import infer_architecture, strip_wrapper_prefixes
-
     params = strip_wrapper_prefixes(dict(module.named_parameters()))
     state = strip_wrapper_prefixes(module.state_dict())
     arch = infer_architecture(state)

@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 
 from . import models
-from .ops.unfold3d import _as_size as _edges
-from .ops.unfold3d import _validate as _validate_windows
+from .ops.unfold import _as_size as _edges
+from .ops.unfold import _validate as _validate_windows
 
 LIBRARY_NAME = "libprdit_kernels.so"
 LIBRARY_ENV = "PRDIT_NATIVE_LIB"
@@ -211,7 +211,7 @@ _ALL_DTYPES = tuple(_DTYPE_CODES)
 
 
 def unfold3d(x: torch.Tensor, patch: int, stride: int, pad: int) -> torch.Tensor:
-    """Overlapping windows of the reflect-padded volume (``ops.unfold3d.unfold3d``).
+    """Overlapping windows of the reflect-padded volume (``ops.unfold.unfold3d``).
 
     x: (B, C, D, H, W) fp32 / bf16 / fp16, contiguous CUDA -> (B, N, C p^3) in x.dtype,
     windows in raster order (depth slowest), each flattened (channel, d, h, w).
@@ -233,7 +233,7 @@ def unfold3d(x: torch.Tensor, patch: int, stride: int, pad: int) -> torch.Tensor
 def fold3d(
     tokens: torch.Tensor, size: int | Sequence[int], patch: int, stride: int, pad: int, reduce: str = "sum"
 ) -> torch.Tensor:
-    """The adjoint of ``unfold3d`` (``ops.unfold3d.fold3d``), as a deterministic gather.
+    """The adjoint of ``unfold3d`` (``ops.unfold.fold3d``), as a deterministic gather.
 
     tokens: (B, N, C p^3) fp32 / bf16 / fp16, contiguous CUDA -> (B, C, D, H, W) in
     tokens.dtype, summed in fp32; ``size`` is S or (D, H, W). reduce="sum" is the exact
@@ -319,7 +319,7 @@ def sampler_update(
     advance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One IaN sampler step fused with the unpatchify of the model output
-    (``ops.sampler_update.sampler_update``).
+    (``ops.sampling.sampler_update``).
 
     tokens (+ residual): (B, N, s^3 2C) fp32 / bf16 / fp16, cubes whose channels [0:C]
     are eps_hat and [C:2C] x0_hat; x: (B, C, D, H, W) fp32; step_table: (steps, 5) fp32
@@ -375,7 +375,7 @@ def sampler_update(
 
 
 def philox_normal(keys: torch.Tensor, step: int, shape: Sequence[int], scale: float = 1.0) -> torch.Tensor:
-    """scale * the counter-based normal noise (``ops.sampler_update.philox_normal``):
+    """scale * the counter-based normal noise (``ops.sampling.philox_normal``):
     keys (B,) int64 CUDA -> (B, *shape) fp32, element v of sample b drawn at
     Philox counter (v, step) under keys[b]. scale=0.5, step=0 is the sampler's x_T."""
     lib = _require(keys)

@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .atomic import atomic_path, remove_stale_temps
-from .checkpoint import copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
+from .checkpoint import MODEL_BACKENDS, copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
 from .diffusion import IaNDiffusion
 from .errors import UsageError
 from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
@@ -153,7 +153,6 @@ _NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
 class ConfigError(UsageError):
     """A training config value that is missing, of the wrong type or out of range; the
     message names the key."""
-BACKENDS = ("reference", "fast")
 _CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
 
@@ -284,8 +283,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
         tr[key] = tr[key] if tr[key] is not None else out["logging"][key]
     if tr["total_steps"] is None and tr["epochs"] is None:
         raise ConfigError("set training.total_steps (or training.epochs)")
-    if model["backend"] not in BACKENDS:
-        raise ConfigError(f"model.backend must be one of {BACKENDS}, got {model['backend']!r}")
+    if model["backend"] not in MODEL_BACKENDS:
+        raise ConfigError(f"model.backend must be one of {MODEL_BACKENDS}, got {model['backend']!r}")
     if data["dataset"] not in DATASET_VALUES:
         raise ConfigError(f"data.dataset must be 'phantom' or unset, got {data['dataset']!r}")
     if model["out_channels"] is not None and int(model["out_channels"]) != 2 * model["in_channels"]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prdit_fast.ops.common import interpret_without_gpu
+from prdit_fast.testing import interpret_without_gpu
 
 interpret_without_gpu()  # before Triton is first imported
 

@@ -222,7 +222,7 @@ def test_unknown_backend_is_rejected(tmp_path, model):
 def test_fast_backend_wraps_the_loaded_weights(tmp_path, model, probe):
     pytest.importorskip("prdit_fast.fast")
     path = save_checkpoint(tmp_path / "c.pt", model)
-    fast = load_checkpoint(path, backend="fast", dtype=torch.float32, kernels="torch")
+    fast = load_checkpoint(path, backend="fast", dtype=torch.float32, impl="torch")
     assert set(fast.state_dict()) == set(model.state_dict())
     want = outputs(model, probe)
     # fp32 everywhere, only the summation order differs

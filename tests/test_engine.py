@@ -15,7 +15,7 @@ from prdit_fast.bench import randomized_model
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import Sampler, keys_for, volume_to_tokens
 from prdit_fast.models import unpatchify
-from prdit_fast.ops.sampler_update import philox_normal
+from prdit_fast.ops.sampling import philox_normal
 
 SIZE = 16
 STEPS = 4

@@ -3,7 +3,7 @@ parameters, state dicts and weight-cache invalidation.
 
 CPU tests run in fp32 (``dtype=torch.float32``) with the adaLN and unfold Triton kernels
 under the interpreter; the fused local denoiser is slow there (minutes per model), so
-all but one test run the reference LocalDenoiser in its place (``no_fused_denoiser``);
+all but one test run the reference LocalDenoiser in its place (``REFERENCE_DENOISER``);
 ``test_all_triton_kernels_tiny`` runs every kernel. fp32 tolerance: 1e-4 of the largest
 magnitude (only summation order differs). bf16 tests need a GPU.
 """
@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from conftest import requires_cuda
 
-import prdit_fast.fast as fast
 from prdit_fast.bench import randomized_model
 from prdit_fast.fast import FastPRDiT, accelerate
 from prdit_fast.models import unpatchify
@@ -22,13 +21,8 @@ from prdit_fast.models import unpatchify
 FP32_TOL = 1e-4
 
 
-@pytest.fixture
-def no_fused_denoiser(monkeypatch):
-    """Run the reference LocalDenoiser inside FastPRDiT (the fused one has its own tests)."""
-    real = fast._optional_op
-    monkeypatch.setattr(
-        fast, "_optional_op", lambda module, name: None if module == "local_denoiser" else real(module, name)
-    )
+# the reference LocalDenoiser inside FastPRDiT (the fused one has its own tests), every other op "auto"
+REFERENCE_DENOISER = {"local_denoiser": "torch"}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,9 +41,9 @@ def outputs_and_grads(model: nn.Module, trainable: list[nn.Parameter], x: torch.
     return out.detach(), grads
 
 
-def assert_matches_reference(variant: str, size: int, batch: int = 2, kernels: str = "auto") -> None:
+def assert_matches_reference(variant: str, size: int, batch: int = 2, impl: str | dict = "auto") -> None:
     ref = randomized_model(variant, size).train()
-    fst = accelerate(ref, dtype=torch.float32, kernels=kernels)
+    fst = accelerate(ref, dtype=torch.float32, impl=impl)
     trainable = [p for p in ref.parameters() if p.requires_grad]
     x = torch.randn(batch, 1, size, size, size)
     t = torch.randint(0, 1000, (batch,))
@@ -67,10 +61,10 @@ def assert_matches_reference(variant: str, size: int, batch: int = 2, kernels: s
     "variant, size",
     [("PRDiT-XS/12/2", 32), ("PRDiT-XS/12/0", 16), ("PRDiT-S/10/1", 24), ("PRDiT-B/12/1", 16)],
 )
-def test_matches_reference_fp32(no_fused_denoiser, variant, size):
+def test_matches_reference_fp32(variant, size):
     """Output and the gradients of x and of every trainable parameter (the fine path when
     depth > 0, everything at depth 0)."""
-    assert_matches_reference(variant, size)
+    assert_matches_reference(variant, size, impl=REFERENCE_DENOISER)
 
 
 def test_all_triton_kernels_tiny():
@@ -78,9 +72,9 @@ def test_all_triton_kernels_tiny():
     assert_matches_reference("PRDiT-XS/10/1", 16, batch=2)
 
 
-def test_state_dict_and_shared_parameters(no_fused_denoiser):
+def test_state_dict_and_shared_parameters():
     ref = randomized_model("PRDiT-XS/12/2", 16)
-    fst = accelerate(ref, dtype=torch.float32)
+    fst = accelerate(ref, dtype=torch.float32, impl=REFERENCE_DENOISER)
     assert list(fst.state_dict()) == list(ref.state_dict())
     for (name_f, p_f), (name_r, p_r) in zip(fst.named_parameters(), ref.named_parameters()):
         assert name_f == name_r and p_f is p_r and p_f.data_ptr() == p_r.data_ptr()
@@ -94,16 +88,16 @@ def test_state_dict_and_shared_parameters(no_fused_denoiser):
         assert torch.equal(ref(x, t), other(x, t))  # it loaded into the shared parameters
 
 
-def test_weight_changes_reach_the_next_forward(no_fused_denoiser):
+def test_weight_changes_reach_the_next_forward():
     """The derived-weight cache (bf16 casts, [fc1; skip], all adaLN weights) is refreshed
     after in-place updates, load_state_dict and optimizer-style in-place steps."""
     dtype = torch.bfloat16
     ref = randomized_model("PRDiT-XS/12/2", 16).eval()
-    fst = accelerate(ref, dtype=dtype, kernels="torch")
+    fst = accelerate(ref, dtype=dtype, impl="torch")
     x, t = torch.randn(2, 1, 16, 16, 16), torch.tensor([10, 900])
 
     def fresh_output():  # a new FastPRDiT has an empty cache
-        return accelerate(ref, dtype=dtype, kernels="torch")(x, t)
+        return accelerate(ref, dtype=dtype, impl="torch")(x, t)
 
     with torch.no_grad():
         before = fst(x, t)
@@ -125,9 +119,9 @@ def test_weight_changes_reach_the_next_forward(no_fused_denoiser):
         assert torch.equal(fst(x, t), fresh_output())
 
 
-def test_forward_tokens_and_frozen_coarse_path(no_fused_denoiser):
+def test_forward_tokens_and_frozen_coarse_path():
     ref = randomized_model("PRDiT-XS/12/1", 16).train()
-    fst = accelerate(ref, dtype=torch.float32)
+    fst = accelerate(ref, dtype=torch.float32, impl=REFERENCE_DENOISER)
     x, t = torch.randn(2, 1, 16, 16, 16), torch.tensor([1, 999])
     tokens = fst.forward_tokens(x, t)
     assert tokens.shape == (2, 8, 8**3 * 2) and tokens.dtype == torch.float32
@@ -138,7 +132,7 @@ def test_forward_tokens_and_frozen_coarse_path(no_fused_denoiser):
     assert all(p.grad is not None for p in ref.fine.parameters())
 
 
-def test_accelerate_foreign_module_shares_parameters(no_fused_denoiser):
+def test_accelerate_foreign_module_shares_parameters():
     """A module with the official structure (here DDP-like: everything under ``module.``)."""
 
     class Wrapper(nn.Module):
@@ -147,13 +141,13 @@ def test_accelerate_foreign_module_shares_parameters(no_fused_denoiser):
             self.module = inner
 
     ref = randomized_model("PRDiT-XS/12/1", 16)
-    fst = accelerate(Wrapper(ref), dtype=torch.float32)  # S read from the pos_embed buffer
+    fst = accelerate(Wrapper(ref), dtype=torch.float32, impl=REFERENCE_DENOISER)  # S read from the pos_embed buffer
     assert fst.config.input_size == 16 and fst.config.depth == 1 and fst.config.patch == 12
     assert all(a is b for a, b in zip(fst.parameters(), ref.parameters()))
     x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([300])
     with torch.no_grad():
         assert rel_err(fst(x, t), ref(x, t)) < FP32_TOL
-    again = accelerate(fst, dtype=torch.float32, attention="math")  # re-wrapping keeps the sharing
+    again = accelerate(fst, dtype=torch.float32, attention="math", impl=REFERENCE_DENOISER)  # re-wrapping keeps the sharing
     assert again.attention == "math" and all(a is b for a, b in zip(again.parameters(), ref.parameters()))
 
 
@@ -163,8 +157,8 @@ def test_bad_arguments_raise_clear_errors():
         accelerate(ref, dtype=torch.int8)
     with pytest.raises(ValueError, match="attention"):
         accelerate(ref, attention="fastest")
-    with pytest.raises(ValueError, match="kernels"):
-        accelerate(ref, kernels="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        accelerate(ref, impl="cuda")
     with pytest.raises(ValueError, match="input_size"):
         accelerate(ref, input_size=32)
     with pytest.raises(ValueError, match="PRDiT structure"):

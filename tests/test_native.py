@@ -15,9 +15,9 @@ from conftest import requires_cuda
 
 from prdit_fast import models, native
 from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.ops import sampler_update as triton_sampler
-from prdit_fast.ops import unfold3d as triton_unfold
-from prdit_fast.ops import unpatchify as triton_unpatchify
+from prdit_fast.ops import sampling as triton_sampler
+from prdit_fast.ops import unfold as triton_unfold
+from prdit_fast.ops import token_cubes as triton_unpatchify
 
 # (batch, edge, patch): odd sizes and every standard patch; stride 8, pad (p - 8) / 2.
 # p = 18 takes the kernels' generic (runtime patch, scalar store) path.
@@ -167,7 +167,7 @@ def test_unfold_equals_reference_and_triton(B, S, p, dtype):
     assert got.dtype == dtype
     assert torch.equal(got, models.unfold3d(x, p, STRIDE, pad))  # a copy: exact
     if (B, S, p) in TRITON_CASES and dtype == torch.float32:  # each new shape autotunes the Triton op
-        assert torch.equal(got, triton_unfold.unfold3d(x, p, STRIDE, pad, backend="triton"))
+        assert torch.equal(got, triton_unfold.unfold3d(x, p, STRIDE, pad, impl="triton"))
 
 
 @requires_cuda
@@ -195,7 +195,7 @@ def test_fold_sum_is_exact_in_fp32(B, S, p):
     torch.testing.assert_close(got, triton_unfold.fold3d_reference(tokens, S, p, STRIDE, pad), rtol=1e-6, atol=1e-5)
     if (B, S, p) in TRITON_CASES:
         # random values: the Triton fold adds in the same order, so fp32 sums agree exactly
-        assert torch.equal(got, triton_unfold.fold3d(tokens, S, p, STRIDE, pad, "sum", backend="triton"))
+        assert torch.equal(got, triton_unfold.fold3d(tokens, S, p, STRIDE, pad, "sum", impl="triton"))
 
 
 @requires_cuda
@@ -251,7 +251,7 @@ def test_unpatchify_equals_reference_and_triton(B, S, dtype):
     fused = native.unpatchify(tokens, S, STRIDE, C_out, residual=fine)
     # the fp32 sum rounded once equals torch's own rounding of tokens + fine
     assert torch.equal(fused, models.unpatchify(tokens + fine, S, STRIDE, C_out))
-    assert torch.equal(fused, triton_unpatchify.unpatchify(tokens, S, STRIDE, C_out, fine, backend="triton"))
+    assert torch.equal(fused, triton_unpatchify.unpatchify(tokens, S, STRIDE, C_out, fine, impl="triton"))
     wide = native.unpatchify(tokens, S, STRIDE, C_out, residual=fine, out_dtype=torch.float32)
     assert torch.equal(wide, models.unpatchify(tokens.float() + fine.float(), S, STRIDE, C_out))
 
@@ -335,7 +335,7 @@ def test_sampler_update_matches_reference_and_triton(B, C, S, dtype, row, with_r
         tokens, x, table, step, keys, stride=STRIDE, residual=residual
     )
     tri_next, tri_x0 = triton_sampler.sampler_update(
-        tokens, x, table, step, keys, stride=STRIDE, residual=residual, backend="triton"
+        tokens, x, table, step, keys, stride=STRIDE, residual=residual, impl="triton"
     )
     assert torch.equal(x0_hat, ref_x0) and torch.equal(x0_hat, tri_x0)  # fp32 sums of the same two values
     # fp32 rounding: FMA contraction differs between compilers; torch's accurate log/cos

@@ -34,7 +34,7 @@ def _inputs(device, B=2, N=7, H=48, dtype=torch.float32):
 def test_layernorm_modulate_matches_reference(device, H):
     x, _, _, shift, scale = _inputs(device, H=H)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, shift, scale)]
-    y = layernorm_modulate(*leaves, backend="triton")
+    y = layernorm_modulate(*leaves, impl="triton")
     y_ref = layernorm_modulate_reference(x, shift, scale)
     assert torch.allclose(y, y_ref, atol=2e-5)
     grad = torch.randn_like(y)
@@ -48,7 +48,7 @@ def test_layernorm_modulate_matches_reference(device, H):
 def test_gated_residual_matches_reference(device):
     inputs = _inputs(device)
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    x_new, y = gated_residual_layernorm_modulate(*leaves, eps=1e-6, backend="triton")
+    x_new, y = gated_residual_layernorm_modulate(*leaves, eps=1e-6, impl="triton")
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     x_ref, y_ref = gated_residual_layernorm_modulate_reference(*ref_leaves, eps=1e-6)
     assert torch.allclose(x_new, x_ref, atol=1e-6) and torch.allclose(y, y_ref, atol=2e-5)
@@ -60,11 +60,11 @@ def test_gated_residual_matches_reference(device):
         assert torch.allclose(g, g_ref, atol=1e-4)
 
 
-def test_torch_backend_is_the_reference():
+def test_torch_impl_is_the_reference():
     x, gate, branch, shift, scale = _inputs("cpu")
     want = layernorm_modulate_reference(x, shift, scale)
-    assert torch.equal(layernorm_modulate(x, shift, scale, backend="torch"), want)
-    got = gated_residual_layernorm_modulate(x, gate, branch, shift, scale, backend="torch")
+    assert torch.equal(layernorm_modulate(x, shift, scale, impl="torch"), want)
+    got = gated_residual_layernorm_modulate(x, gate, branch, shift, scale, impl="torch")
     want = gated_residual_layernorm_modulate_reference(x, gate, branch, shift, scale)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
@@ -72,11 +72,11 @@ def test_torch_backend_is_the_reference():
 def test_bad_shapes_raise(device):
     x, gate, branch, shift, scale = _inputs(device)
     with pytest.raises(ValueError, match="per-sample modulation"):
-        layernorm_modulate(x, shift[:, :10], scale, backend="triton")
+        layernorm_modulate(x, shift[:, :10], scale, impl="triton")
     with pytest.raises(ValueError, match="branch must match"):
-        gated_residual_layernorm_modulate(x, gate, branch[:, :3], shift, scale, backend="triton")
+        gated_residual_layernorm_modulate(x, gate, branch[:, :3], shift, scale, impl="triton")
     with pytest.raises(ValueError, match=r"\(B, N, H\)"):
-        layernorm_modulate(x[0], shift, scale, backend="triton")
+        layernorm_modulate(x[0], shift, scale, impl="triton")
 
 
 @requires_cuda
@@ -112,7 +112,7 @@ def test_embed_layernorm_modulate_matches_reference(device, B, N, H):
         return fn(e_, gamma_, beta_, 1e-5, pos, shift_, scale_, 1e-6)
 
     leaves = [t.detach().clone().requires_grad_(True) for t in diff]
-    x, y = run(lambda *a: embed_layernorm_modulate(*a, backend="triton"), leaves)
+    x, y = run(lambda *a: embed_layernorm_modulate(*a, impl="triton"), leaves)
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in diff]
     x_ref, y_ref = run(embed_layernorm_modulate_reference, ref_leaves)
     assert x.dtype == torch.float32 and y.dtype == torch.float32 and x.shape == y.shape == (B, N, H)
@@ -131,7 +131,7 @@ def test_embed_gradient_through_y_only_and_of_pos(device):
     e, gamma, beta, pos, shift, scale = _embed_inputs(device, 2, 5, 48)
     pos2d = pos[0].clone().requires_grad_(True)
     e = e.requires_grad_(True)
-    _, y = embed_layernorm_modulate(e, gamma, beta, 1e-5, pos2d, shift, scale, backend="triton")
+    _, y = embed_layernorm_modulate(e, gamma, beta, 1e-5, pos2d, shift, scale, impl="triton")
     pos_ref = pos2d.detach().clone().requires_grad_(True)
     e_ref = e.detach().clone().requires_grad_(True)
     _, y_ref = embed_layernorm_modulate_reference(e_ref, gamma, beta, 1e-5, pos_ref, shift, scale)
@@ -142,26 +142,26 @@ def test_embed_gradient_through_y_only_and_of_pos(device):
         assert torch.allclose(g, g_ref, atol=1e-4)
 
 
-def test_embed_torch_backend_is_the_reference():
+def test_embed_torch_impl_is_the_reference():
     e, gamma, beta, pos, shift, scale = _embed_inputs("cpu", 2, 5, 48)
-    got = embed_layernorm_modulate(e, gamma, beta, 1e-5, pos, shift, scale, backend="torch")
+    got = embed_layernorm_modulate(e, gamma, beta, 1e-5, pos, shift, scale, impl="torch")
     want = embed_layernorm_modulate_reference(e, gamma, beta, 1e-5, pos, shift, scale)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_embed_bad_shapes_raise(device):
     e, gamma, beta, pos, shift, scale = _embed_inputs(device, 2, 5, 48)
-    for backend in ("triton", "torch"):
+    for impl in ("triton", "torch"):
         with pytest.raises(ValueError, match=r"\(B, N, H\)"):
-            embed_layernorm_modulate(e[0], gamma, beta, 1e-5, pos, shift, scale, backend=backend)
+            embed_layernorm_modulate(e[0], gamma, beta, 1e-5, pos, shift, scale, impl=impl)
         with pytest.raises(ValueError, match=r"gamma must have shape \(48,\)"):
-            embed_layernorm_modulate(e, gamma[:10], beta, 1e-5, pos, shift, scale, backend=backend)
+            embed_layernorm_modulate(e, gamma[:10], beta, 1e-5, pos, shift, scale, impl=impl)
         with pytest.raises(ValueError, match=r"beta must have shape \(48,\)"):
-            embed_layernorm_modulate(e, gamma, beta[None], 1e-5, pos, shift, scale, backend=backend)
+            embed_layernorm_modulate(e, gamma, beta[None], 1e-5, pos, shift, scale, impl=impl)
         with pytest.raises(ValueError, match=r"pos must have shape \(5, 48\) or \(1, 5, 48\)"):
-            embed_layernorm_modulate(e, gamma, beta, 1e-5, pos[:, :4], shift, scale, backend=backend)
+            embed_layernorm_modulate(e, gamma, beta, 1e-5, pos[:, :4], shift, scale, impl=impl)
     with pytest.raises(ValueError, match="per-sample modulation"):
-        embed_layernorm_modulate(e, gamma, beta, 1e-5, pos, shift[:1], scale, backend="triton")
+        embed_layernorm_modulate(e, gamma, beta, 1e-5, pos, shift[:1], scale, impl="triton")
 
 
 @requires_cuda

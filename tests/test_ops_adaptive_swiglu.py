@@ -10,7 +10,7 @@ import torch
 from conftest import meta_shadow, randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, SwiGLU, create_model
-from prdit_fast.ops.adaptive_swiglu import (
+from prdit_fast.ops.swiglu import (
     adaptive_swiglu,
     chunk_moments,
     folded_norm_linear,
@@ -20,8 +20,8 @@ from prdit_fast.ops.adaptive_swiglu import (
     swiglu_params,
     tiles_within_samples,
 )
-from prdit_fast.ops.common import triton_runs_on
-from prdit_fast.ops.local_denoiser import local_denoiser
+from prdit_fast.ops.dispatch import triton_runs_on
+from prdit_fast.ops.denoiser import local_denoiser
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 fused vs fp32 eager: same math, different summation order.
@@ -54,7 +54,7 @@ def make_inputs(B: int, N: int, D: int, offset: float = 0.0, dtype=torch.float32
 def test_adaptive_swiglu_matches_reference(B, N, D):
     block = randomize_(SwiGLU(D)).to(DEVICE)
     x, shift, scale = make_inputs(B, N, D)
-    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    y = adaptive_swiglu(x, shift, scale, block, impl="triton")
     assert y.shape == (B, N, D)
     assert_close(y, reference_adaptive_swiglu(x, shift, scale, block))
 
@@ -63,7 +63,7 @@ def test_adaptive_swiglu_patch10_width():
     """D = 1000 (p = 10, C = 1): the K tail of every GEMM is partial."""
     block = randomize_(SwiGLU(1000)).to(DEVICE)
     x, shift, scale = make_inputs(2, 5, 1000)
-    y = adaptive_swiglu(x, shift, scale, block, norm_eps=1e-6, backend="triton")
+    y = adaptive_swiglu(x, shift, scale, block, norm_eps=1e-6, impl="triton")
     assert_close(y, reference_adaptive_swiglu(x, shift, scale, block))
 
 
@@ -73,7 +73,7 @@ def test_rows_with_large_mean_do_not_cancel():
     block = randomize_(SwiGLU(D)).to(DEVICE)
     x = 0.9 + 0.01 * torch.randn(2, 33, D, device=DEVICE)
     shift, scale = 0.5 * torch.randn(2, D, device=DEVICE), 0.5 * torch.randn(2, D, device=DEVICE)
-    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    y = adaptive_swiglu(x, shift, scale, block, impl="triton")
     truth = reference_adaptive_swiglu(x.double(), shift.double(), scale.double(), block.double())
     assert rel_rms(y, truth) < 1e-5
 
@@ -158,7 +158,7 @@ def test_adaptive_swiglu_gradients_match_reference():
     grad_out = torch.randn(B, N, D, device=DEVICE)
     inputs = [x, shift, scale, *block.parameters()]
 
-    y = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    y = adaptive_swiglu(x, shift, scale, block, impl="triton")
     fused = torch.autograd.grad(y, inputs, grad_out)
     ref = torch.autograd.grad(reference_adaptive_swiglu(x, shift, scale, block), inputs, grad_out)
     for name, g, r in zip(["x", "shift", "scale", *(n for n, _ in block.named_parameters())], fused, ref):
@@ -170,32 +170,32 @@ def test_parameter_updates_are_seen():
     """No cached copy of the weights: in-place updates show up in the next call."""
     block = randomize_(SwiGLU(64)).to(DEVICE)
     x, shift, scale = make_inputs(1, 7, 64)
-    before = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    before = adaptive_swiglu(x, shift, scale, block, impl="triton")
     with torch.no_grad():
         block.norm.weight.mul_(2.0)
         block.fc1_g.weight.add_(0.1)
     # .data bypasses the version counter: a _version-keyed cache would miss these.
     block.fc2.weight.data.mul_(0.5)
     block.norm.bias.data.add_(0.2)
-    after = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    after = adaptive_swiglu(x, shift, scale, block, impl="triton")
     assert not torch.allclose(before, after)
     assert_close(after, reference_adaptive_swiglu(x, shift, scale, block))
 
 
-def test_torch_backend_and_bad_input():
+def test_torch_impl_and_bad_input():
     block = randomize_(SwiGLU(64)).to(DEVICE)
     x, shift, scale = make_inputs(2, 7, 64)
     torch.testing.assert_close(
-        adaptive_swiglu(x, shift, scale, block, backend="torch"), reference_adaptive_swiglu(x, shift, scale, block)
+        adaptive_swiglu(x, shift, scale, block, impl="torch"), reference_adaptive_swiglu(x, shift, scale, block)
     )
-    with pytest.raises(ValueError, match="backend"):
-        adaptive_swiglu(x, shift, scale, block, backend="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        adaptive_swiglu(x, shift, scale, block, impl="cuda")
     with pytest.raises(ValueError, match="shift must have shape"):
         adaptive_swiglu(x, shift[:1], scale, block)
     with pytest.raises(ValueError, match="width"):
         adaptive_swiglu(x[..., :32], shift[:, :32], scale[:, :32], block)
     with pytest.raises(ValueError, match="dtype"):
-        adaptive_swiglu(x.double(), shift.double(), scale.double(), block, backend="triton")
+        adaptive_swiglu(x.double(), shift.double(), scale.double(), block, impl="triton")
 
 
 def test_local_denoiser_matches_prdit_xs10_coarse_path():
@@ -204,7 +204,7 @@ def test_local_denoiser_matches_prdit_xs10_coarse_path():
     module = model.coarse.mlp_denoise
     tokens = model.tokens(torch.randn(2, 1, 16, 16, 16, device=DEVICE))
     c = torch.randn(2, 1000, device=DEVICE)
-    out = local_denoiser(tokens, c, module, backend="triton")
+    out = local_denoiser(tokens, c, module, impl="triton")
     assert out.shape == (2, 8, 1024)
     assert_close(out, module(tokens, c))
 
@@ -215,7 +215,7 @@ def test_local_denoiser_small_matches_and_gradients(N):
     module = randomize_(LocalDenoiser(D, 128)).to(DEVICE)
     tokens = torch.randn(B, N, D, device=DEVICE, requires_grad=True)
     c = torch.randn(B, D, device=DEVICE, requires_grad=True)
-    out = local_denoiser(tokens, c, module, backend="triton")
+    out = local_denoiser(tokens, c, module, impl="triton")
     ref = module(tokens, c)
     assert_close(out, ref)
     grad_out = torch.randn_like(ref)
@@ -230,15 +230,16 @@ def test_local_denoiser_with_the_16bit_folded_form_forced_in_fp32(monkeypatch):
     """The form 16-bit weights take (per-sample folded fc1 and linear_final weights, the
     residual in mlp2's fc2 epilogue), checked in fp32 under the interpreter: N = 64 keeps
     every 32-row tile in one sample."""
-    from prdit_fast.ops import adaptive_swiglu, local_denoiser as denoiser_module
+    from prdit_fast.ops import denoiser as denoiser_module
+    from prdit_fast.ops import swiglu as swiglu_module
 
     always = lambda dtype, tokens: True  # noqa: E731
-    monkeypatch.setattr(adaptive_swiglu, "folds_modulation", always)
+    monkeypatch.setattr(swiglu_module, "folds_modulation", always)
     monkeypatch.setattr(denoiser_module, "folds_modulation", always)
     B, N, D = 3, 64, 96
     module = randomize_(LocalDenoiser(D, 128)).to(DEVICE)
     tokens, c = torch.randn(B, N, D, device=DEVICE), torch.randn(B, D, device=DEVICE)
-    assert_close(local_denoiser(tokens, c, module, backend="triton", impl="fused"), module(tokens, c))
+    assert_close(local_denoiser(tokens, c, module, impl="triton"), module(tokens, c))
 
 
 def test_out_residual_is_added_in_the_epilogue():
@@ -260,7 +261,7 @@ def test_local_denoiser_on_a_shadow_module_with_plain_tensor_parameters():
     module = randomize_(LocalDenoiser(64, 32)).to(DEVICE)
     shadow = meta_shadow(module, 64, 32)
     tokens, c = torch.randn(2, 7, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
-    out = local_denoiser(tokens, c, shadow, backend="triton")
+    out = local_denoiser(tokens, c, shadow, impl="triton")
     ref = module(tokens, c)
     assert_close(out, ref)
     weight = module.mlp2.norm.weight
@@ -273,7 +274,7 @@ def test_local_denoiser_inference_mode_and_strided_tokens():
     tokens = torch.randn(2, 64, 7, device=DEVICE).transpose(1, 2)  # last-dim stride 7
     c = torch.randn(2, 64, device=DEVICE)
     with torch.inference_mode():
-        assert_close(local_denoiser(tokens, c, module, backend="triton"), module(tokens, c))
+        assert_close(local_denoiser(tokens, c, module, impl="triton"), module(tokens, c))
 
 
 def test_local_denoiser_rejects_bad_shapes():
@@ -290,7 +291,7 @@ def test_local_denoiser_rejects_bad_shapes():
 def test_adaptive_swiglu_fp32_cuda_paper_width(N):
     block = randomize_(SwiGLU(1728)).cuda()
     x, shift, scale = make_inputs(2, N, 1728)
-    assert_close(adaptive_swiglu(x, shift, scale, block, backend="triton"),
+    assert_close(adaptive_swiglu(x, shift, scale, block, impl="triton"),
                  reference_adaptive_swiglu(x, shift, scale, block), tol=2e-4)
 
 
@@ -306,7 +307,7 @@ def test_adaptive_swiglu_bf16_cuda(D, N):
     blk16 = SwiGLU(D).cuda().bfloat16()
     blk16.load_state_dict(block.state_dict())
     x16, sh16, sc16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
-    fused = adaptive_swiglu(x16, sh16, sc16, blk16, backend="triton")
+    fused = adaptive_swiglu(x16, sh16, sc16, blk16, impl="triton")
     eager = reference_adaptive_swiglu(x16, sh16, sc16, blk16)
     assert fused.dtype == torch.bfloat16
     err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
@@ -323,11 +324,11 @@ def test_local_denoiser_bf16_cuda_b12():
     truth = module(tokens, c)
     module16 = create_model("PRDiT-B/12/0", 64).coarse.mlp_denoise.cuda().bfloat16()
     module16.load_state_dict(module.state_dict())
-    fused = local_denoiser(tokens.bfloat16(), c.bfloat16(), module16, backend="triton")
+    fused = local_denoiser(tokens.bfloat16(), c.bfloat16(), module16, impl="triton")
     eager = module16(tokens.bfloat16(), c.bfloat16())
     err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
     assert err < BF16_REL_TOL and err < 1.5 * eager_err + 1e-3, (err, eager_err)
-    assert_close(local_denoiser(tokens, c, module, backend="triton"), truth, tol=2e-4)
+    assert_close(local_denoiser(tokens, c, module, impl="triton"), truth, tol=2e-4)
 
 
 def large_mean_rows(kind: str, B: int, N: int, D: int) -> torch.Tensor:
@@ -369,7 +370,7 @@ def test_bf16_folded_modulation_on_rows_with_large_mean(kind, min_ratio):
     block64 = SwiGLU(D).cuda().double()
     block64.load_state_dict(block.state_dict())
     truth = reference_adaptive_swiglu(x.double(), shift.double(), scale.double(), block64)
-    fused = adaptive_swiglu(x, shift, scale, block, backend="triton")
+    fused = adaptive_swiglu(x, shift, scale, block, impl="triton")
     eager = reference_adaptive_swiglu(x, shift, scale, block)
     err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
     assert err <= 1.5 * eager_err, (f"|mean|/std {ratio:.0f}: fused {err:.3e} vs bf16 eager {eager_err:.3e}")

@@ -1,4 +1,4 @@
-"""prdit_fast.ops.attention: every backend that runs here against the math backend, and the
+"""prdit_fast.ops.attention_backends: every backend that runs here against the math backend, and the
 math backend against the reference ``models.Attention`` computation.
 
 Tolerances: fp32 math vs models.Attention 1e-5 absolute (same operations, other
@@ -12,7 +12,7 @@ import torch
 from conftest import requires_cuda
 
 from prdit_fast.models import Attention
-from prdit_fast.ops.attention import BACKENDS, attention, available_backends, last_backend
+from prdit_fast.ops.attention_backends import ATTENTION_BACKENDS, attention, available_backends, last_backend
 
 
 def test_math_matches_reference_attention_module():
@@ -56,7 +56,7 @@ def test_bad_input_raises():
 
 
 def _gpu_backends() -> list[str]:
-    return [b for b in BACKENDS if b != "math"]
+    return [b for b in ATTENTION_BACKENDS if b != "math"]
 
 
 @requires_cuda

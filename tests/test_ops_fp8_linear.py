@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import rel_rms
 
+from prdit_fast.ops.dispatch import ImplUnavailable
 from prdit_fast.ops.fp8_linear import (
     E4M3,
     E4M3_MAX,
@@ -82,10 +83,10 @@ def test_reference_matmul_is_close_to_fp32(rows, k, n, block):
     assert rel_rms(out, torch.nn.functional.linear(x, w, b)) < 6e-2
 
 
-def test_torch_backend_is_the_reference_on_cached_weights():
+def test_torch_impl_is_the_reference_on_cached_weights():
     x, w, b = torch.randn(2, 19, 64), torch.randn(40, 64), torch.randn(40)
     w_q, w_scale = quantize_e4m3(w)
-    out = fp8_linear(x, w_q, w_scale, b, out_dtype=torch.float32, backend="torch")
+    out = fp8_linear(x, w_q, w_scale, b, out_dtype=torch.float32, impl="torch")
     assert out.shape == (2, 19, 40)
     assert rel_rms(out, fp8_linear_reference(x, w, b)) < 1e-6
 
@@ -93,16 +94,16 @@ def test_torch_backend_is_the_reference_on_cached_weights():
 def test_clear_errors():
     w_q, w_scale = quantize_e4m3(torch.randn(16, 32))
     if fp8_unsupported("cpu") is not None:
-        with pytest.raises(RuntimeError, match=r"FP8 GEMMs need an NVIDIA GPU .*Use dtype=torch.bfloat16"):
-            fp8_linear(torch.randn(4, 32), w_q, w_scale)
+        with pytest.raises(ImplUnavailable, match=r"fp8_linear: impl='gemm' cannot run: FP8 GEMMs need an NVIDIA GPU"):
+            fp8_linear(torch.randn(4, 32), w_q, w_scale, impl="gemm")
     with pytest.raises(ValueError, match="positive divisor"):
         quantize_e4m3(torch.randn(4, 48), block=32)
     with pytest.raises(ValueError, match="float8_e4m3fn with weight_scale"):
-        fp8_linear(torch.randn(4, 32), torch.randn(16, 32), w_scale, backend="torch")
+        fp8_linear(torch.randn(4, 32), torch.randn(16, 32), w_scale, impl="torch")
     with pytest.raises(ValueError, match="width 31"):
-        fp8_linear(torch.randn(4, 31), w_q, w_scale, backend="torch")
+        fp8_linear(torch.randn(4, 31), w_q, w_scale, impl="torch")
     with pytest.raises(RuntimeError, match="inference only"):
-        fp8_linear(torch.randn(4, 32, requires_grad=True), w_q, w_scale, backend="torch")
+        fp8_linear(torch.randn(4, 32, requires_grad=True), w_q, w_scale, impl="torch")
 
 
 def _fp8_device() -> str | None:
@@ -137,13 +138,13 @@ def test_fast_backend_with_fp8_gemms_against_the_reference():
     keys = list(model.state_dict())
     with torch.no_grad():
         truth = model(x, t)
-        fp8 = accelerate(model, dtype=E4M3, kernels="torch")
-        bf16 = accelerate(model, dtype=torch.bfloat16, kernels="torch")
+        fp8 = accelerate(model, dtype=E4M3, impl="torch")
+        bf16 = accelerate(model, dtype=torch.bfloat16, impl="torch")
         out_fp8, out_bf16 = fp8(x, t), bf16(x, t)
         assert fp8.gemm_dtype == E4M3 and fp8.dtype == torch.bfloat16
-        cached = fp8._derived._store["blocks.0.qkv.e4m3"][1][0]
+        cached = fp8._derived.cached("blocks.0.qkv.e4m3")[0]
         fp8(x, t)
-        assert fp8._derived._store["blocks.0.qkv.e4m3"][1][0] is cached
+        assert fp8._derived.cached("blocks.0.qkv.e4m3")[0] is cached
     assert list(model.state_dict()) == keys
     err_fp8, err_bf16 = rel_rms(out_fp8, truth), rel_rms(out_bf16, truth)
     assert err_bf16 < err_fp8 < 6e-2, (err_bf16, err_fp8)
@@ -155,6 +156,6 @@ def test_fast_backend_fp8_off_gpu_says_what_to_do():
 
     if fp8_unsupported("cpu") is None:
         pytest.skip("this CPU build runs FP8 GEMMs")
-    fast = accelerate(create_model("PRDiT-XS/10/1", 16).eval(), dtype=E4M3, kernels="auto")
-    with pytest.raises(RuntimeError, match="FP8 GEMMs need an NVIDIA GPU"), torch.no_grad():
+    fast = accelerate(create_model("PRDiT-XS/10/1", 16).eval(), dtype=E4M3, impl={"fp8_linear": "gemm"})
+    with pytest.raises(ImplUnavailable, match="FP8 GEMMs need an NVIDIA GPU"), torch.no_grad():
         fast(torch.randn(1, 1, 16, 16, 16), torch.tensor([3]))

@@ -1,4 +1,4 @@
-"""The fused sampler update and its Philox noise (prdit_fast.ops.sampler_update).
+"""The fused sampler update and its Philox noise (prdit_fast.ops.sampling).
 
 Tolerances: the Philox words are integers and must match Triton's ``tl.randint4x``
 exactly; the normals go through log / cos, whose fp32 results differ between libraries
@@ -18,8 +18,8 @@ import torch
 from conftest import requires_cuda
 from prdit_fast.diffusion import NOISE_STD, IaNDiffusion
 from prdit_fast.models import unpatchify
-from prdit_fast.ops import sampler_update as sampler_update_module
-from prdit_fast.ops.sampler_update import (
+from prdit_fast.ops import sampling as sampler_update_module
+from prdit_fast.ops.sampling import (
     build_step_table,
     initial_noise,
     philox4x32,
@@ -104,7 +104,7 @@ def test_sample_key_and_initial_noise():
     with pytest.raises(ValueError, match="run_seed"):
         sample_key(-1, 0)
     keys = torch.tensor([sample_key(5, 0), sample_key(5, 1)])
-    noise = initial_noise(keys, (1, 8, 8, 8), backend="torch")
+    noise = initial_noise(keys, (1, 8, 8, 8), impl="torch")
     assert noise.shape == (2, 1, 8, 8, 8) and noise.dtype == torch.float32
     assert torch.equal(noise, NOISE_STD * philox_normal(keys, 0, (1, 8, 8, 8)))
 
@@ -113,12 +113,12 @@ def test_sample_key_and_initial_noise():
 def test_initial_noise_kernel_matches_plain_torch(device, shape):
     # B = 3 keys, volumes of 512 and 210 voxels: a partial block and several programs per key
     keys = torch.tensor(KEYS[:3], dtype=torch.int64, device=device)
-    got = initial_noise(keys, shape, backend="triton")
-    want = initial_noise(keys, shape, backend="torch")
+    got = initial_noise(keys, shape, impl="triton")
+    want = initial_noise(keys, shape, impl="torch")
     assert got.shape == (3, *shape) and got.dtype == torch.float32 and got.device == keys.device
     torch.testing.assert_close(got, want, rtol=0, atol=NOISE_STD * NOISE_ATOL)
     # a key's noise does not depend on the other keys of the batch
-    torch.testing.assert_close(initial_noise(keys[1:2], shape, backend="triton")[0], got[1], rtol=0, atol=0)
+    torch.testing.assert_close(initial_noise(keys[1:2], shape, impl="triton")[0], got[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sampler,k", [("cold", 1), ("pc", 2)])
@@ -153,7 +153,7 @@ def test_update_matches_reference_on_every_row(sampler, k):
     tokens, residual, x, keys = _inputs(2, C=2)
     for n in range(steps):
         step = torch.tensor([n], device=DEVICE)
-        got = sampler_update(tokens, x, table, step, keys, residual=residual, backend="triton")
+        got = sampler_update(tokens, x, table, step, keys, residual=residual, impl="triton")
         want = sampler_update_reference(tokens, x, table, step, keys, residual=residual)
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=UPDATE_ATOL)
         assert torch.equal(got[1], want[1])
@@ -183,11 +183,11 @@ def test_batch_invariance():
     step = torch.tensor([0], device=DEVICE)  # a corrector row: noise is drawn
     assert table[0, 4] > 0
     tokens, residual, x, keys = _inputs(3)
-    batch = sampler_update(tokens, x, table, step, keys, residual=residual, backend="triton")
-    single = sampler_update(tokens[1:2], x[1:2], table, step, keys[1:2], residual=residual[1:2], backend="triton")
+    batch = sampler_update(tokens, x, table, step, keys, residual=residual, impl="triton")
+    single = sampler_update(tokens[1:2], x[1:2], table, step, keys[1:2], residual=residual[1:2], impl="triton")
     assert torch.equal(batch[0][1:2], single[0]) and torch.equal(batch[1][1:2], single[1])
     moved = sampler_update(
-        tokens.flip(0), x.flip(0), table, step, keys.flip(0), residual=residual.flip(0), backend="triton"
+        tokens.flip(0), x.flip(0), table, step, keys.flip(0), residual=residual.flip(0), impl="triton"
     )
     assert torch.equal(moved[0][1], batch[0][1]) and torch.equal(moved[0][0], batch[0][2])
 
@@ -200,7 +200,7 @@ def test_in_place_update_and_device_counter(index_dtype):
     state, x0 = x.clone(), torch.empty_like(x)
     for n in range(3):
         want = sampler_update_reference(tokens, state, table, torch.tensor([n], device=DEVICE), keys)
-        got = sampler_update(tokens, state, table, step, keys, x_out=state, x0_out=x0, advance=True, backend="triton")
+        got = sampler_update(tokens, state, table, step, keys, x_out=state, x0_out=x0, advance=True, impl="triton")
         assert got[0] is state and got[1] is x0
         torch.testing.assert_close(state, want[0], rtol=0, atol=UPDATE_ATOL)
         assert int(step.item()) == n + 1 and step.dtype == index_dtype
@@ -210,7 +210,7 @@ def test_out_of_range_step():
     table = build_step_table(IaNDiffusion(), 4, "cold", 1, DEVICE)
     tokens, _, x, keys = _inputs(1)
     step = torch.tensor([4], device=DEVICE)
-    assert torch.isnan(sampler_update(tokens, x, table, step, keys, backend="triton")[0]).all()
+    assert torch.isnan(sampler_update(tokens, x, table, step, keys, impl="triton")[0]).all()
     with pytest.raises(ValueError, match="outside the step table"):
         sampler_update_reference(tokens, x, table, step, keys)
 
@@ -244,7 +244,7 @@ def test_bf16_tokens_on_gpu():
     tokens, residual, x, keys = _inputs(2, S=64)
     tokens, residual = tokens.bfloat16(), residual.bfloat16()
     step = torch.tensor([1], device="cuda")
-    got = sampler_update(tokens, x, table, step, keys, residual=residual, backend="triton")
+    got = sampler_update(tokens, x, table, step, keys, residual=residual, impl="triton")
     want = sampler_update_reference(tokens, x, table, step, keys, residual=residual)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=UPDATE_ATOL)
     assert torch.equal(got[1], want[1])

@@ -10,8 +10,8 @@ import torch
 from conftest import meta_shadow, randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, create_model
-from prdit_fast.ops.common import triton_runs_on
-from prdit_fast.ops.local_denoiser import _FC1_CACHE, local_denoiser, resolve_impl
+from prdit_fast.ops.denoiser import _FC1_CACHE, local_denoiser
+from prdit_fast.ops.dispatch import resolve, triton_runs_on
 from prdit_fast.ops.swiglu_gate import (
     swiglu_gate_layernorm,
     swiglu_gate_layernorm_reference,
@@ -43,7 +43,7 @@ def test_gate_layernorm_matches_torch_forward_and_backward(rows, D, device):
     gu = torch.randn(rows, 2 * D, device=device, requires_grad=True)
     gamma = torch.empty(D, device=device).uniform_(0.5, 1.5).requires_grad_()
     beta = (0.3 * torch.randn(D, device=device)).requires_grad_()
-    out = swiglu_gate_layernorm(gu, gamma, beta, 1e-5, backend="triton")
+    out = swiglu_gate_layernorm(gu, gamma, beta, 1e-5, impl="triton")
     ref = swiglu_gate_layernorm_reference(gu, gamma, beta, 1e-5)
     assert out.shape == (rows, D)
     torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
@@ -53,15 +53,15 @@ def test_gate_layernorm_matches_torch_forward_and_backward(rows, D, device):
 def test_gate_layernorm_batched_shape_and_bad_input(device):
     gu = torch.randn(2, 5, 2 * 96, device=device)
     gamma, beta = torch.ones(96, device=device), torch.zeros(96, device=device)
-    out = swiglu_gate_layernorm(gu, gamma, beta, backend="triton")
+    out = swiglu_gate_layernorm(gu, gamma, beta, impl="triton")
     assert out.shape == (2, 5, 96)
     torch.testing.assert_close(out, swiglu_gate_layernorm_reference(gu, gamma, beta), rtol=FP32_RTOL, atol=FP32_ATOL)
     with pytest.raises(ValueError, match="2D"):
         swiglu_gate_layernorm(gu[..., :-1], gamma, beta)
     with pytest.raises(ValueError, match="gamma and beta"):
         swiglu_gate_layernorm(gu, gamma[:-1], beta)
-    with pytest.raises(ValueError, match="backend"):
-        swiglu_gate_layernorm(gu, gamma, beta, backend="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        swiglu_gate_layernorm(gu, gamma, beta, impl="cuda")
 
 
 @pytest.mark.parametrize("N", [7, 33])
@@ -70,7 +70,7 @@ def test_gemm_local_denoiser_matches_reference_with_gradients(N, device):
     module = randomize_(LocalDenoiser(D, 40)).to(device)
     tokens = (torch.randn(B, N, D, device=device) + 0.5).requires_grad_()
     c = torch.randn(B, D, device=device, requires_grad=True)
-    out = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+    out = local_denoiser(tokens, c, module, impl="gemm")
     ref = module(tokens, c)
     torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
     names = ["tokens", "c", *(n for n, _ in module.named_parameters())]
@@ -83,7 +83,7 @@ def test_gemm_local_denoiser_matches_prdit_xs10_coarse_path(device):
     module = model.coarse.mlp_denoise
     tokens = model.tokens(torch.randn(2, 1, 16, 16, 16, device=device)).detach().requires_grad_()
     c = torch.randn(2, 1000, device=device, requires_grad=True)
-    out = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+    out = local_denoiser(tokens, c, module, impl="gemm")
     ref = module(tokens, c)
     assert out.shape == (2, 8, 1024)
     torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
@@ -96,15 +96,15 @@ def test_gemm_path_sees_in_place_weight_updates(device):
     module = randomize_(LocalDenoiser(64, 32)).to(device)
     tokens, c = torch.randn(2, 7, 64, device=device), torch.randn(2, 64, device=device)
     with torch.no_grad():
-        before = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+        before = local_denoiser(tokens, c, module, impl="gemm")
         assert module.mlp1 in _FC1_CACHE and module.mlp2 in _FC1_CACHE
         cached = _FC1_CACHE[module.mlp1][2]
-        again = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+        again = local_denoiser(tokens, c, module, impl="gemm")
         assert _FC1_CACHE[module.mlp1][2] is cached  # unchanged weights: the copy is reused
         torch.testing.assert_close(again, before, rtol=0, atol=0)
         module.mlp1.fc1_x.weight.mul_(-2.0)
         module.mlp2.fc1_g.bias.add_(1.0)
-        after = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+        after = local_denoiser(tokens, c, module, impl="gemm")
         ref = module(tokens, c)
     assert rel_rms(after, before) > 1e-2
     torch.testing.assert_close(after, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
@@ -117,7 +117,7 @@ def test_gemm_path_on_a_shadow_module_with_plain_tensor_parameters(device):
     module = randomize_(LocalDenoiser(64, 32)).to(device)
     shadow = meta_shadow(module, 64, 32)
     tokens, c = torch.randn(2, 7, 64, device=device), torch.randn(2, 64, device=device)
-    out = local_denoiser(tokens, c, shadow, backend="triton", impl="gemm")
+    out = local_denoiser(tokens, c, shadow, impl="gemm")
     ref = module(tokens, c)
     torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
     weight = module.mlp1.fc1_g.weight
@@ -132,33 +132,33 @@ def test_gemm_path_inference_mode_then_autograd(device):
     tokens = torch.randn(2, 64, 7, device=device).transpose(1, 2)  # last-dim stride 7
     c = torch.randn(2, 64, device=device)
     with torch.inference_mode():
-        out = local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+        out = local_denoiser(tokens, c, module, impl="gemm")
     torch.testing.assert_close(out, module(tokens, c), rtol=FP32_RTOL, atol=FP32_ATOL)
     with torch.no_grad():
-        local_denoiser(tokens, c, module, backend="triton", impl="gemm")
+        local_denoiser(tokens, c, module, impl="gemm")
     tokens = tokens.detach().requires_grad_()
-    (g,) = torch.autograd.grad(local_denoiser(tokens, c, module, backend="triton", impl="gemm").sum(), [tokens])
+    (g,) = torch.autograd.grad(local_denoiser(tokens, c, module, impl="gemm").sum(), [tokens])
     (r,) = torch.autograd.grad(module(tokens, c).sum(), [tokens])
     torch.testing.assert_close(g, r, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
 def test_impl_selection_rule_and_bad_impl():
     cpu16 = torch.empty(1, 1, 8, dtype=torch.bfloat16)
-    assert resolve_impl("auto", cpu16) == "fused"  # CPU (interpreter): fused
-    assert resolve_impl("auto", torch.empty(1, 1, 8)) == "fused"
-    assert resolve_impl("gemm", cpu16) == "gemm"
-    assert resolve_impl("fused", cpu16) == "fused"
+    assert resolve("local_denoiser", "auto", [cpu16]) == "triton"  # CPU (interpreter): the fused kernels
+    assert resolve("local_denoiser", "auto", [torch.empty(1, 1, 8)]) == "triton"
+    assert resolve("local_denoiser", "gemm", [cpu16]) == "gemm"
+    assert resolve("local_denoiser", "triton", [cpu16]) == "triton"
     module = LocalDenoiser(8, 4)
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match="impl must be 'auto' or one of"):
         local_denoiser(torch.randn(1, 2, 8), torch.randn(1, 8), module, impl="cublas")
 
 
 # ----------------------------------------------------------------------------- GPU
 @requires_cuda
 def test_impl_auto_picks_gemm_for_16bit_cuda():
-    assert resolve_impl("auto", torch.empty(1, 1, 8, device="cuda", dtype=torch.bfloat16)) == "gemm"
-    assert resolve_impl("auto", torch.empty(1, 1, 8, device="cuda", dtype=torch.float16)) == "gemm"
-    assert resolve_impl("auto", torch.empty(1, 1, 8, device="cuda")) == "fused"
+    assert resolve("local_denoiser", "auto", [torch.empty(1, 1, 8, device="cuda", dtype=torch.bfloat16)]) == "gemm"
+    assert resolve("local_denoiser", "auto", [torch.empty(1, 1, 8, device="cuda", dtype=torch.float16)]) == "gemm"
+    assert resolve("local_denoiser", "auto", [torch.empty(1, 1, 8, device="cuda")]) == "triton"
 
 
 @requires_cuda
@@ -173,7 +173,7 @@ def test_gemm_local_denoiser_bf16_cuda(variant, S):
     module16 = create_model(variant, S).coarse.mlp_denoise.cuda().bfloat16()
     module16.load_state_dict(module.state_dict())
     t16 = tokens.bfloat16().requires_grad_()
-    out = local_denoiser(t16, c.bfloat16(), module16, backend="triton", impl="auto")
+    out = local_denoiser(t16, c.bfloat16(), module16, impl="auto")
     assert out.dtype == torch.bfloat16
     assert rel_rms(out, truth) < BF16_REL_TOL
     tokens.requires_grad_()

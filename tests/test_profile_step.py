@@ -2,7 +2,7 @@
 arithmetic, so a GPU session cannot be the first to find an error in it.
 
 PRDiT-XS/10/1 at 16^3, batch 1, fp32, with the fast backend's plain-torch kernels
-(kernels="torch"): under the Triton interpreter one step of the Triton kernels takes
+(impl="torch"): under the Triton interpreter one step of the Triton kernels takes
 about 4 s on two cores, and the profiler would not see them by name anyway (on the GPU
 it does). Tolerance: sums agree to 1e-6 relative (they are float sums of the same numbers
 in another order). ``test_profile_on_gpu`` runs the real Triton kernels on a GPU and
@@ -32,7 +32,7 @@ def profile_step_module():
 @pytest.fixture(scope="module")
 def report(profile_step_module):
     return profile_step_module.profile_step(
-        VARIANT, SIZE, BATCH, STEPS, device="cpu", dtype="fp32", kernels="torch", timing_rounds=1
+        VARIANT, SIZE, BATCH, STEPS, device="cpu", dtype="fp32", impl="torch", timing_rounds=1
     )
 
 
@@ -66,7 +66,7 @@ def test_flop_and_settings(report):
     )
     assert report["peak"] is None and report["mfu"] is None  # no matmul peak on the CPU
     s = report["settings"]
-    assert (s["variant"], s["size"], s["batch"], s["steps"], s["dtype"], s["kernels"]) == (
+    assert (s["variant"], s["size"], s["batch"], s["steps"], s["dtype"], s["impl"]) == (
         VARIANT, SIZE, BATCH, STEPS, "fp32", "torch")
     assert s["warmup_steps"] >= 3
     assert report["versions"]["torch"] == torch.__version__
@@ -99,7 +99,7 @@ def test_categories(profile_step_module):
 
 def test_cli_writes_report_and_trace(profile_step_module, tmp_path):
     assert profile_step_module.main(["--variant", "XS/10/1", "--size", "16", "--batch", "1", "--steps", "1",
-                                     "--rounds", "1", "--device", "cpu", "--kernels", "torch",
+                                     "--rounds", "1", "--device", "cpu", "--impl", "torch",
                                      "--out", str(tmp_path), "--trace"]) == 0
     stem = "profile-prdit-xs-10-1-16-b1"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}-trace.json", f"{stem}.json", f"{stem}.md"]
@@ -152,7 +152,7 @@ def test_device_kernels_are_summed_by_name(profile_step_module):
 
 @requires_cuda
 def test_profile_on_gpu(profile_step_module):
-    """bf16, kernels "auto": the Triton kernels, cuBLAS and the attention backend are all
+    """bf16, impl "auto": the Triton kernels, cuBLAS and the attention backend are all
     seen and categorized; the kernels of one serial stream fit inside the wall time of the
     same round (2% for timestamp granularity)."""
     report = profile_step_module.profile_step("PRDiT-XS/10/1", 32, 1, STEPS, device="cuda", timing_rounds=1)

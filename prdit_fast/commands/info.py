@@ -148,7 +148,7 @@ def environment() -> dict[str, Any]:
         for i in range(torch.cuda.device_count())
     ] if torch.cuda.is_available() else []
     try:
-        from prdit_fast.ops.attention import available_backends
+        from prdit_fast.ops.attention_backends import available_backends
 
         attention = available_backends()
     except ImportError:

@@ -18,7 +18,7 @@ One Triton kernel covers the three fused ops; a row of the token matrix is one p
 Statistics (mean, then the centred variance), ``1 + scale`` and the residual stream are
 fp32 whatever the storage dtypes; ``y`` is rounded once to ``out_dtype``. Backward is a
 ``torch.autograd.Function`` whose backward uses torch ops on the saved fp32 statistics.
-Without a GPU (and without the Triton interpreter) the functions fall back to the
+impl="torch" (and "auto" without a GPU or the Triton interpreter) runs the
 plain-torch references below, which the tests compare the kernel against: fp32 agreement
 to ~1e-5 absolute.
 """
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import modulate
-from .common import triton_importable, use_triton
+from .common import triton_importable
+from .dispatch import TRITON, resolve
 
 if triton_importable():
     import triton
@@ -243,15 +244,15 @@ def layernorm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """LayerNorm(x) (no affine) * (1 + scale) + shift.
 
     x: (B, N, H); shift, scale: (B, H) -> (B, N, H) in ``out_dtype`` (default x.dtype).
-    backend: "auto" (Triton where it runs), "triton" or "torch" (the reference).
+    impl: "auto", "triton" or "torch" (the reference); see ``prdit_fast.ops.dispatch``.
     """
     out_dtype = out_dtype or x.dtype
-    if not use_triton(backend, [x, shift, scale]):
+    if resolve("layernorm_modulate", impl, [x, shift, scale]) != TRITON:
         return layernorm_modulate_reference(x, shift, scale, eps, out_dtype)
     x, shift, scale, _, _ = _prepare(x, shift, scale)
     return _AdaLNFunction.apply(x, None, None, shift, scale, eps, out_dtype)
@@ -265,15 +266,15 @@ def gated_residual_layernorm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_new = x + gate * branch;  y = LayerNorm(x_new) * (1 + scale) + shift.
 
     x, branch: (B, N, H); gate, shift, scale: (B, H) -> (x_new in x.dtype, y in
-    ``out_dtype``, default x.dtype). backend: as for ``layernorm_modulate``.
+    ``out_dtype``, default x.dtype). impl: as for ``layernorm_modulate``.
     """
     out_dtype = out_dtype or x.dtype
-    if not use_triton(backend, [x, gate, branch, shift, scale]):
+    if resolve("gated_residual_layernorm_modulate", impl, [x, gate, branch, shift, scale]) != TRITON:
         return gated_residual_layernorm_modulate_reference(x, gate, branch, shift, scale, eps, out_dtype)
     x, shift, scale, gate, branch = _prepare(x, shift, scale, gate, branch)
     return _AdaLNFunction.apply(x, gate, branch, shift, scale, eps, out_dtype)
@@ -289,7 +290,7 @@ def embed_layernorm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x = LayerNorm(e) * gamma + beta + pos;  y = LayerNorm(x) * (1 + scale) + shift.
 
@@ -297,11 +298,11 @@ def embed_layernorm_modulate(
     the first DiT block's adaLN in one pass over e.
     e: (B, N, H) any float dtype; gamma, beta: (H,); pos: (N, H) or (1, N, H), shared by
     the samples; shift, scale: (B, H) -> (x (B, N, H) fp32, the residual stream;
-    y (B, N, H) in ``out_dtype``, default e.dtype). backend: as for ``layernorm_modulate``.
+    y (B, N, H) in ``out_dtype``, default e.dtype). impl: as for ``layernorm_modulate``.
     """
     pos = _check_embed(e, gamma, beta, pos)
     out_dtype = out_dtype or e.dtype
-    if not use_triton(backend, [e, gamma, beta, pos, shift, scale]):
+    if resolve("embed_layernorm_modulate", impl, [e, gamma, beta, pos, shift, scale]) != TRITON:
         return embed_layernorm_modulate_reference(e, gamma, beta, embed_eps, pos, shift, scale, eps, out_dtype)
     e, shift, scale, _, _ = _prepare(e, shift, scale)
     return _EmbedAdaLNFunction.apply(

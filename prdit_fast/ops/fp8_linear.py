@@ -17,7 +17,8 @@ tile of x and of W), which keeps an outlier from flattening its whole row.
   GPU path is tested against (it runs on the CPU);
 * ``fp8_linear``: on CUDA devices with FP8 tensor cores (compute capability 8.9+: Ada,
   Hopper, Blackwell) one ``torch._scaled_mm`` with row-wise scales, bias and a bf16 output;
-  elsewhere a ``RuntimeError`` that says so (backend="torch" runs the reference instead).
+  impl="auto" runs it there and the reference elsewhere; an explicit impl="gemm" that cannot
+  run raises ``ImplUnavailable`` saying why (``prdit_fast.ops.dispatch``).
   Block scales run only in the reference: ``_scaled_mm``'s block-wise scaling is not used.
 
 Inference only: there is no backward (training keeps bf16).
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from prdit_fast.ops.common import BACKENDS
+from prdit_fast.ops.dispatch import TORCH, resolve
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -47,14 +48,6 @@ def fp8_unsupported(device: torch.device | str) -> str | None:
         return (f"{torch.cuda.get_device_name(device)} is compute capability {capability[0]}.{capability[1]}; "
                 f"FP8 GEMMs need 8.9 or newer (Ada, Hopper, Blackwell)")
     return None
-
-
-def require_fp8(device: torch.device | str) -> None:
-    """RuntimeError, saying why and what to do, unless FP8 GEMMs run on ``device``."""
-    why = fp8_unsupported(device)
-    if why is not None:
-        raise RuntimeError(f"{why}. Use dtype=torch.bfloat16 there (or kernels/backend='torch' for the slow "
-                           f"reference)")
 
 
 def _blocks(x: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -102,16 +95,13 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def fp8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-               backend: str = "auto") -> torch.Tensor:
+               impl: str = "auto") -> torch.Tensor:
     """x (..., K) in a 16-bit or fp32 dtype; weight_q (N, K) e4m3 and weight_scale (N, 1)
     fp32 from ``quantize_e4m3(weight)`` (per output row); bias (N,) -> (..., N) out_dtype.
 
-    backend "auto"/"triton": one ``torch._scaled_mm`` on an FP8-capable GPU, x quantized per
-    row on the way (RuntimeError naming the reason elsewhere); "torch": the dequantized
-    reference (any device).
+    impl "gemm": one ``torch._scaled_mm`` on an FP8-capable GPU, x quantized per row on the
+    way; "torch": the dequantized reference (any device); "auto": "gemm" where it runs.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if weight_q.dtype != E4M3 or weight_q.dim() != 2 or weight_scale.shape != (weight_q.shape[0], 1):
         raise ValueError(f"weight_q must be (N, K) float8_e4m3fn with weight_scale (N, 1) from quantize_e4m3; "
                          f"got {weight_q.dtype} {tuple(weight_q.shape)} and {tuple(weight_scale.shape)}")
@@ -121,12 +111,11 @@ def fp8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tens
         raise RuntimeError("FP8 GEMMs are inference only (no backward): run under torch.no_grad() "
                            "or train in bf16")
     rows = x.reshape(-1, x.shape[-1])
-    if backend == "torch":
+    if resolve("fp8_linear", impl, [x], fp8_unsupported(x.device)) == TORCH:
         out = dequantize_e4m3(*quantize_e4m3(rows)) @ dequantize_e4m3(weight_q, weight_scale).t()
         if bias is not None:
             out = out + bias.float()
         return out.to(out_dtype).view(*x.shape[:-1], -1)
-    require_fp8(x.device)
     x_q, x_scale = quantize_e4m3(rows)
     out = torch._scaled_mm(
         x_q, weight_q.t(), scale_a=x_scale, scale_b=weight_scale.t(),

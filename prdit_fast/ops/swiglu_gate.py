@@ -11,7 +11,7 @@ LayerNorm input to the compute dtype in turn; here only ``h`` is rounded.
 
 The backward uses torch ops on the saved ``gu`` and the fp32 row statistics (explicit
 LayerNorm and SiLU derivatives), so nothing but (M,) vectors is stored beyond ``gu``.
-Without Triton (or for backend="torch") the plain-torch reference below runs instead;
+impl="torch" (and "auto" where Triton cannot run) runs the plain-torch reference below;
 the tests compare the kernel against it.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import triton_importable, use_triton
+from .common import triton_importable
+from .dispatch import TRITON, resolve
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -101,12 +102,12 @@ class _SwiGLUGateLayerNormFunction(torch.autograd.Function):
 
 
 def swiglu_gate_layernorm(
-    gu: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, backend: str = "auto"
+    gu: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, impl: str = "auto"
 ) -> torch.Tensor:
     """LayerNorm(SiLU(g) * u) * gamma + beta, where ``gu = [g | u]`` along the last dim.
 
-    gu: (..., 2D); gamma, beta: (D,) -> (..., D) in gu's dtype. backend: "auto" (Triton
-    where it runs), "triton" (error if it cannot) or "torch" (the reference).
+    gu: (..., 2D); gamma, beta: (D,) -> (..., D) in gu's dtype. impl: "auto", "triton" (error if it
+    cannot run) or "torch" (the reference); see ``prdit_fast.ops.dispatch``.
     """
     if gu.dim() < 1 or gu.shape[-1] % 2:
         raise ValueError(f"gu must be (..., 2D) = [gate | value], got shape {tuple(gu.shape)}")
@@ -119,7 +120,7 @@ def swiglu_gate_layernorm(
     unsupported = None
     if gu.dtype not in _SUPPORTED_DTYPES:
         unsupported = f"the kernel supports fp32/bf16/fp16, got {gu.dtype}"
-    if gu.numel() == 0 or not use_triton(backend, [gu, gamma, beta], unsupported):
+    if gu.numel() == 0 or resolve("swiglu_gate_layernorm", impl, [gu, gamma, beta], unsupported) != TRITON:
         return swiglu_gate_layernorm_reference(gu, gamma, beta, eps)
     rows = gu.reshape(-1, 2 * cols)
     if rows.stride(1) != 1:

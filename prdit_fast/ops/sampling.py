@@ -41,7 +41,8 @@ import torch
 
 from .. import models
 from ..diffusion import NOISE_STD, IaNDiffusion
-from .common import triton_importable, use_triton
+from .common import triton_importable
+from .dispatch import TRITON, resolve
 
 _MASK32 = 0xFFFFFFFF
 # Philox4x32 constants (Salmon et al. 2011), as in triton.language.random
@@ -62,7 +63,7 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    from .unpatchify import cube_token_offset
+    from .token_cubes import cube_token_offset
 
     @triton.jit
     def _sampler_update_kernel(
@@ -186,11 +187,11 @@ def philox_normal(keys: torch.Tensor, step: int, shape: Sequence[int]) -> torch.
     return z.view(keys.shape[0], *shape)
 
 
-def initial_noise(keys: torch.Tensor, shape: Sequence[int], backend: str = "auto") -> torch.Tensor:
+def initial_noise(keys: torch.Tensor, shape: Sequence[int], impl: str = "auto") -> torch.Tensor:
     """The sampler's start x_T = 0.5 N(0, I) from Philox counter 0: (B,) int64 keys ->
     (B, *shape) fp32 on keys' device.
 
-    ``backend``: "auto" (one Triton launch where it runs, else ``philox_normal``),
+    ``impl``: "auto" (one Triton launch where it runs, else ``philox_normal``),
     "triton" or "torch". Both draw the same numbers (up to an ulp of log / cos). The
     kernel matters on a GPU: ``philox_normal`` makes hundreds of int64 elementwise passes
     over the volumes (ten Philox rounds, each of ~25 ops), more memory traffic than a
@@ -203,7 +204,7 @@ def initial_noise(keys: torch.Tensor, shape: Sequence[int], backend: str = "auto
         limits = "a volume of 2^31 voxels or more (the kernel indexes a volume with int32)"
     elif keys.shape[0] > _MAX_GRID_Y:
         limits = f"{keys.shape[0]} keys exceed {_MAX_GRID_Y}"
-    if not use_triton(backend, [keys], limits):
+    if resolve("initial_noise", impl, [keys], limits) != TRITON:
         return NOISE_STD * philox_normal(keys, 0, shape)
     out = torch.empty((keys.shape[0], *shape), device=keys.device, dtype=torch.float32)
     if out.numel():
@@ -271,7 +272,7 @@ def sampler_update(
     x_out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     advance: bool = False,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step from the model's output tokens, fused with the corrector noise.
 
@@ -280,7 +281,7 @@ def sampler_update(
     one-element int32/int64 device tensor, the step n (never read on the host); keys: (B,)
     int64. Writes x_next into ``x_out`` (default: a new tensor; ``x_out=x`` updates in
     place) and x0_hat into ``x0_out`` (default: a new fp32 tensor). ``advance`` adds 1 to
-    step_index afterwards. Returns (x_next, x0_hat). ``backend``: "auto", "triton" or
+    step_index afterwards. Returns (x_next, x0_hat). ``impl``: "auto", "triton" or
     "torch" (``sampler_update_reference``, which reads the step on the host). No autograd.
     """
     _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out)
@@ -291,7 +292,7 @@ def sampler_update(
         limits = f"batch {B} exceeds {_MAX_GRID_Y}"
     elif 2 * C * S**3 >= _INT32_LIMIT:
         limits = "one sample spans 2^31 elements or more (the kernel indexes a sample with int32)"
-    if not use_triton(backend, operands, limits):
+    if resolve("sampler_update", impl, operands, limits) != TRITON:
         return sampler_update_reference(
             tokens, x, table, step_index, keys, stride=stride, residual=residual,
             x_out=x_out, x0_out=x0_out, advance=advance,

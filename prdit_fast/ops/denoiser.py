@@ -1,6 +1,6 @@
 """The whole local denoiser (spec section 4, ``coarse.mlp_denoise``), two implementations.
 
-impl="fused": every GEMM is a fused Triton kernel (``adaptive_swiglu``):
+impl="triton": every GEMM is a fused Triton kernel (``adaptive_swiglu``):
 
     mods       = adaLN(SiLU(c))                         one small cuBLAS GEMM, (B, 6D)
     h          = mlp1(mod(norm1(x), sh1, sc1))           2 launches (adaptive SwiGLU)
@@ -27,40 +27,28 @@ impl="gemm": every GEMM is cuBLAS, with Triton only for the memory-bound passes 
 
 Its autograd is the composition's own (each Triton op has a backward).
 
-Selection for impl="auto" (on the Triton backend): "gemm" for CUDA tensors in a 16-bit
-dtype, else "fused". Measured on an H100, bf16, B = 4, N = 4096, D = 1728: the fused
-adaptive-SwiGLU kernel reaches 225 TFLOP/s against 564 TFLOP/s for a cuBLAS GEMM of
-16384 x 1728 x 1728, and the fused local denoiser takes 2.75 ms against 2.14 ms for the
-eager bf16 composition and 1.67 ms for torch.compile of the reference. Those figures
-predate the fused path's pure-GEMM forms (per-sample folded weights, residual in fc2's
-epilogue), which no GPU has timed yet: benchmarks/bench_ops_swiglu.py compares both paths.
-fp32 (and the CPU interpreter) keeps the fused kernels: those measurements are bf16 only.
+impl="auto" runs "gemm" for 16-bit CUDA tokens and "triton" elsewhere Triton runs
+(``prdit_fast.ops.dispatch`` says why); benchmarks/bench_ops_swiglu.py times both.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from prdit_fast.models import LocalDenoiser, SwiGLU
 from prdit_fast.ops.adaln import layernorm_modulate
-from prdit_fast.ops.adaptive_swiglu import (
-    Backend,
+from prdit_fast.ops.dispatch import GEMM, TORCH, resolve
+from prdit_fast.ops.swiglu import (
     chunk_moments,
+    dtype_refusal,
     folded_norm_linear,
     folds_modulation,
     fused_adaptive_swiglu_rows,
     prologue_gemm,
     swiglu_params,
-    triton_usable,
 )
 from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
-
-Impl = Literal["auto", "fused", "gemm"]
-IMPLS = ("auto", "fused", "gemm")
-_16BIT = (torch.bfloat16, torch.float16)
 
 # SwiGLU block -> (weak refs to its four fc1 tensors, their (data_ptr, version), [Wg; Wx], [bg; bx]).
 # Weak keys: the cache dies with the block and never enters its state dict.
@@ -101,17 +89,17 @@ def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
 def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
     """norm(SiLU(fc1_g(m)) * fc1_x(m)), fc2's input: one cuBLAS GEMM and one Triton pass."""
     gu = F.linear(m, *_concat_fc1(block))  # (B, N, 2D)
-    return swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, backend="triton")
+    return swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, impl="triton")
 
 
 def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     B, N, D = tokens.shape
     x = tokens.contiguous()
-    m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, backend="triton")
+    m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, impl="triton")
     mlp1, mlp2 = module.mlp1, module.mlp2
     h = F.linear(_gemm_swiglu_hidden(m, mlp1), mlp1.fc2.weight, mlp1.fc2.bias)
-    m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, backend="triton")
+    m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, impl="triton")
     # fc2 of mlp2 takes the residual as its GEMM's accumulator input, so h2 + x costs no
     # pass of its own; fc2's bias joins the shift: (u + b2)(1 + sc3) + sh3, u = x + hid W2^T
     hidden = _gemm_swiglu_hidden(m, mlp2).view(B * N, D)
@@ -119,16 +107,6 @@ def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDen
     gain = 1.0 + sc3
     z = torch.addcmul(torch.addcmul(sh3, gain, mlp2.fc2.bias).unsqueeze(1), u, gain.unsqueeze(1))
     return module.linear_final(z)
-
-
-def resolve_impl(impl: Impl, tokens: torch.Tensor) -> str:
-    """The implementation ``impl`` selects for these tokens on the Triton backend: "gemm"
-    (cuBLAS + Triton passes) for 16-bit CUDA tokens under "auto", else "fused"."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "gemm" if tokens.is_cuda and tokens.dtype in _16BIT else "fused"
 
 
 def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
@@ -180,17 +158,16 @@ def local_denoiser(
     tokens: torch.Tensor,
     c_coarse: torch.Tensor,
     module: LocalDenoiser,
-    backend: Backend = "auto",
-    impl: Impl = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``module(tokens, c_coarse)`` computed with Triton kernels (and cuBLAS).
 
     tokens: (B, N, D) unfolded noisy volume; c_coarse: (B, D) timestep condition;
     module: the reference ``LocalDenoiser`` (its live parameters are used). Returns
-    (B, N, s^3 Cout). backend: "triton" (error if it cannot run), "torch" (the
-    reference module) or "auto" (Triton when possible). impl, on the Triton backend:
-    "fused" (all-Triton GEMMs), "gemm" (cuBLAS GEMMs + Triton memory passes) or "auto"
-    ("gemm" for 16-bit CUDA tokens, else "fused"; see the module docstring).
+    (B, N, s^3 Cout). impl: "triton" (fused Triton GEMMs), "gemm" (cuBLAS GEMMs +
+    Triton memory passes), "torch" (the reference module) or "auto" ("gemm" for 16-bit
+    CUDA tokens, "triton" elsewhere Triton runs, else "torch"; ``prdit_fast.ops.dispatch``).
+    An explicit "triton" or "gemm" that cannot run raises.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -200,10 +177,11 @@ def local_denoiser(
         raise ValueError(f"the local denoiser has token width {dim}, but tokens have width {D}")
     if c_coarse.shape != (B, D):
         raise ValueError(f"c_coarse must have shape (B, D) = ({B}, {D}), got {tuple(c_coarse.shape)}")
-    chosen = resolve_impl(impl, tokens)
     names, params = zip(*module.named_parameters())
-    if N == 0 or not triton_usable(backend, [tokens, c_coarse, *params], "local_denoiser"):
+    tensors = [tokens, c_coarse, *params]
+    chosen = TORCH if N == 0 else resolve("local_denoiser", impl, tensors, dtype_refusal(tensors))
+    if chosen == TORCH:
         return module(tokens, c_coarse)
-    if chosen == "gemm":
+    if chosen == GEMM:
         return _gemm_local_denoiser(tokens, c_coarse, module)
     return _LocalDenoiserFunction.apply(tokens, c_coarse, module, names, *params)

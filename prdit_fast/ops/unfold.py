@@ -22,7 +22,7 @@ both are built from the two Functions, so higher-order gradients work too.
 
 Volumes may have distinct D, H, W; each edge must satisfy ``models.validate_tiling``.
 The Triton path covers fp32 / bf16 / fp16 with per-sample offsets below 2^31 and up to
-65535 samples; otherwise ``backend="auto"`` uses the plain-torch reference
+65535 samples; otherwise ``impl="auto"`` uses the plain-torch reference
 (``models.unfold3d`` and ``fold3d_reference``).
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 
 from .. import models
-from .common import autotune_configs, triton_importable, use_triton
+from .common import autotune_configs, triton_importable
+from .dispatch import TRITON, resolve
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_LIMIT = 2**31
@@ -324,15 +325,15 @@ def _kernel_limits(
 
 
 def unfold3d(
-    x: torch.Tensor, patch: int, stride: int, pad: int, *, out_dtype: torch.dtype | None = None, backend: str = "auto"
+    x: torch.Tensor, patch: int, stride: int, pad: int, *, out_dtype: torch.dtype | None = None, impl: str = "auto"
 ) -> torch.Tensor:
     """Overlapping windows of the reflect-padded volume, as tokens.
 
     x: (B, C, D, H, W) fp32 / bf16 / fp16, any strides -> (B, N, C p^3) in ``out_dtype``
     (default x.dtype; e.g. fp32 volume -> bf16 tokens in one pass), N = (D/s)(H/s)(W/s),
     tokens in raster order (depth slowest), each window flattened (channel, d, h, w).
-    ``backend``: "auto" (Triton where it runs, else ``models.unfold3d``), "triton" or
-    "torch". Differentiable (the gradient comes back in x.dtype).
+    ``impl``: "auto" (Triton where it runs, else ``models.unfold3d``), "triton" or
+    "torch"; see ``prdit_fast.ops.dispatch``. Differentiable (the gradient comes back in x.dtype).
     """
     if x.dim() != 5:
         raise ValueError(f"unfold3d expects a volume (B, C, D, H, W), got shape {tuple(x.shape)}")
@@ -341,7 +342,7 @@ def unfold3d(
     extent = 1 + sum((n - 1) * s for n, s in zip(x.shape[1:], x.stride()[1:]))
     out_dtype = out_dtype or x.dtype
     limits = _kernel_limits((x.dtype, out_dtype), B, extent, _grid_counts(tuple(x.shape[2:]), stride) * C * patch**3)
-    if use_triton(backend, [x], limits):
+    if resolve("unfold3d", impl, [x], limits) == TRITON:
         return _Unfold3dFunction.apply(x, patch, stride, pad, out_dtype)
     return models.unfold3d(x, patch, stride, pad).to(out_dtype)
 
@@ -355,14 +356,14 @@ def fold3d(
     reduce: str = "sum",
     *,
     out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """The adjoint of ``unfold3d``: overlap-add of the windows, padding folded back.
 
     tokens: (B, N, C p^3) -> (B, C, D, H, W) in ``out_dtype`` (default tokens.dtype),
     summed in fp32 and rounded once; ``size`` is S or (D, H, W). reduce="sum" is the exact adjoint (the gradient of
     unfold3d); reduce="mean" divides each voxel by its number of contributions, so it
-    inverts unfold3d. ``backend`` as in ``unfold3d``. Differentiable.
+    inverts unfold3d. ``impl`` as in ``unfold3d``. Differentiable.
     """
     size = _as_size(size)
     _validate(size, patch, stride, pad)
@@ -380,7 +381,7 @@ def fold3d(
     limits = _kernel_limits((tokens.dtype, out_dtype), tokens.shape[0], volume, N * tokens.shape[2])
     if limits is None and _most_contributions(size[2], patch, stride, pad) > _FOLD_W_SLOTS:
         limits = f"more than {_FOLD_W_SLOTS} windows overlap along the width (the kernel unrolls that many)"
-    if use_triton(backend, [tokens], limits):
+    if resolve("fold3d", impl, [tokens], limits) == TRITON:
         return _Fold3dFunction.apply(tokens, size, patch, stride, pad, reduce == "mean", out_dtype)
     return fold3d_reference(tokens, size, patch, stride, pad, reduce, out_dtype=out_dtype)
 

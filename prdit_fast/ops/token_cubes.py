@@ -21,8 +21,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import models
-from .common import autotune_configs, triton_importable, use_triton
-from .unfold3d import TRITON_DTYPES
+from .common import autotune_configs, triton_importable
+from .dispatch import TRITON, resolve
+from .unfold import TRITON_DTYPES
 
 _INT32_LIMIT = 2**31
 _MAX_GRID_Y = 65535  # CUDA limit of the grid axis that carries the batch
@@ -128,14 +129,14 @@ def unpatchify(
     residual: torch.Tensor | None = None,
     *,
     out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Place each token's s^3 cube (channel fastest) into the volume, after adding ``residual``.
 
     tokens, residual: (B, (S/s)^3, s^3 Cout) -> (B, Cout, S, S, S) in ``out_dtype``
     (default: torch.promote_types of the two token dtypes). The sum is fp32, rounded once.
-    ``backend``: "auto" (Triton where it runs, else ``models.unpatchify``), "triton" or
-    "torch". Differentiable with respect to both token tensors.
+    ``impl``: "auto" (Triton where it runs, else ``models.unpatchify``), "triton" or
+    "torch"; see ``prdit_fast.ops.dispatch``. Differentiable with respect to both token tensors.
     """
     models.validate_tiling(size, stride, stride, 0)
     N, width = (size // stride) ** 3, stride**3 * channels
@@ -156,7 +157,7 @@ def unpatchify(
         limits = "one sample spans 2^31 elements or more (the kernel indexes a sample with int32)"
     elif tokens.shape[0] > _MAX_GRID_Y:
         limits = f"batch {tokens.shape[0]} exceeds {_MAX_GRID_Y}"
-    if not use_triton(backend, operands, limits):
+    if resolve("unpatchify", impl, operands, limits) != TRITON:
         total = tokens.float() if residual is None else tokens.float() + residual.float()
         return models.unpatchify(total.to(out_dtype), size, stride, channels)
     return _UnpatchifyFunction.apply(

@@ -47,19 +47,16 @@ atomics and no zero-init), and the consumer merges them with Chan's parallel
 formula, which does not cancel the way sum(x^2) - n mean^2 does.
 
 The backward recomputes the reference composition with plain torch ops (cuBLAS) and
-autograd; the forward is always the fused kernels on the Triton backend.
+autograd; the forward is always the fused kernels (impl="triton").
 """
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from prdit_fast.models import SwiGLU, modulate
-from prdit_fast.ops.common import autotune_configs, interpreter_enabled, triton_importable, triton_runs_on
-
-Backend = Literal["auto", "triton", "torch"]
+from prdit_fast.ops.common import autotune_configs, interpreter_enabled, triton_importable
+from prdit_fast.ops.dispatch import TRITON, resolve
 
 # Width of the column groups whose partial moments are stored; every BLOCK_N is a
 # multiple of it so an N-tile writes whole groups.
@@ -639,28 +636,13 @@ class _AdaptiveSwiGLUFunction(torch.autograd.Function):
         return (*result[:3], None, None, *result[3:])
 
 
-def check_backend(backend: str) -> None:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-
-
-def triton_usable(backend: str, tensors: list[torch.Tensor], what: str) -> bool:
-    """Whether to take the Triton path; raises for backend='triton' when it cannot run."""
-    check_backend(backend)
-    if backend == "torch":
-        return False
+def dtype_refusal(tensors: list[torch.Tensor]) -> str | None:
+    """Why the fused GEMM kernels cannot take these inputs and parameters (their dtypes), or None."""
     dtypes = {t.dtype for t in tensors}
-    reason = None
-    if not triton_runs_on(*tensors):
-        reason = "Triton cannot run on these tensors (needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)"
-    elif len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
-        reason = (f"the fused kernel needs inputs and parameters of one dtype among fp32/bf16/fp16, "
-                  f"got {sorted(map(str, dtypes))}")
-    if reason is None:
-        return True
-    if backend == "triton":
-        raise ValueError(f"{what}: backend='triton' requested but {reason}; use backend='auto' or 'torch'")
-    return False
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+        return (f"the fused kernels need inputs and parameters of one dtype among fp32/bf16/fp16, "
+                f"got {sorted(map(str, dtypes))}")
+    return None
 
 
 def adaptive_swiglu(
@@ -669,14 +651,14 @@ def adaptive_swiglu(
     scale: torch.Tensor,
     block: SwiGLU,
     norm_eps: float = 1e-6,
-    backend: Backend = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """block(modulate(LN(x), shift, scale)) = fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))).
 
     x: (B, N, D) tokens; shift, scale: (B, D) per-sample modulation; block: the
     reference ``SwiGLU`` whose live parameters are used; LN has no affine and eps
-    ``norm_eps``. Returns (B, N, D). backend: "triton" (fused kernels, error if they
-    cannot run), "torch" (the reference composition) or "auto" (Triton when possible).
+    ``norm_eps``. Returns (B, N, D). impl: "triton" (fused kernels, error if they
+    cannot run), "torch" (the reference composition) or "auto" (``prdit_fast.ops.dispatch``).
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, D) tokens, got shape {tuple(x.shape)}")
@@ -687,6 +669,7 @@ def adaptive_swiglu(
     if block.fc1_g.in_features != D:
         raise ValueError(f"the SwiGLU block has width {block.fc1_g.in_features}, but tokens have width {D}")
     params = swiglu_params(block)
-    if N == 0 or not triton_usable(backend, [x, *params], "adaptive_swiglu"):
+    tensors = [x, *params]
+    if N == 0 or resolve("adaptive_swiglu", impl, tensors, dtype_refusal(tensors)) != TRITON:
         return reference_adaptive_swiglu(x, shift, scale, block, norm_eps)
     return _AdaptiveSwiGLUFunction.apply(x, shift, scale, block, norm_eps, *params)

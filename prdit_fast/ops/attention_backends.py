@@ -33,7 +33,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash4", "flash3", "flash2", "sdpa_cudnn", "sdpa_flash", "xformers", "math")
+from .dispatch import announce
+
+ATTENTION_BACKENDS = ("flash4", "flash3", "flash2", "sdpa_cudnn", "sdpa_flash", "xformers", "math")
 _HALF = (torch.float16, torch.bfloat16)
 _FLOAT_ANY = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -113,7 +115,7 @@ _IMPLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "xformers": _xformers,
     "math": _math,
 }
-_DTYPES = {name: (_FLOAT_ANY if name in ("xformers", "math") else _HALF) for name in BACKENDS}
+_DTYPES = {name: (_FLOAT_ANY if name in ("xformers", "math") else _HALF) for name in ATTENTION_BACKENDS}
 # minimum and maximum (major) compute capability
 _CAPABILITY = {
     "flash4": (9, 10),
@@ -160,7 +162,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         return ["math"]
     major, _ = torch.cuda.get_device_capability(device)
     found = []
-    for name in BACKENDS[:-1]:
+    for name in ATTENTION_BACKENDS[:-1]:
         lo, hi = _CAPABILITY[name]
         if lo <= major <= hi and _importable(name):
             if name == "sdpa_cudnn" and not torch.backends.cudnn.is_available():
@@ -180,14 +182,14 @@ def attention(qkv: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T D^-0.5) v per head, non-causal.
 
     qkv: (B, N, 3, H, D) -> (B, N, H, D), same dtype. ``backend``: "auto" or one of
-    ``BACKENDS``; see the module docstring for the auto rule.
+    ``ATTENTION_BACKENDS``; see the module docstring for the auto rule.
     """
     global _last_backend
     _check(qkv)
     if backend == "auto":
         return _auto(qkv)
     if backend not in _IMPLS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose 'auto' or one of {list(ATTENTION_BACKENDS)}")
     if backend != "math":
         if backend not in available_backends(qkv.device):
             raise RuntimeError(
@@ -220,6 +222,8 @@ def _auto(qkv: torch.Tensor) -> torch.Tensor:
             _auto_rejected.add((name, key))
             continue
         _auto_choice[key] = _last_backend = name
+        announce("attention", name, f"first backend that accepts {qkv.dtype} on {qkv.device.type}")
         return out
     _auto_choice[key] = _last_backend = "math"
+    announce("attention", "math", f"no other backend accepts {qkv.dtype} on {qkv.device.type}")
     return _math(qkv)

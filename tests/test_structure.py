@@ -1,0 +1,222 @@
+"""The package's structure: one resolver decides which implementation of each op runs
+(prdit_fast.ops.dispatch), explicit requests that cannot run raise, the "auto" defaults
+are the documented ones, the public names exist, and no module imports itself back."""
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import re
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import prdit_fast
+from prdit_fast.models import LocalDenoiser, create_model
+from prdit_fast.ops import dispatch
+from prdit_fast.ops.common import triton_importable
+from prdit_fast.ops.dispatch import ImplUnavailable, default_impl, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "prdit_fast"
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """CPU tensors without the Triton interpreter: Triton cannot run them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+# --------------------------------------------------------------------------- resolver
+def test_explicit_impl_that_cannot_run_raises(no_interpreter):
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ImplUnavailable, match=r"unfold3d: impl='triton' cannot run: .*TRITON_INTERPRET"):
+        prdit_fast.ops.unfold3d(x, 12, 8, 2, impl="triton")
+    module = LocalDenoiser(8, 4)
+    tokens, c = torch.randn(1, 3, 8), torch.randn(1, 8)
+    for impl in ("triton", "gemm"):
+        with pytest.raises(ImplUnavailable, match=f"local_denoiser: impl='{impl}' cannot run"):
+            prdit_fast.ops.local_denoiser(tokens, c, module, impl=impl)
+    # "auto" runs the reference there, and says so through the same resolver
+    assert resolve("unfold3d", "auto", [x]) == "torch"
+    assert torch.equal(prdit_fast.ops.unfold3d(x, 12, 8, 2), prdit_fast.models.unfold3d(x, 12, 8, 2))
+
+
+@needs_triton
+def test_explicit_impl_refused_by_the_op_raises():
+    """Where Triton runs (here the interpreter), an op's own refusal (a dtype its kernels
+    do not cover) still raises for an explicit request and sends "auto" to the reference."""
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    with pytest.raises(ImplUnavailable, match="unfold3d: impl='triton' cannot run: dtypes"):
+        prdit_fast.ops.unfold3d(x, 12, 8, 2, impl="triton")
+    assert resolve("unfold3d", "auto", [x], refusal="dtypes not covered") == "torch"
+
+
+def test_unknown_impl_names_are_rejected():
+    with pytest.raises(ValueError, match=r"unfold3d: impl must be 'auto' or one of \('torch', 'triton'\)"):
+        resolve("unfold3d", "gemm", [torch.empty(1)])
+    with pytest.raises(ValueError, match="unknown op"):
+        resolve("no_such_op", "auto", [torch.empty(1)])
+
+
+def _documented_defaults() -> dict[tuple[str, str], str]:
+    """The table in prdit_fast.ops.dispatch's docstring: (op row, column) -> implementation."""
+    lines = dispatch.__doc__.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("op ") and "CUDA" in line)
+    columns = [c.strip() for c in re.split(r"\s{2,}", lines[header].strip())[1:]]
+    table = {}
+    for line in lines[header + 1:]:
+        cells = [c.strip() for c in re.split(r"\s{2,}", line.strip())]
+        if len(cells) != len(columns) + 1:
+            break
+        for column, impl in zip(columns, cells[1:]):
+            table[cells[0], column] = impl
+    return table
+
+
+@needs_triton
+def test_default_per_device_and_dtype_is_the_documented_one(monkeypatch):
+    table = _documented_defaults()
+    assert {column for _, column in table} == {"CPU", "CPU + TRITON_INTERPRET=1", "CUDA fp32", "CUDA bf16 / fp16"}
+    where = {  # column -> (device, dtypes, interpreter)
+        "CPU": ("cpu", (torch.float32, torch.bfloat16), "0"),
+        "CPU + TRITON_INTERPRET=1": ("cpu", (torch.float32, torch.bfloat16), "1"),
+        "CUDA fp32": ("cuda", (torch.float32,), "0"),
+        "CUDA bf16 / fp16": ("cuda", (torch.bfloat16, torch.float16), "0"),
+    }
+    checked = 0
+    for op in dispatch.OP_IMPLS:
+        row = op if (op, "CPU") in table else "every other op"
+        for column, (device, dtypes, interpret) in where.items():
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+            for dtype in dtypes:
+                assert default_impl(op, device, dtype) == table[row, column], (op, column, dtype)
+                checked += 1
+    assert checked == len(dispatch.OP_IMPLS) * 7
+
+
+@needs_triton
+def test_resolve_auto_follows_the_default_and_logs_once(caplog):
+    caplog.set_level(logging.INFO, logger="prdit_fast.ops")
+    dispatch._announced.discard(("fold3d", "triton"))
+    tokens = torch.randn(1, 8, 1728)
+    for _ in range(3):
+        assert resolve("fold3d", "auto", [tokens]) == default_impl("fold3d", "cpu", torch.float32) == "triton"
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fold3d runs")]
+    assert said == ["fold3d runs triton (default for cpu torch.float32)"]
+
+
+def test_accelerate_impl_choices_are_checked(no_interpreter):
+    model = create_model("PRDiT-XS/12/1", 16)
+    with pytest.raises(ValueError, match="impl names ops .*'sr_head'"):
+        prdit_fast.accelerate(model, impl={"sr_head": "torch"})
+    with pytest.raises(ValueError, match="unfold3d: impl must be"):
+        prdit_fast.accelerate(model, impl={"unfold3d": "gemm"})
+    with pytest.raises(ValueError, match="impl must be 'auto', 'torch', 'triton' or a mapping"):
+        prdit_fast.accelerate(model, impl="gemm")
+    fast = prdit_fast.accelerate(model, dtype=torch.float32, impl="triton")
+    with pytest.raises(ImplUnavailable, match="unfold3d: impl='triton' cannot run"):
+        fast(torch.randn(1, 1, 16, 16, 16), torch.tensor([3]))
+    fast = prdit_fast.accelerate(model, dtype=torch.float32, impl="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(torch.ones(1, 1, 16, 16, 16), torch.tensor([3])),
+                                   model(torch.ones(1, 1, 16, 16, 16), torch.tensor([3])))
+
+
+# --------------------------------------------------------------------------- public names
+def test_ops_export_functions():
+    from prdit_fast.ops import (
+        adaptive_swiglu,
+        attention,
+        fold3d,
+        layernorm_modulate,
+        local_denoiser,
+        sampler_update,
+        unfold3d,
+        unpatchify,
+    )
+
+    for op in (unfold3d, fold3d, unpatchify, adaptive_swiglu, local_denoiser, sampler_update, attention,
+               layernorm_modulate):
+        assert isinstance(op, types.FunctionType), op
+        assert "impl" in inspect.signature(op).parameters or op is attention, op.__name__
+
+
+def test_readme_names_exist():
+    """Every ``prdit_fast.NAME`` the README's Python examples use is exported."""
+    text = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"\bprdit_fast\.([A-Za-z_]\w*)\(", text))
+    names |= set(re.findall(r"from prdit_fast import ([A-Za-z_]\w*)", text))
+    assert {"create_model", "load_checkpoint", "accelerate", "Sampler"} <= names
+    missing = sorted(n for n in names if not hasattr(prdit_fast, n))
+    assert not missing, f"README uses prdit_fast.{missing} which the package does not export"
+    for name in ("keys_for", "Sampler", "FastPRDiT", "IaNDiffusion", "create_model", "load_checkpoint"):
+        assert name in prdit_fast.__all__ and callable(getattr(prdit_fast, name))
+
+
+# --------------------------------------------------------------------------- import graph
+def _module_imports() -> dict[str, set[str]]:
+    """Module name -> the package modules it imports anywhere in its body (top level or
+    inside functions), read from the source with ast."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        base = name if is_package else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.ImportFrom):
+                source = node.module or ""
+                if node.level:
+                    anchor = base
+                    for _ in range(node.level - 1):
+                        anchor = anchor.rpartition(".")[0]
+                    source = f"{anchor}.{source}" if source else anchor
+                if source in modules:
+                    for alias in node.names:
+                        sub = f"{source}.{alias.name}"
+                        targets.add(sub if sub in modules else source)
+        targets.discard(name)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state, stack, found = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    graph = _module_imports()
+    assert {"prdit_fast.checkpoint", "prdit_fast.fast", "prdit_fast.ops.dispatch"} <= set(graph)
+    assert "prdit_fast.state_dict" in graph["prdit_fast.fast"]  # the helpers that used to close a cycle
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
