@@ -36,8 +36,9 @@ What runs per step (B volumes, N tokens, hidden h):
   one kernel; the sampling engine passes both parts to its update kernel instead, which
   sums them as it reads them.
 
-Derived weights (the compute-dtype casts and the concatenations above) are cached, keyed
-on each source parameter's identity, ``data_ptr`` and ``_version``: an optimizer step,
+Derived weights (the compute-dtype casts and the concatenations above) are cached
+(``prdit_fast.ops.derived.DerivedWeights``, the one cache the ops use too), keyed on each
+source parameter's identity, ``data_ptr`` and ``_version``: an optimizer step,
 ``load_state_dict``, ``.to()`` or any in-place update under ``torch.no_grad()`` refreshes
 them at the next forward. The cache is plain tensors, not parameters or buffers (the
 state dict is unchanged); it costs one compute-dtype copy of the weights. Writes through
@@ -54,7 +55,7 @@ N(0, 0.02), 32^3, batch 2) B/12/2 measured 3.5e-3 and B/12/0 4.4e-3 relative RMS
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,7 @@ from .ops import (
     unpatchify,
 )
 from .ops.attention_backends import ATTENTION_BACKENDS
+from .ops.derived import DerivedWeights
 from .ops.dispatch import per_op_impl, resolve
 from .ops.fp8_linear import E4M3, fp8_linear, fp8_unsupported, quantize_e4m3
 from .state_dict import infer_architecture, strip_wrapper_prefixes
@@ -84,30 +86,6 @@ FAST_OPS = (
     "unfold3d", "local_denoiser", "embed_layernorm_modulate", "gated_residual_layernorm_modulate", "fp8_linear",
     "unpatchify",
 )
-
-
-class DerivedWeights:
-    """Tensors computed from parameters (dtype casts, concatenations), rebuilt only when a
-    source parameter changes. Not a module: nothing here enters the state dict."""
-
-    def __init__(self):
-        self._store: dict[str, tuple[tuple, torch.Tensor]] = {}
-
-    def get(self, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        sources = tuple(sources)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
-            return build()  # differentiable; a cached tensor would cut the gradient
-        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in sources)
-        hit = self._store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            value = build()
-        self._store[name] = (key, value)
-        return value
-
-    def clear(self) -> None:
-        self._store.clear()
 
 
 class FastPRDiT(nn.Module):

@@ -10,7 +10,8 @@ import torch
 from conftest import meta_shadow, randomize_, rel_rms, requires_cuda
 
 from prdit_fast.models import LocalDenoiser, create_model
-from prdit_fast.ops.denoiser import _FC1_CACHE, local_denoiser
+from prdit_fast.ops.denoiser import FC1, local_denoiser
+from prdit_fast.ops.derived import derived_for
 from prdit_fast.ops.dispatch import resolve, triton_runs_on
 from prdit_fast.ops.swiglu_gate import (
     swiglu_gate_layernorm,
@@ -97,10 +98,10 @@ def test_gemm_path_sees_in_place_weight_updates(device):
     tokens, c = torch.randn(2, 7, 64, device=device), torch.randn(2, 64, device=device)
     with torch.no_grad():
         before = local_denoiser(tokens, c, module, impl="gemm")
-        assert module.mlp1 in _FC1_CACHE and module.mlp2 in _FC1_CACHE
-        cached = _FC1_CACHE[module.mlp1][2]
+        assert derived_for(module.mlp1).cached(FC1) is not None and derived_for(module.mlp2).cached(FC1) is not None
+        cached = derived_for(module.mlp1).cached(FC1)
         again = local_denoiser(tokens, c, module, impl="gemm")
-        assert _FC1_CACHE[module.mlp1][2] is cached  # unchanged weights: the copy is reused
+        assert derived_for(module.mlp1).cached(FC1) is cached  # unchanged weights: the copy is reused
         torch.testing.assert_close(again, before, rtol=0, atol=0)
         module.mlp1.fc1_x.weight.mul_(-2.0)
         module.mlp2.fc1_g.bias.add_(1.0)
@@ -108,7 +109,7 @@ def test_gemm_path_sees_in_place_weight_updates(device):
         ref = module(tokens, c)
     assert rel_rms(after, before) > 1e-2
     torch.testing.assert_close(after, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
-    assert _FC1_CACHE[module.mlp1][2] is not cached
+    assert derived_for(module.mlp1).cached(FC1) is not cached
     assert set(module.state_dict()) == set(LocalDenoiser(64, 32).state_dict())  # no extra entries
 
 

@@ -32,12 +32,12 @@ impl="auto" runs "gemm" for 16-bit CUDA tokens and "triton" elsewhere Triton run
 """
 from __future__ import annotations
 
-import weakref
 import torch
 import torch.nn.functional as F
 
 from prdit_fast.models import LocalDenoiser, SwiGLU
 from prdit_fast.ops.adaln import layernorm_modulate
+from prdit_fast.ops.derived import derived_for, recompute_backward
 from prdit_fast.ops.dispatch import GEMM, TORCH, resolve
 from prdit_fast.ops.swiglu import (
     chunk_moments,
@@ -50,40 +50,15 @@ from prdit_fast.ops.swiglu import (
 )
 from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
 
-# SwiGLU block -> (weak refs to its four fc1 tensors, their (data_ptr, version), [Wg; Wx], [bg; bx]).
-# Weak keys: the cache dies with the block and never enters its state dict.
-_FC1_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fc1_sources(block: SwiGLU) -> list[torch.Tensor]:
-    named = dict(block.named_parameters())
-    return [named["fc1_g.weight"], named["fc1_x.weight"], named["fc1_g.bias"], named["fc1_x.bias"]]
+FC1 = "fc1"  # the name of [Wg; Wx], [bg; bx] in a SwiGLU block's derived-weight cache
 
 
 def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
-    """[Wg; Wx] (2D, D) and [bg; bx] (2D,) from the block's live tensors.
-
-    Rebuilt (differentiably) on every call while autograd would need them; otherwise
-    cached, keyed on each source's identity, data_ptr and version counter, so an
-    optimizer step, load_state_dict or any in-place update refreshes the copy.
-    """
-    sources = _fc1_sources(block)
-    wg, wx, bg, bx = sources
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or any(t.is_inference() for t in sources):
-        # inference tensors carry no version counter: nothing to key a cache on
-        return torch.cat([wg, wx]), torch.cat([bg, bx])
-    key = [(t.data_ptr(), t._version) for t in sources]
-    hit = _FC1_CACHE.get(block)
-    if hit is not None:
-        refs, versions, weight, bias = hit
-        if versions == key and all(r() is t for r, t in zip(refs, sources)):
-            return weight, bias
-    # a normal (non-inference) tensor even when built under inference_mode, so a later
-    # call with autograd on may use it
-    with torch.inference_mode(False), torch.no_grad():
-        weight, bias = torch.cat([wg, wx]), torch.cat([bg, bx])
-    _FC1_CACHE[block] = ([weakref.ref(t) for t in sources], key, weight, bias)
-    return weight, bias
+    """[Wg; Wx] (2D, D) and [bg; bx] (2D,) from the block's live tensors, cached in the
+    block's ``derived_for`` cache (refreshed when any of the four changes)."""
+    named = dict(block.named_parameters())
+    wg, wx, bg, bx = (named[n] for n in ("fc1_g.weight", "fc1_x.weight", "fc1_g.bias", "fc1_x.bias"))
+    return derived_for(block).get(FC1, (wg, wx, bg, bx), lambda: (torch.cat([wg, wx]), torch.cat([bg, bx])))
 
 
 def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
@@ -144,14 +119,12 @@ class _LocalDenoiserFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         tokens, c, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wants = [needs[0], needs[1], *needs[4:]]
-        leaves = [t.detach().requires_grad_(w) for t, w in zip([tokens, c, *params], wants)]
-        with torch.enable_grad():
-            out = torch.func.functional_call(ctx.module, dict(zip(ctx.names, leaves[2:])), (leaves[0], leaves[1]))
-        wanted = [t for t, w in zip(leaves, wants) if w]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-        result = [next(grads) if w else None for w in wants]
-        return (result[0], result[1], None, None, *result[2:])
+
+        def reference(tokens, c, *params):
+            return torch.func.functional_call(ctx.module, dict(zip(ctx.names, params)), (tokens, c))
+
+        grads = recompute_backward(reference, [tokens, c, *params], [needs[0], needs[1], *needs[4:]], grad_out)
+        return (grads[0], grads[1], None, None, *grads[2:])
 
 
 def local_denoiser(

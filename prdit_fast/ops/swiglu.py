@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from prdit_fast.models import SwiGLU, modulate
 from prdit_fast.ops.common import autotune_configs, interpreter_enabled, triton_importable
+from prdit_fast.ops.derived import recompute_backward
 from prdit_fast.ops.dispatch import TRITON, resolve
 
 # Width of the column groups whose partial moments are stored; every BLOCK_N is a
@@ -624,16 +625,14 @@ class _AdaptiveSwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, shift, scale, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        inputs = [x, shift, scale, *params]
+
+        def reference(x, shift, scale, *params):
+            m = modulate(F.layer_norm(x, x.shape[-1:], eps=ctx.norm_eps), shift, scale)
+            return torch.func.functional_call(ctx.block, dict(zip(SWIGLU_PARAMS, params)), (m,))
+
         wants = [needs[0], needs[1], needs[2], *needs[5:]]
-        leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wants)]
-        with torch.enable_grad():
-            m = modulate(F.layer_norm(leaves[0], leaves[0].shape[-1:], eps=ctx.norm_eps), leaves[1], leaves[2])
-            out = torch.func.functional_call(ctx.block, dict(zip(SWIGLU_PARAMS, leaves[3:])), (m,))
-        wanted = [t for t, w in zip(leaves, wants) if w]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-        result = [next(grads) if w else None for w in wants]
-        return (*result[:3], None, None, *result[3:])
+        grads = recompute_backward(reference, [x, shift, scale, *params], wants, grad_out)
+        return (*grads[:3], None, None, *grads[3:])
 
 
 def dtype_refusal(tensors: list[torch.Tensor]) -> str | None:
