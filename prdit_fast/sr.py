@@ -343,49 +343,6 @@ def lowfreq_consistency(out: torch.Tensor, base_out: torch.Tensor, factor: int, 
 # --------------------------------------------------------------------------- #
 # Training (stages 3a and 3b)
 # --------------------------------------------------------------------------- #
-def sr_model_for_training(config: Mapping[str, Any], fresh: bool) -> PRDiTSR:
-    """The wrapper a resolved stage-3 training config describes, on the CPU.
-
-    Stage 3a (``base_model.finetune`` false): the base's weights are the ``model`` entry of
-    ``base_model.checkpoint`` (as the official code loads them), frozen. Stage 3b (true):
-    the whole wrapper's ``model`` weights come from ``sr_model.resume_checkpoint`` and the
-    base trains too. ``fresh`` False (resuming a run of our own) skips those loads: the
-    run's checkpoint provides every tensor.
-    """
-    from .checkpoint import load_checkpoint
-
-    cfg = config_from_official_sr(config)
-    finetune = bool(config["base_model"]["finetune"])
-    model = build_sr_model(cfg)
-    if fresh:
-        if finetune:
-            source = config["sr_model"]["resume_checkpoint"]
-            if not source:
-                raise ValueError(
-                    "stage 3b (base_model.finetune: true) continues from a stage-3a checkpoint: set "
-                    "sr_model.resume_checkpoint"
-                )
-            loaded = load_checkpoint(source, ema=False, input_size=cfg.input_size)
-            if not isinstance(loaded, PRDiTSR) or loaded.config != cfg:
-                got = loaded.config.name if isinstance(loaded, PRDiTSR) else f"a plain {loaded.config.name}"
-                raise ValueError(
-                    f"sr_model.resume_checkpoint {source} holds {got}, not the {cfg.name} {cfg.base.input_size}^3 -> "
-                    f"{cfg.input_size}^3 wrapper (head {cfg.hidden}/{cfg.patch}/{cfg.stride}/{cfg.pad}) this config asks for"
-                )
-            model.load_state_dict(loaded.state_dict())
-        else:
-            source = config["base_model"]["checkpoint"]
-            if not source:
-                raise ValueError(
-                    "stage 3a (base_model.finetune: false) refines a trained base: set base_model.checkpoint "
-                    "(a stage-1 or stage-2 checkpoint at data.base_image_size)"
-                )
-            loaded = load_checkpoint(source, ema=False, variant=cfg.base.name, input_size=cfg.base.input_size)
-            model.base.load_state_dict(loaded.state_dict())
-    model.set_base_trainable(finetune)
-    return model
-
-
 def sr_parameter_groups(model: PRDiTSR, learning_rate: float, fine_tune_lr: float | None) -> list[dict]:
     """AdamW parameter groups: the head (``t_embedder_sr``, ``sr.*``) at ``learning_rate``,
     and, when the base trains (stage 3b), its trainable parameters at ``fine_tune_lr``."""

@@ -43,15 +43,21 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .atomic import atomic_path, remove_stale_temps
-from .checkpoint import MODEL_BACKENDS, copy_matching_weights, read_checkpoint, strip_wrapper_prefixes
+from .checkpoint import (
+    MODEL_BACKENDS,
+    copy_matching_weights,
+    load_checkpoint,
+    read_checkpoint,
+    strip_wrapper_prefixes,
+)
 from .diffusion import IaNDiffusion
 from .errors import UsageError
 from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
 from .sr import (
     PRDiTSR,
     config_from_official_sr,
+    build_sr_model,
     is_official_sr_config,
-    sr_model_for_training,
     sr_parameter_groups,
     training_losses_with_consistency,
 )
@@ -391,6 +397,47 @@ def load_pretrained(model: PRDiT, path: str | os.PathLike) -> list[str]:
             f"with the same size and patch (e.g. PRDiT-B/12/0 for PRDiT-B/12/4)"
         )
     return sorted(copied)
+
+
+def sr_model_for_training(config: Mapping[str, Any], fresh: bool) -> PRDiTSR:
+    """The wrapper a resolved stage-3 training config describes, on the CPU.
+
+    Stage 3a (``base_model.finetune`` false): the base's weights are the ``model`` entry of
+    ``base_model.checkpoint`` (as the official code loads them), frozen. Stage 3b (true):
+    the whole wrapper's ``model`` weights come from ``sr_model.resume_checkpoint`` and the
+    base trains too. ``fresh`` False (resuming a run of our own) skips those loads: the
+    run's checkpoint provides every tensor.
+    """
+    cfg = config_from_official_sr(config)
+    finetune = bool(config["base_model"]["finetune"])
+    model = build_sr_model(cfg)
+    if fresh:
+        if finetune:
+            source = config["sr_model"]["resume_checkpoint"]
+            if not source:
+                raise ValueError(
+                    "stage 3b (base_model.finetune: true) continues from a stage-3a checkpoint: set "
+                    "sr_model.resume_checkpoint"
+                )
+            loaded = load_checkpoint(source, ema=False, input_size=cfg.input_size)
+            if not isinstance(loaded, PRDiTSR) or loaded.config != cfg:
+                got = loaded.config.name if isinstance(loaded, PRDiTSR) else f"a plain {loaded.config.name}"
+                raise ValueError(
+                    f"sr_model.resume_checkpoint {source} holds {got}, not the {cfg.name} {cfg.base.input_size}^3 -> "
+                    f"{cfg.input_size}^3 wrapper (head {cfg.hidden}/{cfg.patch}/{cfg.stride}/{cfg.pad}) this config asks for"
+                )
+            model.load_state_dict(loaded.state_dict())
+        else:
+            source = config["base_model"]["checkpoint"]
+            if not source:
+                raise ValueError(
+                    "stage 3a (base_model.finetune: false) refines a trained base: set base_model.checkpoint "
+                    "(a stage-1 or stage-2 checkpoint at data.base_image_size)"
+                )
+            loaded = load_checkpoint(source, ema=False, variant=cfg.base.name, input_size=cfg.base.input_size)
+            model.base.load_state_dict(loaded.state_dict())
+    model.set_base_trainable(finetune)
+    return model
 
 
 def _rng_state(generator: torch.Generator) -> dict:
