@@ -252,6 +252,15 @@ class PRDiTSR(nn.Module):
         if trainable and self.base.config.depth > 0:
             self.base.freeze_coarse()
 
+    def head_as_prdit(self) -> PRDiT:
+        """The head as a depth-0 PRDiT at S_hi whose ``t_embedder`` and ``coarse`` ARE this
+        wrapper's ``t_embedder_sr`` and ``sr`` (shared parameters, nothing copied): what the
+        fast backend runs it through."""
+        with torch.device("meta"):
+            head = PRDiT(self.config.head)
+        head.t_embedder, head.coarse = self.t_embedder_sr, self.sr
+        return head
+
     @property
     def base_trainable(self) -> bool:
         return any(p.requires_grad for p in self.base.parameters())
