@@ -17,7 +17,7 @@ from prdit_fast import create_model, create_sr_model, load_checkpoint, save_chec
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import Sampler, keys_for
 from prdit_fast.fast import accelerate
-from prdit_fast.ops.sampler_update import philox_normal
+from prdit_fast.ops.sampling import philox_normal
 from prdit_fast.sr import PRDiTSR
 from prdit_fast.sr_fast import FastPRDiTSR
 
