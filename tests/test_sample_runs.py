@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from prdit_fast.cli import main
+from prdit_fast.metrics.volume_sets import generated_units
 from prdit_fast.models import create_model
 
 SIZE = 16
@@ -118,6 +119,7 @@ def test_units_and_voxel_size_come_from_the_checkpoint(tmp_path, volume, units, 
         assert -1000 <= data.min() and data.max() <= 1000
     summary = json.loads((out / "summary.json").read_text())["runs"][-1]
     assert summary["units"] == units and summary["intensity"] == volume["intensity"]
+    assert generated_units(out) == units  # what `prdit-fast evaluate` reads back
 
 
 def test_old_checkpoints_keep_hu_at_1mm_with_a_warning(plain_ckpt, tmp_path, caplog):

@@ -60,8 +60,10 @@ def generated_units(folder: str | os.PathLike) -> str:
     """'normalized' ([0, 1]) or 'HU', from the sampling run's summary.json (HU when absent)."""
     for summary in sorted(Path(folder).glob("summary*.json")):
         try:
-            units = json.loads(summary.read_text()).get("units")
-        except (OSError, ValueError, AttributeError):
+            record = json.loads(summary.read_text())
+            record = (record.get("runs") or [record])[-1]  # prdit-fast sample keeps every invocation's record
+            units = record.get("units")
+        except (OSError, ValueError, AttributeError, IndexError):
             continue
         if units:
             return "normalized" if units == "normalized" else "HU"
