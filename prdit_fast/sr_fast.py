@@ -10,12 +10,17 @@ Per step, for x at S_hi:
 * the head is the fast local denoiser path of a FastPRDiT over the head viewed as a
   depth-0 PRDiT at S_hi (``PRDiTSR.head_as_prdit``): one unfold, the fused local denoiser;
 * assembly: the base's coarse + fine tokens become its (B, 2C, S_lo^3) prediction in one
-  unpatchify kernel; eps is upsampled nearest and x0 trilinearly (``F.interpolate``) and
-  added to the head's output (``forward``), or handed to the engine's fused sampler update
-  as a residual in the head's token layout (``token_parts``).
+  unpatchify kernel (a 1/8-size volume); then ONE pass (``ops.sr_assemble``) reads it and
+  the head's tokens and writes eps_up + eps_loc and x0_up + x0_loc (eps nearest, x0
+  trilinear): the output volume in ``forward``, fp32 tokens in the head's layout in
+  ``token_parts``, which the engine's fused sampler update reads. The upsampled base
+  prediction never exists on its own.
 
-The upsampled prediction is a full-resolution intermediate (plus its token-layout copy in
-sampling): the fusion of the upsample into the unpatchify / sampler update is not built.
+What is NOT fused: in sampling the assembled tokens are one full-resolution fp32
+intermediate between the assembly pass and the sampler update (the update kernel does not
+read the base's low-resolution prediction itself). With autograd on (training), the
+assembly is the plain-torch composition (``F.interpolate`` + unpatchify), which has a
+backward; the Triton pass has none.
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ import torch.nn as nn
 
 from typing import Mapping
 
-from .engine import volume_to_tokens
 from .fast import FastPRDiT
 from .ops import unpatchify
+from .ops.dispatch import per_op_impl
+from .ops.sr_assemble import sr_assemble
 from .sr import PRDiTSR, SRConfig, downsample_nearest, upsample_prediction
 
 
@@ -34,9 +40,8 @@ class FastPRDiTSR(nn.Module):
     """PRDiT-SR forward over the reference wrapper's parameters.
 
     forward(x (B, C, S_hi^3), t (B,), return_base=False) -> (B, 2C, S_hi^3) fp32, like
-    ``PRDiTSR.forward``; token_parts(x, t) -> (head tokens in the compute dtype, the
-    upsampled base prediction as fp32 tokens), each (B, N', s'^3 2C), whose fp32 sum is the
-    output in the head's token layout (what ``prdit_fast.engine.Sampler`` reads).
+    ``PRDiTSR.forward``; token_parts(x, t) -> (the output as fp32 tokens (B, N', s'^3 2C)
+    in the head's token layout, None): what ``prdit_fast.engine.Sampler`` reads.
     Build it with ``prdit_fast.fast.accelerate``.
     """
 
@@ -50,6 +55,10 @@ class FastPRDiTSR(nn.Module):
                  impl: str | Mapping[str, str] = "auto"):
         super().__init__()
         self.config: SRConfig = reference.config
+        # "sr_assemble" is this wrapper's own op; every other named op is the FastPRDiTs'
+        own = impl if isinstance(impl, str) else {k: v for k, v in impl.items() if k == "sr_assemble"}
+        self._assemble_impl = per_op_impl(own, ("sr_assemble",))["sr_assemble"]
+        impl = impl if isinstance(impl, str) else {k: v for k, v in impl.items() if k != "sr_assemble"}
         self.base = FastPRDiT(reference.base, dtype=dtype, attention=attention, impl=impl)
         self.t_embedder_sr = reference.t_embedder_sr
         self.sr = reference.sr
@@ -82,24 +91,26 @@ class FastPRDiTSR(nn.Module):
             return unpatchify(coarse, base.input_size, base.stride, base.out_channels, fine, out_dtype=torch.float32,
                               impl=self.base._impls["unpatchify"])
 
-    def _upsampled_base(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        base_out = self.base_prediction(x, t)
-        return upsample_prediction(base_out, self.config.input_size, self.config.in_channels), base_out
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_base: bool = False):
         self.check_input(x, t)
         cfg = self.config
         head, _ = self._head.token_parts(x, t)
-        up, base_out = self._upsampled_base(x, t)
-        out = unpatchify(head, cfg.input_size, cfg.stride, cfg.out_channels, out_dtype=torch.float32,
-                         impl=self._head._impls["unpatchify"]) + up
+        base_out = self.base_prediction(x, t)
+        if torch.is_grad_enabled() and (head.requires_grad or base_out.requires_grad):
+            up = upsample_prediction(base_out, cfg.input_size, cfg.in_channels)
+            out = unpatchify(head, cfg.input_size, cfg.stride, cfg.out_channels, out_dtype=torch.float32,
+                             impl=self._head._impls["unpatchify"]) + up
+        else:
+            out = sr_assemble(base_out, cfg.input_size, cfg.stride, head, "volume", impl=self._assemble_impl)
         return (out, base_out) if return_base else out
 
-    def token_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head tokens (B, N', s'^3 2C) compute dtype, upsampled base prediction as fp32
-        tokens of the same layout); their fp32 sum is the output."""
+    @torch.no_grad()
+    def token_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(the output as fp32 tokens (B, N', s'^3 2C) in the head's layout, None): head +
+        upsampled base in one pass, for the engine's sampler update. Inference only."""
         self.check_input(x, t)
+        cfg = self.config
         head, _ = self._head.token_parts(x, t)
-        up, _ = self._upsampled_base(x, t)
-        return head, volume_to_tokens(up, self.config.stride)
+        base_out = self.base_prediction(x, t)
+        return sr_assemble(base_out, cfg.input_size, cfg.stride, head, "tokens", impl=self._assemble_impl), None
 

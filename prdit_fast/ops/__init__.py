@@ -11,12 +11,14 @@ implementation runs (``impl="auto" | "torch" | "triton"``, and "gemm" for the lo
     local_denoiser             denoiser.py        the whole local denoiser
     attention                  attention_backends.py   flash-attn / cuDNN / SDPA / xformers / math
     sampler_update, initial_noise   sampling.py   the sampler step with Philox noise
+    sr_assemble                sr_assemble.py     PRDiT-SR: upsampled base prediction + head tokens
 """
 from .adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate, layernorm_modulate
 from .attention_backends import attention
 from .denoiser import local_denoiser
 from .dispatch import ImplUnavailable, default_impl, resolve
 from .sampling import initial_noise, sampler_update
+from .sr_assemble import sr_assemble
 from .swiglu import adaptive_swiglu
 from .swiglu_gate import swiglu_gate_layernorm
 from .token_cubes import unpatchify
@@ -35,6 +37,7 @@ __all__ = [
     "attention",
     "sampler_update",
     "initial_noise",
+    "sr_assemble",
     "resolve",
     "default_impl",
     "ImplUnavailable",
