@@ -1,7 +1,7 @@
 """One denoising step (one model call) of PRDiT-B/12/4 at 128^3, batch 4, per backend.
 
-    python benchmarks/bench_fast_step.py                     # the table below, on the GPU
-    python benchmarks/bench_fast_step.py --no-compile --json rows.json
+    python -m benchmarks.bench_fast_step                     # the table below, on the GPU
+    python -m benchmarks.bench_fast_step --no-compile --json rows.json
     pytest benchmarks/bench_fast_step.py --benchmark-only    # fast backend via pytest-benchmark
 
 Rows (backends of ``prdit_fast.bench``): ``eager-fp32`` (reference, TF32 off), ``tf32``,

@@ -1,7 +1,7 @@
-"""Benchmark: bandwidth of the native CUDA kernels (``prdit_fast.native``) against a
+"""Benchmark: bandwidth of the native CUDA kernels (``benchmarks/native.py``) against a
 device-to-device copy of the same number of bytes, measured in the same run (GPU only).
 
-    python benchmarks/bench_native.py [--sizes 128 256] [--batch 4] [--patch 12] [--json out.json]
+    python -m benchmarks.bench_native [--sizes 128 256] [--batch 4] [--patch 12] [--json out.json]
 
 Per op, volume edge S and dtype, one row: ``ms`` and ``gbps`` of the native op counting
 the minimal traffic (every input byte read once, every output byte written once),
@@ -24,9 +24,18 @@ import json
 import sys
 from typing import Any, Callable
 
+import pytest
 import torch
 
+from benchmarks import native
+from prdit_fast import models
 from prdit_fast.atomic import atomic_path
+from prdit_fast.bench import measure_copy_bandwidth, time_call
+from prdit_fast.diffusion import IaNDiffusion
+from prdit_fast.ops import sampling as ops_sampler
+from prdit_fast.ops import token_cubes as ops_unpatchify
+from prdit_fast.ops import unfold as ops_unfold
+from prdit_fast.ops.common import triton_importable
 
 STRIDE = 8
 OUT_CHANNELS = 2  # Cout = 2 C for CT (C = 1)
@@ -40,7 +49,6 @@ def _measure(
     op: str, size: int, batch: int, patch: int, dtype: torch.dtype, nbytes: int,
     native_fn: Callable[[], Any], triton_fn: Callable[[], Any] | None, device: torch.device,
 ) -> dict[str, Any]:
-    from prdit_fast.bench import measure_copy_bandwidth, time_call
 
     native_ms = time_call(native_fn, device, warmup=3, min_reps=5, budget_s=1.0).median_ms
     # the copy moves nbytes in total: read nbytes / 2, write nbytes / 2
@@ -66,16 +74,9 @@ def native_bandwidth_rows(
 ) -> list[dict[str, Any]]:
     """Bandwidth rows (see the module doc) for every op x size x dtype on the current GPU.
 
-    RuntimeError with ``prdit_fast.native.status()`` when the native ops cannot run;
+    RuntimeError with ``native.status()`` when the native ops cannot run;
     AssertionError when an op's output disagrees with its reference.
     """
-    from prdit_fast import models, native
-    from prdit_fast.diffusion import IaNDiffusion
-    from prdit_fast.ops import sampling as ops_sampler
-    from prdit_fast.ops import unfold as ops_unfold
-    from prdit_fast.ops import token_cubes as ops_unpatchify
-    from prdit_fast.ops.common import triton_importable
-
     if not native.available():
         raise RuntimeError(f"native ops cannot run: {native.status()}")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -154,10 +155,6 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def test_native_bandwidth_at_128(cuda_device):
     """pytest benchmarks/: the rows at S = 128 (each op checked against its reference)."""
-    import pytest
-
-    from prdit_fast import native
-
     if not native.available():
         pytest.skip(native.status())
     rows = native_bandwidth_rows(sizes=(128,))
@@ -173,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton comparison")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    from prdit_fast import native
-
     if not torch.cuda.is_available() or not native.available():
         print(f"bench_native: nothing to measure ({native.status()})")
         return 0

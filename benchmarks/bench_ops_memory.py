@@ -31,7 +31,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import requires_cuda
+from benchmarks.conftest import requires_cuda
 from prdit_fast import models
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.ops.sampling import build_step_table, sample_key, sampler_update, sampler_update_reference

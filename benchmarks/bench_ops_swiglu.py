@@ -1,6 +1,6 @@
 """Benchmark: fused adaptive SwiGLU and the fused local denoiser (GPU only).
 
-    python benchmarks/bench_ops_swiglu.py [--batch 4 --tokens 4096 --dim 1728] [--json out.json]
+    python -m benchmarks.bench_ops_swiglu [--batch 4 --tokens 4096 --dim 1728] [--json out.json]
 
 Reports milliseconds and achieved TFLOP/s for
   - adaptive SwiGLU: fused Triton (bf16, fp32) vs the reference eager composition (fp32,

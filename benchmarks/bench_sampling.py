@@ -1,7 +1,7 @@
 """Sampling baselines a sceptic accepts: every way to run PRDiT, in one run, on one GPU.
 
-    python benchmarks/bench_sampling.py --json rows.json          # B/12/4 at 128^3, batch 4
-    python benchmarks/bench_sampling.py --rows fast-graph compile --whole-budget 120
+    python -m benchmarks.bench_sampling --json rows.json          # B/12/4 at 128^3, batch 4
+    python -m benchmarks.bench_sampling --rows fast-graph compile --whole-budget 120
 
 Rows (``ROWS``), in the order they run (the slow torch.compile build last, so a capped
 session keeps the others):
@@ -53,11 +53,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from benchmarks import profile_step as _profile_step  # its kernel categories
 from prdit_fast import bench
 from prdit_fast.devices import resolve_device
-
-# the kernel categories of benchmarks/profile_step.py (benchmarks/ is not a package)
-_profile_step = bench._benchmarks_module("profile_step")
 
 SCHEMA = "prdit-fast-baselines/1"
 STEP_COUNTS = (100, 1000)

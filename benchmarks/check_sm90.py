@@ -2,9 +2,9 @@
 report what each autotune config costs in resources: registers, local-memory stack (spills),
 shared memory, and the SASS size of the main loop.
 
-    python benchmarks/check_sm90.py                  # every tuned config, a table
-    python benchmarks/check_sm90.py --first-only     # the configs that run untuned (PRDIT_AUTOTUNE=0)
-    python benchmarks/check_sm90.py --json rows.json
+    python -m benchmarks.check_sm90                  # every tuned config, a table
+    python -m benchmarks.check_sm90 --first-only     # the configs that run untuned (PRDIT_AUTOTUNE=0)
+    python -m benchmarks.check_sm90 --json rows.json
 
 Why: a config that needs more shared memory than a block may have fails to launch, and one
 that spills is slow; both used to surface only on a lent GPU. The kernels are compiled the

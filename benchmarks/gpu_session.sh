@@ -73,23 +73,23 @@ stage_command() {
       python3 -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" $select 2>&1 | tee "$OUT/tests.log" ;;
     profile)
       if [ "$DRY_RUN" = 1 ]; then
-        python3 benchmarks/profile_step.py "${DEVICE[@]}" "${TINY[@]}" --batch 1 --steps 1 --rounds 1 --impl torch --out "$WORK/profile"
+        python3 -m benchmarks.profile_step "${DEVICE[@]}" "${TINY[@]}" --batch 1 --steps 1 --rounds 1 --impl torch --out "$WORK/profile"
       else
-        python3 benchmarks/profile_step.py --out "$WORK/profile"
+        python3 -m benchmarks.profile_step --out "$WORK/profile"
       fi ;;
     baselines)
       if [ "$DRY_RUN" = 1 ]; then
-        python3 benchmarks/bench_sampling.py "${DEVICE[@]}" "${TINY[@]}" --batch-size 1 --steps 1 2 --json "$WORK/baselines.json"
+        python3 -m benchmarks.bench_sampling "${DEVICE[@]}" "${TINY[@]}" --batch-size 1 --steps 1 2 --json "$WORK/baselines.json"
       else
-        python3 benchmarks/bench_sampling.py --whole-budget "${BASELINE_WHOLE_BUDGET_S:-25}" --json "$WORK/baselines.json"
+        python3 -m benchmarks.bench_sampling --whole-budget "${BASELINE_WHOLE_BUDGET_S:-25}" --json "$WORK/baselines.json"
       fi ;;
     swiglu)
       if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
-      python3 benchmarks/bench_ops_swiglu.py --json "$WORK/swiglu.json" ;;
+      python3 -m benchmarks.bench_ops_swiglu --json "$WORK/swiglu.json" ;;
     epilogue)
-      python3 benchmarks/bench_ops_epilogue.py "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/epilogue.json" ;;
+      python3 -m benchmarks.bench_ops_epilogue "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/epilogue.json" ;;
     fp8)
-      python3 benchmarks/bench_fp8.py "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/fp8.json" ;;
+      python3 -m benchmarks.bench_fp8 "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/fp8.json" ;;
     memory)
       if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
       python3 -m pytest -q -p no:cacheprovider benchmarks/bench_ops_memory.py --benchmark-only --benchmark-json="$WORK/memory.json" ;;
@@ -98,7 +98,7 @@ stage_command() {
 }
 
 report() {
-  python3 benchmarks/gpu_session_report.py --work "$WORK" --out "$OUT" --commit "${COMMIT:-unknown}" \
+  python3 -m benchmarks.gpu_session_report --work "$WORK" --out "$OUT" --commit "${COMMIT:-unknown}" \
     --dry-run "$DRY_RUN" "$@" 2>>"$LOG"
 }
 

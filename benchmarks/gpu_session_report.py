@@ -1,6 +1,6 @@
 """Merge what the stages of ``benchmarks/gpu_session.sh`` wrote into ``$OUT``.
 
-    python benchmarks/gpu_session_report.py --work WORK --out OUT [--commit C] [--quiet]
+    python -m benchmarks.gpu_session_report --work WORK --out OUT [--commit C] [--quiet]
 
 Reads from WORK: ``stages.jsonl`` (one line per stage: status, seconds, cap), and each
 stage's own JSON where it ran (``baselines.json``, ``profile/profile-*.{json,md}``,
@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_sampling import format_table as baselines_table
 from prdit_fast import bench
 from prdit_fast.atomic import atomic_path
-
-# benchmarks/ is not a package
-baselines_table = bench._benchmarks_module("bench_sampling").format_table
 
 SCHEMA = "prdit-fast-gpu-session/1"
 STAGE_FILES = {"baselines": "baselines.json", "swiglu": "swiglu.json", "epilogue": "epilogue.json",

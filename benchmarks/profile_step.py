@@ -1,7 +1,7 @@
 """Where the time of one fast-backend denoising step goes: kernels, categories, overhead.
 
-    python benchmarks/profile_step.py --out $OUT                 # PRDiT-B/12/4, 128^3, batch 4, bf16 (GPU)
-    python benchmarks/profile_step.py --variant B/12/12 --batch 1 --steps 3 --out $OUT --trace
+    python -m benchmarks.profile_step --out $OUT                 # PRDiT-B/12/4, 128^3, batch 4, bf16 (GPU)
+    python -m benchmarks.profile_step --variant B/12/12 --batch 1 --steps 3 --out $OUT --trace
 
 Builds ``bench.randomized_model(variant, size)`` on the device, wraps it with
 ``accelerate(model, dtype)`` and drives it with the sampling engine

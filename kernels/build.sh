@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Configure and build libprdit_kernels.so with CMake into build/native, then copy it into
-# prdit_fast/_native/ where prdit_fast.native loads it. A compile error exits non-zero.
+# build/lib/ where benchmarks/native.py loads it. A compile error exits non-zero.
 #   kernels/build.sh                      # sm_80 + sm_90
 #   CUDA_ARCHS="90" kernels/build.sh      # other architectures (CMAKE_CUDA_ARCHITECTURES syntax)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PRDIT_NATIVE_BUILD_DIR:-$root/build/native}"
-dest="$root/prdit_fast/_native"
+dest="$root/build/lib"
 
 nvcc_bin="$(command -v nvcc || true)"
 if [[ -z "$nvcc_bin" && -x /usr/local/cuda/bin/nvcc ]]; then nvcc_bin=/usr/local/cuda/bin/nvcc; fi

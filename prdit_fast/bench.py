@@ -22,7 +22,6 @@ import contextlib
 import copy
 import datetime
 import gc
-import importlib.util
 import io
 import json
 import math
@@ -796,44 +795,6 @@ def capacity_summary(capacity: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- #
-# Optional kernel rows from the kernel benchmarks
-# --------------------------------------------------------------------------- #
-def _benchmarks_module(name: str):
-    """benchmarks/<name>.py of the source checkout (not an installed package), or None."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"_prdit_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def native_kernel_rows(device: torch.device, copy_gbps: float | None) -> tuple[list[dict[str, Any]], str | None]:
-    """Bandwidth rows of the native CUDA library (benchmarks/bench_native.py), each with its
-    fraction of the measured copy bandwidth; (rows, reason when there are none)."""
-    if device.type != "cuda":
-        return [], "CPU run: the native CUDA library is GPU only"
-    try:
-        from . import native
-
-        if not native.available():
-            return [], "the native CUDA library is not built (prdit_fast.native.available() is False)"
-        module = _benchmarks_module("bench_native")
-        if module is None or not hasattr(module, "native_bandwidth_rows"):
-            return [], "benchmarks/bench_native.py with native_bandwidth_rows() is not present"
-        rows = [dict(r) for r in module.native_bandwidth_rows()]
-    except Exception as err:  # optional component: report, do not fail the run
-        return [], f"native kernel rows unavailable ({_fmt_error(err)})"
-    for r in rows:
-        gbps = next((r[k] for k in ("gbps", "GB/s", "bandwidth_gbps") if isinstance(r.get(k), (int, float))), None)
-        if gbps is not None and copy_gbps:
-            r["fraction_of_copy_bandwidth"] = gbps / copy_gbps
-    release(device)
-    return rows, None
-
-
-# --------------------------------------------------------------------------- #
 # Reports
 # --------------------------------------------------------------------------- #
 def _f(value: Any, fmt: str = "{:.3g}", none: str = "–") -> str:
@@ -943,13 +904,6 @@ def to_markdown(result: dict[str, Any]) -> str:
                          for b, s in result["capacity_summary"].items()]
     else:
         lines.append(f"Not measured: {result.get('capacity_note', 'disabled')}.")
-    if result.get("kernels"):
-        keys = list(dict.fromkeys(k for r in result["kernels"] for k in r))
-        lines += ["", "## Native kernels (bandwidth against the measured copy)", "",
-                  "| " + " | ".join(keys) + " |", "| --- " * len(keys) + "|"]
-        lines += ["| " + " | ".join(_f(r.get(k), "{:.4g}") for k in keys) + " |" for r in result["kernels"]]
-    elif result.get("kernels_note"):
-        lines += ["", f"Native kernel rows: {result['kernels_note']}."]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -1157,8 +1111,6 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print) -> tup
             del base
             release(device)
         result["capacity_summary"] = capacity_summary(result["capacity"])
-    rows, note = native_kernel_rows(device, peaks["copy"]["gbps"])
-    result["kernels"], result["kernels_note"] = rows, note
     result["seconds"] = round(time.perf_counter() - started, 1)
     paths = write_results(result, folder, opts.stem)
     log(f"wrote {paths['json']}, {paths['markdown'].name}, {paths['png'].name} in {result['seconds']} s")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prdit_fast import bench
+from benchmarks import bench_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
@@ -87,7 +87,7 @@ def test_stage_caps_and_the_session_budget(tmp_path):
 
 
 def test_attention_labels():
-    sampling = bench._benchmarks_module("bench_sampling")
+    sampling = bench_sampling
     label = sampling.short_attention_label
     assert label("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "flash"
     assert label("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "mem-efficient"
@@ -99,7 +99,7 @@ def test_attention_labels():
 
 
 def test_ratios_are_within_the_run_and_skip_failed_rows():
-    sampling = bench._benchmarks_module("bench_sampling")
+    sampling = bench_sampling
     rows = [{"row": "official", "status": "ok", "step_ms": 80.0}, {"row": "compile", "status": "ok", "step_ms": 10.0},
             {"row": "fast-graph", "status": "ok", "step_ms": 5.0}, {"row": "reference-tf32", "status": "OOM"}]
     sampling._add_ratios(rows)

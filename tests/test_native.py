@@ -1,4 +1,4 @@
-"""The native CUDA library (kernels/, prdit_fast.native).
+"""The native CUDA library (kernels/, benchmarks/native.py).
 
 Without a GPU: the built artifact exists wherever nvcc does (CI builds it first with
 kernels/build.sh), it loads, its Philox integer core equals Triton's randint4x, and
@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from prdit_fast import models, native
+from benchmarks import native
+from prdit_fast import models
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.ops import sampling as triton_sampler
 from prdit_fast.ops import unfold as triton_unfold

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
+from benchmarks import profile_step
 from prdit_fast import bench
 from prdit_fast.flops import flops_per_step
 from prdit_fast.models import variant_config
@@ -24,9 +25,7 @@ REL = 1e-6
 
 @pytest.fixture(scope="module")
 def profile_step_module():
-    module = bench._benchmarks_module("profile_step")
-    assert module is not None, "benchmarks/profile_step.py is missing"
-    return module
+    return profile_step
 
 
 @pytest.fixture(scope="module")

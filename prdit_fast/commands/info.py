@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -130,29 +129,18 @@ def _version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
-def _native_status() -> Any:
-    if importlib.util.find_spec("prdit_fast.native") is None:
-        return "not built"
-    try:
-        return importlib.import_module("prdit_fast.native").status()
-    except Exception as e:  # report, do not fail: info must run on any installation
-        return f"unavailable ({type(e).__name__}: {e})"
-
-
 def environment() -> dict[str, Any]:
     """Devices and backends of this installation."""
+    # here, not at the top: these import Triton, which `prdit-fast info --variant` never needs
+    from prdit_fast.ops.attention_backends import available_backends
     from prdit_fast.ops.common import interpreter_enabled, triton_importable
+    from prdit_fast.ops.dispatch import OP_IMPLS, default_impl
 
     cuda = [
         {"index": i, "name": torch.cuda.get_device_name(i), "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
         for i in range(torch.cuda.device_count())
     ] if torch.cuda.is_available() else []
-    try:
-        from prdit_fast.ops.attention_backends import available_backends
-
-        attention = available_backends()
-    except ImportError:
-        attention = None
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     triton_version = _version("triton") if triton_importable() else None
     return {
         "python": platform.python_version(),
@@ -167,8 +155,10 @@ def environment() -> dict[str, Any]:
             "triton_interpreter": interpreter_enabled(),
             "flash_attn": _version("flash_attn"),
             "xformers": _version("xformers"),
-            "attention": attention,
-            "native": _native_status(),
+            "attention": available_backends(),
+            # what impl="auto" runs for each op on this machine's default device and dtype
+            "impl_auto": {"device": device, "dtype": str(dtype).replace("torch.", ""),
+                          "ops": {op: default_impl(op, device, dtype) for op in OP_IMPLS}},
         },
     }
 
@@ -247,8 +237,9 @@ def run(args: argparse.Namespace) -> int:
         f"backends: reference yes; fast {_yes(b['fast'])}; SDPA {_yes(b['sdpa'])}; triton {triton}; "
         f"flash-attn {_yes(b['flash_attn'])}; xformers {_yes(b['xformers'])}"
     )
-    if b["attention"] is not None:
-        print(f"attention backends here: {', '.join(b['attention'])}")
-    print(f"native CUDA library: {b['native'] if isinstance(b['native'], str) else json.dumps(b['native'], default=str)}")
+    print(f"attention backends here: {', '.join(b['attention'])}")
+    auto = b["impl_auto"]
+    print(f"ops with impl='auto' on {auto['device']} {auto['dtype']}: "
+          + ", ".join(f"{op} {impl}" for op, impl in auto["ops"].items()))
     print(f"torch {env['torch']}, python {env['python']}")
     return 0

@@ -9,8 +9,13 @@ with the same layouts and numbers as the Triton ops in ``prdit_fast.ops``:
     sampler_update(tokens, x, step_table, step_index, keys)  one fused IaN sampler step
     philox_normal(keys, step, shape)                         the counter-based noise
 
+It is a benchmark and cross-check, not part of the package: no prdit_fast code path runs it
+(``prdit_fast.ops.dispatch`` chooses among the torch reference, Triton and cuBLAS). The
+tests compare it against the Triton ops where it is built (tests/test_native.py) and
+``benchmarks/bench_native.py`` times it.
+
 Build it with ``bash kernels/build.sh`` (needs nvcc and cmake); it lands in
-``prdit_fast/_native/``, or set ``PRDIT_NATIVE_LIB`` to a built copy. Importing this
+``build/lib/``, or set ``PRDIT_NATIVE_LIB`` to a built copy. Importing this
 module never fails: without the library (or a GPU) ``available()`` is False,
 ``status()`` says why, and the ops raise RuntimeError with that reason.
 
@@ -27,9 +32,9 @@ from typing import Sequence
 
 import torch
 
-from . import models
-from .ops.unfold import _as_size as _edges
-from .ops.unfold import _validate as _validate_windows
+from prdit_fast import models
+from prdit_fast.ops.unfold import _as_size as _edges
+from prdit_fast.ops.unfold import _validate as _validate_windows
 
 LIBRARY_NAME = "libprdit_kernels.so"
 LIBRARY_ENV = "PRDIT_NATIVE_LIB"
@@ -43,9 +48,9 @@ TABLE_COLUMNS = 5  # sin_i, cos_i, move, a, sigma
 
 
 def library_path() -> Path:
-    """Where the library is loaded from: $PRDIT_NATIVE_LIB, else prdit_fast/_native/."""
+    """Where the library is loaded from: $PRDIT_NATIVE_LIB, else build/lib/ of the checkout."""
     override = os.environ.get(LIBRARY_ENV)
-    return Path(override) if override else Path(__file__).resolve().parent / "_native" / LIBRARY_NAME
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "build" / "lib" / LIBRARY_NAME
 
 
 _c_int, _c_i64, _c_u32, _c_u64, _c_ptr, _c_float = (
@@ -164,14 +169,14 @@ def _require(t: object) -> ctypes.CDLL:
     is not a CUDA tensor); RuntimeError saying why not."""
     lib, why = _load()
     if lib is None:
-        raise RuntimeError(f"prdit_fast.native is unavailable: {why}")
+        raise RuntimeError(f"the native library is unavailable: {why}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"prdit_fast.native is unavailable: {status()}")
+        raise RuntimeError(f"the native library is unavailable: {status()}")
     on_cuda = isinstance(t, torch.Tensor) and t.is_cuda
     device = _device_index(t.device) if on_cuda else torch.cuda.current_device()
     problem = _device_problem(device)
     if problem:
-        raise RuntimeError(f"prdit_fast.native is unavailable on cuda:{device}: {problem}")
+        raise RuntimeError(f"the native library is unavailable on cuda:{device}: {problem}")
     return lib
 
 
@@ -399,7 +404,7 @@ def philox_host(key: int, offset: int) -> tuple[list[int], float]:
     (host libm: equal to the GPU value within a few fp32 ulps)."""
     lib, why = _load()
     if lib is None:
-        raise RuntimeError(f"prdit_fast.native is unavailable: {why}")
+        raise RuntimeError(f"the native library is unavailable: {why}")
     words = (_c_u32 * 4)()
     normal = _c_float()
     _call(lib, "prdit_philox_host", key & (2**64 - 1), offset & (2**64 - 1), words, ctypes.byref(normal))
