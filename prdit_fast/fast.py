@@ -55,7 +55,7 @@ N(0, 0.02), 32^3, batch 2) B/12/2 measured 3.5e-3 and B/12/0 4.4e-3 relative RMS
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -75,10 +75,9 @@ from .ops.attention_backends import ATTENTION_BACKENDS
 from .ops.derived import DerivedWeights
 from .ops.dispatch import per_op_impl, resolve
 from .ops.fp8_linear import E4M3, fp8_linear, fp8_unsupported, quantize_e4m3
+from .sr import PRDiTSR
+from .sr_fast import FastPRDiTSR
 from .state_dict import infer_architecture, strip_wrapper_prefixes
-
-if TYPE_CHECKING:
-    from .sr_fast import FastPRDiTSR
 
 # float8_e4m3fn: the transformer's and the patch embedder's GEMMs in FP8 with per-row
 # scales (inference only), everything else in bf16
@@ -326,13 +325,9 @@ def accelerate(
         cached weights), or a mapping from op names in ``FAST_OPS`` to choices, e.g.
         ``{"local_denoiser": "gemm"}`` (ops not named run "auto").
     """
-    from .sr import PRDiTSR
-
     if isinstance(model, PRDiTSR) or isinstance(getattr(model, "reference", None), PRDiTSR):
-        from .sr_fast import FastPRDiTSR  # the stage-3 wrapper: its base and head run here
-
         reference = model if isinstance(model, PRDiTSR) else model.reference
-        return FastPRDiTSR(reference, dtype=dtype, attention=attention, impl=impl)
+        return FastPRDiTSR(reference, FastPRDiT, dtype=dtype, attention=attention, impl=impl)
     if isinstance(model, FastPRDiT):
         model = model.reference
     if not isinstance(model, PRDiT):

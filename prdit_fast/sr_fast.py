@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from typing import Mapping
+from typing import Callable, Mapping
 
-from .fast import FastPRDiT
 from .ops import unpatchify
 from .ops.dispatch import per_op_impl
 from .ops.sr_assemble import sr_assemble
@@ -51,15 +50,17 @@ class FastPRDiTSR(nn.Module):
     set_base_trainable = PRDiTSR.set_base_trainable
     base_trainable = PRDiTSR.base_trainable
 
-    def __init__(self, reference: PRDiTSR, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
-                 impl: str | Mapping[str, str] = "auto"):
+    def __init__(self, reference: PRDiTSR, fast_model: Callable[..., nn.Module], dtype: torch.dtype = torch.bfloat16,
+                 attention: str = "auto", impl: str | Mapping[str, str] = "auto"):
+        """fast_model: ``prdit_fast.fast.FastPRDiT``, which ``accelerate`` passes in (this
+        module is imported by fast.py, so it does not import fast.py back)."""
         super().__init__()
         self.config: SRConfig = reference.config
         # "sr_assemble" is this wrapper's own op; every other named op is the FastPRDiTs'
         own = impl if isinstance(impl, str) else {k: v for k, v in impl.items() if k == "sr_assemble"}
         self._assemble_impl = per_op_impl(own, ("sr_assemble",))["sr_assemble"]
         impl = impl if isinstance(impl, str) else {k: v for k, v in impl.items() if k != "sr_assemble"}
-        self.base = FastPRDiT(reference.base, dtype=dtype, attention=attention, impl=impl)
+        self.base = fast_model(reference.base, dtype=dtype, attention=attention, impl=impl)
         self.t_embedder_sr = reference.t_embedder_sr
         self.sr = reference.sr
         self.dtype = self.base.dtype
@@ -67,7 +68,7 @@ class FastPRDiTSR(nn.Module):
         self.impl = impl
         # kept out of the module tree so no parameter is registered twice
         self.__dict__["_reference"] = reference
-        self.__dict__["_head"] = FastPRDiT(reference.head_as_prdit(), dtype=dtype, attention=attention, impl=impl)
+        self.__dict__["_head"] = fast_model(reference.head_as_prdit(), dtype=dtype, attention=attention, impl=impl)
 
     @property
     def reference(self) -> PRDiTSR:
