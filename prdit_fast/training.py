@@ -6,11 +6,19 @@ and stage 3, the PRDiT-SR refinement of section 8 (a config with a ``base_model`
 ``train(config)`` runs on one device, or on every rank of a ``torchrun`` launch
 (DistributedDataParallel; NCCL on GPU, gloo on CPU). ``training.batch_size`` is the
 GLOBAL batch, as in the official configs: each of W ranks takes batch_size / W volumes
-per step (batch_size must be divisible by W).
+per micro-step (batch_size must be divisible by W); an optimizer step accumulates the
+gradients of ``training.grad_accum_steps`` micro-steps, so the effective batch is
+batch_size x grad_accum_steps.
+
+The process follows the head (spec section 14): ``model.out_channels`` = in_channels
+trains flow matching (``prdit_fast.flow_matching``), 2 in_channels (the default) IaN.
+``training.amp`` is bf16 autocast, ``model.grad_checkpoint`` activation checkpointing
+(the official keys; ``training.bf16`` and ``training.grad_checkpointing`` are read as
+them).
 
 Data order. The training stream is the concatenation of per-epoch permutations of the
-dataset (epoch e shuffled by ``(training.seed, e)``); step n consumes stream positions
-[n B, (n + 1) B), rank r the slice [n B + r B / W, n B + (r + 1) B / W). The position
+dataset (epoch e shuffled by ``(training.seed, e)``); micro-step m consumes stream
+positions [m B, (m + 1) B), rank r the slice [m B + r B / W, m B + (r + 1) B / W). The position
 is stored in every checkpoint, so ``--resume`` continues the stream exactly where it
 stopped, and on one CPU process the resumed run is bit-for-bit the uninterrupted one.
 
@@ -51,6 +59,7 @@ from .checkpoint import (
     strip_wrapper_prefixes,
 )
 from .diffusion import IaNDiffusion
+from .flow_matching import FlowMatching
 from .errors import UsageError
 from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
 from .sr import (
@@ -83,9 +92,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "name": REQUIRED,  # e.g. PRDiT-B/12/0 (stage 1) or PRDiT-B/12/4 (stage 2)
         "in_channels": 1,
-        "out_channels": None,  # checked against 2 * in_channels when given
+        "out_channels": None,  # None or 2 * in_channels: IaN; in_channels: flow matching (spec section 14)
         "pretrained_path": None,  # stage-1 checkpoint to start stage 2 from
         "backend": "reference",  # "reference" | "fast" (prdit_fast.fast.accelerate)
+        "grad_checkpoint": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
     },
     "training": {
         "batch_size": REQUIRED,  # global batch over all ranks
@@ -98,9 +108,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": None,  # None -> logging.log_every, else 100
         "ckpt_every": None,  # None -> logging.ckpt_every, else 1000
         "seed": 0,
-        "bf16": False,  # autocast to bf16 (reference backend) / bf16 GEMMs (fast backend)
+        "amp": False,  # bf16 autocast (reference backend) / bf16 GEMMs (fast backend)
+        "grad_accum_steps": 1,  # micro-batches of batch_size per optimizer step
         "device": "auto",  # "auto" (CUDA when available), "cuda" or "cpu"
-        "grad_checkpointing": False,  # recompute DiT / SwiGLU blocks in backward (reference backend)
         "max_bad_steps": 10,  # consecutive non-finite gradient steps before giving up
         "fine_tune_lr": None,  # stage 3b: learning rate of the base's parameter group
         "lowfreq_weight": 0.0,  # stage 3: weight of the low-frequency consistency term (official: unused)
@@ -122,6 +132,11 @@ SR_DEFAULTS: dict[str, dict[str, Any]] = {
     "base_model": {"name": REQUIRED, "in_channels": 1, "out_channels": None, "checkpoint": None, "finetune": False},
     "sr_model": {"hidden_size": 768, "patch_size": 12, "stride": 8, "padding": 2, "resume_checkpoint": None},
 }
+# prdit_fast's earlier names of official keys: still read, as the official key
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("training", "bf16"): ("training", "amp"),
+    ("training", "grad_checkpointing"): ("model", "grad_checkpoint"),
+}
 IGNORED: dict[str, set[str]] = {
     "data": {"val_frac", "augment", "normalize"},
     "model": {"num_classes", "checkpoint", "flash_attn"},
@@ -137,6 +152,7 @@ _NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
     ("data", "phantom_length"): (int, 1, False),
     ("model", "in_channels"): (int, 1, False),
     ("training", "batch_size"): (int, 1, False),
+    ("training", "grad_accum_steps"): (int, 1, False),
     ("training", "total_steps"): (int, 1, True),
     ("training", "epochs"): (int, 1, True),
     ("training", "gradient_clip"): (float, 0, True),
@@ -238,10 +254,33 @@ def _number(value: Any, kind: type, lowest: float, optional: bool, where: str) -
     return parsed
 
 
+def _apply_renames(config: Mapping[str, Any]) -> dict:
+    """A copy of ``config`` with the RENAMED keys under their official names (each value
+    checked under the name it was given); ConfigError when both names disagree."""
+    out = {section: dict(values) if isinstance(values, Mapping) else values for section, values in config.items()}
+    for (old_section, old_key), (section, key) in RENAMED.items():
+        old = out.get(old_section)
+        if not isinstance(old, Mapping) or old_key not in old:
+            continue
+        value = _coerce(old.pop(old_key), DEFAULTS[section][key], f"{old_section}.{old_key}")
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # reported as a bad section by resolve_config
+        if key in target and _coerce(target[key], DEFAULTS[section][key], f"{section}.{key}") != value:
+            raise ConfigError(
+                f"{old_section}.{old_key} ({value!r}) is the former name of {section}.{key} ({target[key]!r}); "
+                f"set only {section}.{key}"
+            )
+        target[key] = value
+    return out
+
+
 def resolve_config(config: Mapping[str, Any]) -> dict:
     """A complete, typed copy of a training config: defaults filled in, numbers parsed
     and range-checked, required keys checked (ConfigError names the key), keys that
-    prdit_fast does not use warned about."""
+    prdit_fast does not use warned about. The RENAMED keys are read as their official
+    names."""
+    config = _apply_renames(config)
     stage3 = is_official_sr_config(config)
     defaults_all = {**DEFAULTS, **SR_DEFAULTS} if stage3 else DEFAULTS
     out: dict[str, dict[str, Any]] = {}
@@ -293,11 +332,15 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
         raise ConfigError(f"model.backend must be one of {MODEL_BACKENDS}, got {model['backend']!r}")
     if data["dataset"] not in DATASET_VALUES:
         raise ConfigError(f"data.dataset must be 'phantom' or unset, got {data['dataset']!r}")
-    if model["out_channels"] is not None and int(model["out_channels"]) != 2 * model["in_channels"]:
-        raise ConfigError(
-            f"model.out_channels {model['out_channels']} must be 2 * in_channels = {2 * model['in_channels']} "
-            f"(noise and clean predictions)"
-        )
+    if model["out_channels"] is not None:
+        out_channels = _number(model["out_channels"], int, 1, False, "model.out_channels")
+        if out_channels not in (model["in_channels"], 2 * model["in_channels"]):
+            raise ConfigError(
+                f"model.out_channels {model['out_channels']} must be 2 * in_channels = {2 * model['in_channels']} "
+                f"(IaN: noise and clean predictions) or in_channels = {model['in_channels']} (flow matching: "
+                f"the velocity)"
+            )
+        model["out_channels"] = out_channels
     for section, key in (("model", "pretrained_path"), ("data", "path"), ("data", "train_list"), ("data", "val_list")):
         out[section][key] = out[section][key] or None
     if stage3:
@@ -525,7 +568,9 @@ class Trainer:
                 f"training.batch_size {tr['batch_size']} is the global batch and must be divisible by the "
                 f"number of ranks {self.world}"
             )
-        self.global_batch = tr["batch_size"]
+        self.global_batch = tr["batch_size"]  # per micro-step, over all ranks
+        self.accum_steps = tr["grad_accum_steps"]
+        self.samples_per_step = self.global_batch * self.accum_steps  # the effective batch
         self.run_dir = Path(self.config["output"]["results_dir"])
         self.ckpt_dir = self.run_dir / self.config["output"]["checkpoint_dir"]
         candidates = checkpoints_newest_first(self.ckpt_dir)
@@ -542,7 +587,7 @@ class Trainer:
         self.dataset: Dataset = self._dataset()
         n = len(self.dataset)
         self.config["volume"] = self._volume_metadata()
-        per_epoch = math.ceil(n / self.global_batch)
+        per_epoch = math.ceil(n / self.samples_per_step)
         self.total_steps = int(tr["total_steps"] if tr["total_steps"] is not None else tr["epochs"] * per_epoch)
 
         self.stage3 = is_official_sr_config(self.config)
@@ -550,7 +595,9 @@ class Trainer:
         if self.stage3:
             self.model = sr_model_for_training(self.config, fresh=not candidates).to(self.device)
         else:
-            self.model = create_model(cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"]).to(self.device)
+            self.model = create_model(
+                cfg_model["name"], cfg_data["image_size"], cfg_model["in_channels"], cfg_model["out_channels"]
+            ).to(self.device)
         if resume and not candidates:
             self._info(f"--resume: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
         if cfg_model["pretrained_path"] and not candidates:
@@ -571,15 +618,15 @@ class Trainer:
         self.ema_params = [ema_by_name[n] for n, p in self.model.named_parameters() if p.requires_grad]
 
         net: nn.Module = self.model
-        if tr["grad_checkpointing"]:
+        if cfg_model["grad_checkpoint"]:
             if cfg_model["backend"] == "fast":
-                warnings.warn("training.grad_checkpointing applies to the reference backend only; ignored", stacklevel=2)
+                warnings.warn("model.grad_checkpoint applies to the reference backend only; ignored", stacklevel=2)
             else:
                 self._info(f"activation checkpointing on {enable_activation_checkpointing(self.model)} blocks")
         if cfg_model["backend"] == "fast":
             from .fast import accelerate
 
-            net = accelerate(self.model, dtype=torch.bfloat16 if tr["bf16"] else torch.float32)
+            net = accelerate(self.model, dtype=torch.bfloat16 if tr["amp"] else torch.float32)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -588,7 +635,8 @@ class Trainer:
                 broadcast_buffers=False, gradient_as_bucket_view=True,
             )
         self.net = net
-        self.diffusion = IaNDiffusion()
+        # the head decides the process, as in the official code (spec section 14)
+        self.diffusion = FlowMatching() if self.model.config.process == "flow_matching" else IaNDiffusion()
         # one fused kernel on CUDA; elsewhere the multi-tensor (foreach) path, not a loop
         impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         groups = (
@@ -611,7 +659,8 @@ class Trainer:
         self._info(
             f"{self.model.config.name} at {cfg_data['image_size']}^3 on {self.world} x {self.device.type}: "
             f"{n_train:,} trainable / {n_all:,} parameters; dataset {n} volumes; "
-            f"global batch {self.global_batch}; step {self.step} of {self.total_steps}"
+            f"global batch {self.global_batch} x {self.accum_steps} accumulation steps; "
+            f"{self.model.config.process} loss; step {self.step} of {self.total_steps}"
         )
 
     # ------------------------------------------------------------------ setup
@@ -691,7 +740,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self._apply_config_hyperparameters(ckpt)
         self.step = int(ckpt["train_steps"])
-        self.position = int(ckpt.get("data_position", self.step * self.global_batch))
+        self.position = int(ckpt.get("data_position", self.step * self.samples_per_step))
         states = ckpt.get("rng") or []
         if len(states) == self.world:
             _set_rng_state(states[self.rank], self.noise)
@@ -787,10 +836,10 @@ class Trainer:
         # ema <- decay * ema + (1 - decay) * model, all tensors in one foreach kernel
         torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.trainable], 1.0 - self.config["training"]["ema_decay"])
 
-    def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """One optimizer step on this rank's batch x (b, C, S, S, S); returns (loss, applied)."""
+    def _micro_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of one micro-batch x (b, C, S, S, S), under autocast when asked."""
         tr = self.config["training"]
-        bf16_autocast = tr["bf16"] and self.config["model"]["backend"] == "reference"
+        bf16_autocast = tr["amp"] and self.config["model"]["backend"] == "reference"
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
         with autocast:
             if self.stage3 and tr["lowfreq_weight"] > 0:
@@ -799,9 +848,24 @@ class Trainer:
                 )
             else:
                 losses = self.diffusion.training_losses(self.net, x, generator=self.noise)
-            loss = losses["loss"].mean()
+            return losses["loss"].mean()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over this rank's ``grad_accum_steps`` micro-batches, each
+        (b, C, S, S, S): their gradients are summed with weight 1 / grad_accum_steps, so
+        the step equals one over the concatenated batch (up to the per-micro-batch noise
+        and t draws). DDP all-reduces only at the last micro-batch. Returns (mean loss,
+        applied)."""
+        tr = self.config["training"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=self.device)
+        for i, x in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.net.no_sync() if self.distributed and not last else nullcontext()
+            with sync:
+                micro = self._micro_loss(x) / len(micro_batches)
+                micro.backward()
+            loss += micro.detach()
         # the norm is identical on every rank (gradients are all-reduced), so all skip together
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, tr["gradient_clip"] if tr["gradient_clip"] > 0 else math.inf)
         if not math.isfinite(norm.item()):
@@ -829,9 +893,9 @@ class Trainer:
         window_steps, bad_steps = 0, 0
         t_window = time.perf_counter()
         while self.step < self.total_steps:
-            x = next(batches).to(self.device, non_blocking=True)
-            loss, applied = self.train_step(x)
-            self.position += self.global_batch
+            micro_batches = [next(batches).to(self.device, non_blocking=True) for _ in range(self.accum_steps)]
+            loss, applied = self.train_step(micro_batches)
+            self.position += self.samples_per_step
             if not applied:
                 bad_steps += 1
                 warnings.warn(f"step {self.step + 1}: non-finite gradient norm; optimizer step skipped", stacklevel=2)
@@ -870,7 +934,7 @@ class Trainer:
         unit = "GPU" if self.device.type == "cuda" else "CPU-process"
         if self.rank == 0:
             record = {
-                "step": self.step, "loss": mean, "samples_per_s": steps_per_s * self.global_batch,
+                "step": self.step, "loss": mean, "samples_per_s": steps_per_s * self.samples_per_step,
                 "steps_per_s": steps_per_s, "hours_to_finish": hours_left,
                 "device_hours_to_finish": hours_left * self.world, "world_size": self.world, "time": time.time(),
             }
