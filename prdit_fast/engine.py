@@ -14,6 +14,13 @@ so a step takes no host input and the same graph serves every step. The initial 
 volume's key alone, so a volume's result depends only on its key, not on the batch size
 or its position in the batch (up to the float rounding of batched GEMMs).
 
+A flow-matching model (velocity head, spec section 14) runs the same way with one of
+the solvers of ``prdit_fast.flow_matching``: x starts as N(0, I) (counter 0), the table
+holds (t_i, t_{i+1}) per step, and a step is ``solver_step`` with the network evaluated
+at those device times, every evaluation of a multi-evaluation step (heun, rk4, pc_heun)
+inside the one captured graph; pc / pc_heun draw their noise at counter n + 1
+(``prdit_fast.ops.sampling.step_noise``).
+
 Where graphs are unavailable (CPU, ``cuda_graph=False``, or a failed capture) the same
 step runs eagerly; the reason is logged to ``logging.getLogger("prdit_fast")``.
 """
@@ -25,8 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import IaNDiffusion, sampling_grid
-from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update
+from .diffusion import NOISE_STD, IaNDiffusion, sampling_grid
+from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, nfe, solver_step, step_times
+from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise
 
 log = logging.getLogger("prdit_fast")
 
@@ -57,13 +65,17 @@ class Sampler:
     ``model`` is a reference ``PRDiT`` or a fast backend (``prdit_fast.fast.accelerate``;
     anything with ``token_parts(x, t) -> (tokens, more tokens or None)``, each
     (B, N, s^3 Cout), whose fp32 sum is the output, and ``config``), already on
-    its device and in eval mode. ``sampler`` is 'cold' or 'pc' with predictor step ``k``.
+    its device and in eval mode. For an IaN model ``sampler`` is 'cold' or 'pc' (the
+    default) with predictor step ``k``; for a flow-matching model (``config.process``) it
+    is a solver of ``prdit_fast.flow_matching.SOLVERS`` (default 'euler') with ``eta`` and
+    ``err_target`` (pc / pc_heun).
     ``dtype`` is the compute dtype of a reference network (autocast; None: its parameter
     dtype); a fast backend computes in the dtype it was built with. The sampler state x and
     the returned volumes are fp32.
 
     ``sample(keys)`` -> (x, x0_hat), each (len(keys), C, S, S, S) fp32 on the model's
-    device: the final state and the clean prediction of the last model call (t = 0).
+    device: the final state and the clean prediction of the last model call (t = 0);
+    x0_hat is None for flow matching (the velocity head predicts no clean volume).
     """
 
     def __init__(
@@ -71,18 +83,38 @@ class Sampler:
         model: torch.nn.Module,
         batch_size: int,
         steps: int,
-        sampler: str = "pc",
+        sampler: str | None = None,
         k: int = 2,
         dtype: torch.dtype | None = None,
         cuda_graph: bool = True,
         diffusion: IaNDiffusion | None = None,
+        eta: float = 0.0,
+        err_target: float = 1.0,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.diffusion = diffusion or IaNDiffusion()
-        # validates steps, sampler and k with clear errors
-        self.timesteps = sampling_grid(steps, self.diffusion.num_timesteps)
-        self.diffusion.schedule(steps, sampler, k)
+        self.process = getattr(model.config, "process", "ian")
+        self.flow = self.process == "flow_matching"
+        if self.flow:
+            sampler = sampler or DEFAULT_SOLVER
+            check_solver(steps, sampler, eta, err_target)  # clear errors for every argument
+            self.diffusion = None
+            self.timesteps = None
+        else:
+            sampler = sampler or "pc"
+            if sampler in SOLVERS and sampler != "pc":
+                raise ValueError(
+                    f"solver {sampler!r} is for flow-matching models; this {model.config.name} is an IaN model "
+                    f"(sampler 'cold' or 'pc')"
+                )
+            if (eta, err_target) != (0.0, 1.0):
+                raise ValueError("eta and err_target apply to flow-matching models (pc / pc_heun) only")
+            self.diffusion = diffusion or IaNDiffusion()
+            # validates steps, sampler and k with clear errors
+            self.timesteps = sampling_grid(steps, self.diffusion.num_timesteps)
+            self.diffusion.schedule(steps, sampler, k)
+        self.eta = float(eta)
+        self.err_target = float(err_target)
         self.model = model
         self.config = model.config
         self.batch_size = batch_size
@@ -108,11 +140,17 @@ class Sampler:
         dev = self.device
         self.volume_shape = shape[1:]
         self.x = torch.zeros(shape, device=dev, dtype=torch.float32)
-        self.x0_hat = torch.zeros(shape, device=dev, dtype=torch.float32)
         self.keys = torch.zeros(batch_size, device=dev, dtype=torch.int64)
         self.step = torch.zeros(1, device=dev, dtype=torch.int64)
-        self.grid_t = torch.tensor(self.timesteps, device=dev, dtype=torch.int64)
-        self.table = build_step_table(self.diffusion, steps, sampler, k, dev)
+        if self.flow:
+            self.x0_hat = None
+            self.grid_t = None
+            # (steps, 2) fp32 rows (t_i, t_{i+1}), read at the device step counter
+            self.table = torch.tensor(step_times(steps), device=dev, dtype=torch.float32)
+        else:
+            self.x0_hat = torch.zeros(shape, device=dev, dtype=torch.float32)
+            self.grid_t = torch.tensor(self.timesteps, device=dev, dtype=torch.int64)
+            self.table = build_step_table(self.diffusion, steps, sampler, k, dev)
 
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_reason = self._prepare(cuda_graph)
@@ -126,6 +164,9 @@ class Sampler:
 
     def _step(self) -> None:
         """One denoising step on the static buffers; no host input, no host sync."""
+        if self.flow:
+            self._flow_step()
+            return
         B = self.batch_size
         t = self.grid_t.index_select(0, self.step).expand(B)
         with torch.no_grad(), self._autocast():
@@ -141,6 +182,31 @@ class Sampler:
             tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
             residual=residual, x_out=self.x, x0_out=self.x0_hat, advance=True,
         )
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's velocity at x (B, C, S, S, S) fp32 and device time t (1,) in [0, 1]."""
+        time = (TIME_SCALE * t).expand(self.batch_size)
+        with torch.no_grad(), self._autocast():
+            if self.uses_token_parts:
+                out = self.model(x, time)  # the fast backend sums its token parts in fp32
+            else:
+                out = self.model(x.to(self.param_dtype), time)
+        return out.float()
+
+    def _flow_step(self) -> None:
+        """One flow-matching solver step (all its network evaluations) on the static buffers."""
+        times = self.table.index_select(0, self.step)  # (1, 2): no host read
+        t, t_next = times[:, 0], times[:, 1]  # (1,) each: broadcast against the volumes
+
+        def noise() -> torch.Tensor:
+            return step_noise(self.keys, self.step, self.volume_shape)
+
+        with torch.no_grad():
+            x_next = solver_step(
+                self._velocity, self.x, t, t_next, 1.0 / self.steps, self.sampler, self.eta, self.err_target, noise
+            )
+            self.x.copy_(x_next)
+            self.step.add_(1)
 
     # ------------------------------------------------------------------ graph capture
     def _prepare(self, cuda_graph: bool) -> str:
@@ -183,7 +249,9 @@ class Sampler:
     # ------------------------------------------------------------------ sampling
     def _reset(self, keys: torch.Tensor) -> None:
         self.keys.copy_(keys)
-        self.x.copy_(initial_noise(self.keys, self.volume_shape))
+        # flow matching starts from N(0, I), IaN from 0.5 N(0, I)
+        std = 1.0 if self.flow else NOISE_STD
+        self.x.copy_(initial_noise(self.keys, self.volume_shape, std=std))
         self.step.zero_()
 
     def advance(self) -> None:
@@ -220,7 +288,7 @@ class Sampler:
             self.advance()
             if callback is not None:
                 callback(i)
-        return self.x[:n].clone(), self.x0_hat[:n].clone()
+        return self.x[:n].clone(), None if self.x0_hat is None else self.x0_hat[:n].clone()
 
     def _attention_backend(self) -> str | None:
         if self.config.depth == 0:
@@ -244,10 +312,19 @@ class Sampler:
             "cuda_graph": self.cuda_graph,
             "cuda_graph_reason": self.graph_reason or None,
             "batch_size": self.batch_size,
+            "process": self.process,
             "steps": self.steps,
             "sampler": self.sampler,
-            "k": self.k if self.sampler == "pc" else None,
+            "k": self.k if self.sampler == "pc" and not self.flow else None,
+            "eta": self.eta if self.flow else None,
+            "err_target": self.err_target if self.sampler == "pc_heun" else None,
+            "nfe": self.nfe,
         }
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per volume of one ``sample()``."""
+        return nfe(self.steps, self.sampler) if self.flow else self.steps
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

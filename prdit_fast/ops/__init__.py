@@ -10,14 +10,14 @@ implementation runs (``impl="auto" | "torch" | "triton"``, and "gemm" for the lo
     swiglu_gate_layernorm      swiglu_gate.py     SiLU gate + LayerNorm between cuBLAS GEMMs
     local_denoiser             denoiser.py        the whole local denoiser
     attention                  attention_backends.py   flash-attn / cuDNN / SDPA / xformers / math
-    sampler_update, initial_noise   sampling.py   the sampler step with Philox noise
+    sampler_update, initial_noise, step_noise   sampling.py   the sampler step with Philox noise
     sr_assemble                sr_assemble.py     PRDiT-SR: upsampled base prediction + head tokens
 """
 from .adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate, layernorm_modulate
 from .attention_backends import attention
 from .denoiser import local_denoiser
 from .dispatch import ImplUnavailable, default_impl, resolve
-from .sampling import initial_noise, sampler_update
+from .sampling import initial_noise, sampler_update, step_noise
 from .sr_assemble import sr_assemble
 from .swiglu import adaptive_swiglu
 from .swiglu_gate import swiglu_gate_layernorm
@@ -37,6 +37,7 @@ __all__ = [
     "attention",
     "sampler_update",
     "initial_noise",
+    "step_noise",
     "sr_assemble",
     "resolve",
     "default_impl",

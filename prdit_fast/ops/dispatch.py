@@ -51,6 +51,7 @@ OP_IMPLS: dict[str, tuple[str, ...]] = {
     "local_denoiser": (TORCH, TRITON, GEMM),
     "sampler_update": (TORCH, TRITON),
     "initial_noise": (TORCH, TRITON),
+    "step_noise": (TORCH, TRITON),
     "fp8_linear": (TORCH, GEMM),
     "sr_assemble": (TORCH, TRITON),
 }

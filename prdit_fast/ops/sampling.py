@@ -21,7 +21,8 @@ Noise (docs: notes/philox.md): volume b has the 64-bit Philox key keys[b] =
 ``sample_key(run_seed, index)``; voxel v (linear index of (channel, d, h, w)) at counter
 ``step`` is Triton's ``tl.randn(key, v + (step << 32))`` (Philox4x32-10, Box-Muller on
 the first two words). The starting noise is counter 0 (``initial_noise``); the corrector
-of step n (n = 0 for the first model call) uses counter n + 1. A volume's noise thus
+of step n (n = 0 for the first model call) uses counter n + 1, and so does the noise of
+flow-matching step n (``step_noise``, the counter read on the device). A volume's noise thus
 depends on its key alone, not on the batch size or its position in the batch.
 ``philox_normal`` is the same generator in plain torch (int64 arithmetic masked to 32
 bits, any device): the test oracle and the CPU path.
@@ -101,6 +102,17 @@ if triton_importable():
                 x_next = x_next + sigma * z
             tl.store(X_OUT + b * (VOLUME * C) + voxel, x_next, mask=ok)
             tl.store(X0_OUT + b * (VOLUME * C) + voxel, x0_hat.to(X0_OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _step_noise_kernel(KEYS, STEP, OUT, numel, BLOCK: tl.constexpr):
+        # N(0, I) at Philox counter STEP + 1, the counter read on the device
+        v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        b = tl.program_id(1).to(tl.int64)
+        ok = v < numel
+        key = tl.load(KEYS + b)
+        counter = tl.load(STEP).to(tl.int64) + 1
+        z = tl.randn(key, v.to(tl.int64) + (counter << 32))
+        tl.store(OUT + b * numel + v, z, mask=ok)
 
     # the counter must stay a runtime value: Triton would turn a 1 into a constexpr
     @triton.jit(do_not_specialize=["step"])
@@ -187,9 +199,9 @@ def philox_normal(keys: torch.Tensor, step: int, shape: Sequence[int]) -> torch.
     return z.view(keys.shape[0], *shape)
 
 
-def initial_noise(keys: torch.Tensor, shape: Sequence[int], impl: str = "auto") -> torch.Tensor:
-    """The sampler's start x_T = 0.5 N(0, I) from Philox counter 0: (B,) int64 keys ->
-    (B, *shape) fp32 on keys' device.
+def initial_noise(keys: torch.Tensor, shape: Sequence[int], impl: str = "auto", std: float = NOISE_STD) -> torch.Tensor:
+    """The sampler's start x_T = std N(0, I) from Philox counter 0 (IaN: std 0.5; flow
+    matching: 1): (B,) int64 keys -> (B, *shape) fp32 on keys' device.
 
     ``impl``: "auto" (one Triton launch where it runs, else ``philox_normal``),
     "triton" or "torch". Both draw the same numbers (up to an ulp of log / cos). The
@@ -205,11 +217,45 @@ def initial_noise(keys: torch.Tensor, shape: Sequence[int], impl: str = "auto") 
     elif keys.shape[0] > _MAX_GRID_Y:
         limits = f"{keys.shape[0]} keys exceed {_MAX_GRID_Y}"
     if resolve("initial_noise", impl, [keys], limits) != TRITON:
-        return NOISE_STD * philox_normal(keys, 0, shape)
+        return std * philox_normal(keys, 0, shape)
     out = torch.empty((keys.shape[0], *shape), device=keys.device, dtype=torch.float32)
     if out.numel():
         block = 1024
-        _normal_kernel[(triton.cdiv(numel, block), keys.shape[0])](keys, out, numel, 0, NOISE_STD, BLOCK=block)
+        _normal_kernel[(triton.cdiv(numel, block), keys.shape[0])](keys, out, numel, 0, std, BLOCK=block)
+    return out
+
+
+def step_noise(keys: torch.Tensor, step_index: torch.Tensor, shape: Sequence[int], impl: str = "auto") -> torch.Tensor:
+    """N(0, I) noise of step ``step_index`` (Philox counter step_index + 1, as the corrector
+    of ``sampler_update``) for each key, the counter read on the device: the per-step
+    noise of the flow-matching solvers pc / pc_heun in the CUDA-graph engine.
+
+    keys: (B,) int64 (``sample_key``); step_index: one-element int32/int64 tensor on the
+    keys' device; returns (B, *shape) fp32. ``impl``: "auto", "triton" or "torch"
+    (``philox_normal``, which reads the counter on the host: a sync).
+    """
+    keys = keys.reshape(-1)
+    if keys.dtype != torch.int64:
+        raise ValueError(f"keys must be int64 (sample_key), got {keys.dtype}")
+    if step_index.numel() != 1 or step_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"step_index must be a one-element int32/int64 tensor, got {step_index.dtype} {tuple(step_index.shape)}"
+        )
+    if step_index.device != keys.device:
+        raise ValueError(f"keys ({keys.device}) and step_index ({step_index.device}) must be on one device")
+    shape = tuple(int(n) for n in shape)
+    numel = math.prod(shape)
+    limits = None
+    if numel >= _INT32_LIMIT:
+        limits = "a volume of 2^31 voxels or more (the kernel indexes a volume with int32)"
+    elif keys.shape[0] > _MAX_GRID_Y:
+        limits = f"{keys.shape[0]} keys exceed {_MAX_GRID_Y}"
+    if resolve("step_noise", impl, [keys, step_index], limits) != TRITON:
+        return philox_normal(keys, int(step_index.reshape(-1)[0].item()) + 1, shape)
+    out = torch.empty((keys.shape[0], *shape), device=keys.device, dtype=torch.float32)
+    if out.numel():
+        block = 1024
+        _step_noise_kernel[(triton.cdiv(numel, block), keys.shape[0])](keys, step_index, out, numel, BLOCK=block)
     return out
 
 

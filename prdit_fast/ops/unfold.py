@@ -23,7 +23,11 @@ both are built from the two Functions, so higher-order gradients work too.
 Volumes may have distinct D, H, W; each edge must satisfy ``models.validate_tiling``.
 The Triton path covers fp32 / bf16 / fp16 with per-sample offsets below 2^31 and up to
 65535 samples; otherwise ``impl="auto"`` uses the plain-torch reference
-(``models.unfold3d`` and ``fold3d_reference``).
+(``models.unfold3d`` and ``fold3d_reference``). When the windows tile without overlap
+(patch == stride, pad 0: the stride-16 256^3 models) there is nothing to mirror or
+overlap-add: ``impl="auto"`` then runs the torch implementation, which is
+``blocked_unfold3d``, one permuted copy (cast on the store) whose autograd is the
+inverse permutation; an explicit ``impl="triton"`` still runs the kernel.
 """
 from __future__ import annotations
 
@@ -324,6 +328,20 @@ def _kernel_limits(
     return None
 
 
+def blocked_unfold3d(x: torch.Tensor, patch: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``unfold3d`` for windows that tile without overlap (stride = patch, pad 0): a view
+    of x as (B, gd, gh, gw, C, p, p, p) and ONE copy into that contiguous layout, in
+    ``out_dtype`` (default x.dtype). x: (B, C, D, H, W), edges divisible by ``patch`` ->
+    (B, N, C p^3). Exact; differentiable (the gradient is the inverse permutation)."""
+    _validate(tuple(x.shape[2:]), patch, patch, 0)
+    B, C, D, H, W = x.shape
+    p = patch
+    windows = x.reshape(B, C, D // p, p, H // p, p, W // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    out = torch.empty(windows.shape, device=x.device, dtype=out_dtype or x.dtype)
+    out.copy_(windows)
+    return out.view(B, (D // p) * (H // p) * (W // p), C * p**3)
+
+
 def unfold3d(
     x: torch.Tensor, patch: int, stride: int, pad: int, *, out_dtype: torch.dtype | None = None, impl: str = "auto"
 ) -> torch.Tensor:
@@ -332,8 +350,9 @@ def unfold3d(
     x: (B, C, D, H, W) fp32 / bf16 / fp16, any strides -> (B, N, C p^3) in ``out_dtype``
     (default x.dtype; e.g. fp32 volume -> bf16 tokens in one pass), N = (D/s)(H/s)(W/s),
     tokens in raster order (depth slowest), each window flattened (channel, d, h, w).
-    ``impl``: "auto" (Triton where it runs, else ``models.unfold3d``), "triton" or
-    "torch"; see ``prdit_fast.ops.dispatch``. Differentiable (the gradient comes back in x.dtype).
+    ``impl``: "auto" (Triton where it runs, else the torch implementation: ``blocked_unfold3d``
+    for patch == stride, pad 0, else ``models.unfold3d``), "triton" or "torch"; see
+    ``prdit_fast.ops.dispatch``. Differentiable (the gradient comes back in x.dtype).
     """
     if x.dim() != 5:
         raise ValueError(f"unfold3d expects a volume (B, C, D, H, W), got shape {tuple(x.shape)}")
@@ -342,8 +361,13 @@ def unfold3d(
     extent = 1 + sum((n - 1) * s for n, s in zip(x.shape[1:], x.stride()[1:]))
     out_dtype = out_dtype or x.dtype
     limits = _kernel_limits((x.dtype, out_dtype), B, extent, _grid_counts(tuple(x.shape[2:]), stride) * C * patch**3)
+    blocked = patch == stride and pad == 0
+    if limits is None and blocked and impl == "auto":
+        limits = "the windows tile without overlap (patch == stride, pad 0): a blocked copy, no kernel needed"
     if resolve("unfold3d", impl, [x], limits) == TRITON:
         return _Unfold3dFunction.apply(x, patch, stride, pad, out_dtype)
+    if blocked:
+        return blocked_unfold3d(x, patch, out_dtype)
     return models.unfold3d(x, patch, stride, pad).to(out_dtype)
 
 
