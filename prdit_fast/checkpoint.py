@@ -217,6 +217,24 @@ def _weights_and_config(
     return dict(ckpt["model"]), config, "model"
 
 
+def checkpoint_process(path: str | os.PathLike) -> str | None:
+    """'ian' or 'flow_matching': the process of the network a checkpoint holds (its
+    config's out_channels, else its head's shape), read without loading the weights
+    (memory-mapped where the file allows); None when the file does not say."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # safetensors, legacy or broken files: the general reader (and its errors)
+        ckpt = read_checkpoint(path)
+    state, cfg, _ = _weights_and_config(ckpt, True, path)
+    if cfg is not None:
+        return cfg.process
+    arch = infer_architecture(strip_wrapper_prefixes(state))
+    if arch is None:
+        return None
+    return "flow_matching" if arch["out_channels"] == arch["in_channels"] else "ian"
+
+
 def _check_architecture(arch: dict[str, Any] | None, cfg: PRDiTConfig, path: Path, origin: str) -> None:
     if arch is None:
         return

@@ -1,16 +1,22 @@
 """``prdit-fast sample``: N volumes from a checkpoint to NIfTI or npy, resumable.
 
-Volume i of a run is a pure function of (checkpoint, --steps/--sampler/--k, --seed, i):
-its starting and corrector noise come from the Philox key ``sample_key(seed, i)``. Each
+Volume i of a run is a pure function of (checkpoint, --steps/--sampler/--k or
+--steps/--solver/--eta/--err-target, --seed, i): its starting and corrector noise come
+from the Philox key ``sample_key(seed, i)``. Each
 finished volume is written atomically as ``sample_{i:06d}.nii.gz`` (or ``.npy``), with a
 PNG of its three mid-slices written just before it. The folder belongs to one run and
 volumes are sampled in fixed groups (``prdit_fast.sample_runs``), so a killed run
 restarted with the same arguments samples only the missing groups and ends with the
 same bytes; other arguments are refused.
 
-The saved volume is the network's clean prediction x0_hat of the last step (spec
-section 7; ``--save x`` writes the sampler's final state, which carries the last
-corrector's noise). Units and geometry come from the checkpoint
+The process follows the checkpoint (spec section 14): an IaN checkpoint samples with
+``--sampler pc|cold`` (default pc, k = 2) and saves the network's clean prediction x0_hat
+of the last step by default (spec section 7; ``--save x`` writes the sampler's final
+state, which carries the last corrector's noise); a flow-matching checkpoint (velocity
+head, e.g. the released PRDiT-B/16/12-s16) integrates with ``--solver``
+euler|heun|rk4|pc|pc_heun (default 100 Euler steps, the official default; ``--eta`` and
+``--err-target`` for pc / pc_heun) and saves the final state x, the only output it has.
+The summary gives the network evaluations (NFE) per volume. Units and geometry come from the checkpoint
 (``prdit_fast.data.recipes``): Hounsfield units where the training data's intensity
 recipe is invertible (a fixed HU window: RAD-ChestCT, the phantom), else the model's
 normalized [0, 1] intensities, said in the NIfTI header description and the summary;
@@ -39,7 +45,9 @@ from prdit_fast.atomic import remove_stale_temps
 from prdit_fast.data.recipes import OutputUnits, output_units
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion
+from prdit_fast.checkpoint import checkpoint_process
 from prdit_fast.errors import UsageError
+from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
 from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, claim_folder, file_sha256
 
 log = logging.getLogger("prdit_fast")
@@ -51,9 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint file (official .pt, prdit_fast, or a bare state dict)")
     parser.add_argument("--num", type=int, required=True, help="number of volumes N in the run")
     parser.add_argument("--batch-size", type=int, default=1, help="volumes per batch (default 1)")
-    parser.add_argument("--steps", type=int, default=100, help="model evaluations per volume (default 100)")
-    parser.add_argument("--sampler", choices=("pc", "cold"), default="pc", help="hot predictor-corrector or cold Euler")
-    parser.add_argument("--k", type=int, default=2, help="predictor step of the pc sampler (paper: 2)")
+    parser.add_argument("--steps", type=int, default=100,
+                        help="sampler steps per volume (default 100; IaN: one model evaluation each)")
+    parser.add_argument("--sampler", choices=("pc", "cold"), default=None,
+                        help="IaN checkpoints: hot predictor-corrector (default) or cold Euler")
+    parser.add_argument("--k", type=int, default=None, help="IaN: predictor step of the pc sampler (default 2, the paper's)")
+    parser.add_argument("--solver", choices=tuple(SOLVERS), default=None,
+                        help=f"flow-matching checkpoints: the ODE / SDE solver (default {DEFAULT_SOLVER})")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="flow matching, pc / pc_heun: noise weight in [0, 1] (default 0: Euler / Heun)")
+    parser.add_argument("--err-target", type=float, default=None,
+                        help="flow matching, pc_heun: the error target (> 0, default 1) gating the noise per sample")
     parser.add_argument("--seed", type=int, default=0, help="run seed in [0, 2^32); volume i uses key (seed, i)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -65,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute dtype; auto: bf16 on CUDA, fp32 on CPU (the sampler state is always fp32)",
     )
     parser.add_argument("--format", choices=("nii.gz", "npy"), default="nii.gz", help="file format of the volumes")
-    parser.add_argument("--save", choices=("x", "x0_hat"), default="x0_hat",
-                        help="x0_hat: the clean prediction of the last step (default); x: the final sampler state")
+    parser.add_argument("--save", choices=("x", "x0_hat"), default=None,
+                        help="x0_hat: the clean prediction of the last step (IaN default); x: the final sampler "
+                             "state (the only output of flow matching)")
     parser.add_argument("--variant", help="variant name, e.g. PRDiT-B/12/4 (needed for bare state dicts)")
     parser.add_argument("--size", type=int, help="volume edge S (needed for bare state dicts)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA copy")
@@ -100,12 +117,46 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2^32) (the high half of the Philox key), got {args.seed}")
-    try:
-        IaNDiffusion().schedule(args.steps, args.sampler, args.k)
-    except ValueError as e:
-        raise UsageError(f"--steps / --sampler / --k: {e}") from e
     if not Path(args.ckpt).is_file():
         raise UsageError(f"--ckpt {args.ckpt!r} is not a file")
+
+
+def sampling_options(args: argparse.Namespace, process: str | None) -> dict:
+    """The sampler settings of the run for the checkpoint's ``process``, defaults filled
+    in: ``sampler``, ``k``, ``eta``, ``err_target`` and ``save``. UsageError for a bad
+    value or an option of the other process."""
+    if process == "flow_matching":
+        given = [flag for flag, value in (("--sampler", args.sampler), ("--k", args.k)) if value is not None]
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} apply to IaN checkpoints; {args.ckpt} holds a flow-matching model: "
+                f"use --solver {{{','.join(SOLVERS)}}} (with --eta / --err-target for pc, pc_heun)"
+            )
+        if args.save == "x0_hat":
+            raise UsageError("--save x0_hat: a flow-matching model predicts a velocity, not a clean volume; use --save x")
+        options = {
+            "sampler": args.solver or DEFAULT_SOLVER, "k": None,
+            "eta": 0.0 if args.eta is None else args.eta,
+            "err_target": 1.0 if args.err_target is None else args.err_target, "save": "x",
+        }
+        try:
+            check_solver(args.steps, options["sampler"], options["eta"], options["err_target"])
+        except ValueError as e:
+            raise UsageError(f"--steps / --solver / --eta / --err-target: {e}") from e
+        return options
+    given = [flag for flag, value in (("--solver", args.solver), ("--eta", args.eta), ("--err-target", args.err_target))
+             if value is not None]
+    if given:
+        raise UsageError(
+            f"{' and '.join(given)} apply to flow-matching checkpoints; {args.ckpt} holds an IaN model: use "
+            f"--sampler {{pc,cold}} and --k"
+        )
+    options = {"sampler": args.sampler or "pc", "k": 2 if args.k is None else args.k, "save": args.save or "x0_hat"}
+    try:
+        IaNDiffusion().schedule(args.steps, options["sampler"], options["k"])
+    except ValueError as e:
+        raise UsageError(f"--steps / --sampler / --k: {e}") from e
+    return options
 
 
 
@@ -162,14 +213,17 @@ def _write_volume(path: Path, volume: torch.Tensor, units: OutputUnits, fmt: str
             np.save(f, array)
 
 
-def _run_identity(args: argparse.Namespace, world: int, batch_size: int) -> dict:
+def _run_identity(args: argparse.Namespace, options: dict, world: int, batch_size: int) -> dict:
     """Everything that changes the bytes of a volume (``prdit_fast.sample_runs``)."""
-    return {
+    identity = {
         "checkpoint_sha256": file_sha256(args.ckpt), "num": args.num, "seed": args.seed, "steps": args.steps,
-        "sampler": args.sampler, "k": args.k, "save": args.save, "ema": not args.no_ema, "dtype": args.dtype,
-        "backend": args.backend, "batch_size": batch_size, "world_size": world, "format": args.format,
-        "variant": args.variant, "size": args.size, "cuda_graph": not args.no_cuda_graph,
+        "sampler": options["sampler"], "k": options["k"], "save": options["save"], "ema": not args.no_ema,
+        "dtype": args.dtype, "backend": args.backend, "batch_size": batch_size, "world_size": world,
+        "format": args.format, "variant": args.variant, "size": args.size, "cuda_graph": not args.no_cuda_graph,
     }
+    if "eta" in options:  # flow matching
+        identity.update(eta=options["eta"], err_target=options["err_target"])
+    return identity
 
 
 def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None = None) -> int:
@@ -181,13 +235,14 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
     from prdit_fast.engine import Sampler, keys_for
 
     _validate(args)
+    options = sampling_options(args, checkpoint_process(args.ckpt))
     rank, world, local_rank = _distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = args.png if args.png is not None else args.format == "nii.gz"
     mine = list(range(rank, args.num, world))
     batch_size = min(args.batch_size, len(mine))
-    identity = _run_identity(args, world, batch_size)
+    identity = _run_identity(args, options, world, batch_size)
     claim_folder(out, identity)
     remove_stale_temps(out, owned=lambda name: name.startswith("sample_") and int(name[7:13]) % world == rank)
     groups = [g for g in batch_groups(mine, batch_size)
@@ -201,14 +256,15 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
     units = output_units(checkpoint_volume_metadata(args.ckpt))
     summary: dict = {
         "checkpoint": str(args.ckpt), "num": args.num, "rank": rank, "world_size": world,
-        "seed": args.seed, "format": args.format, "saved": args.save, "identity": identity, **units.summary,
+        "seed": args.seed, "format": args.format, "saved": options["save"], "identity": identity, **units.summary,
         "volumes_written": 0, "volumes_skipped": skipped,
     }
     if todo:
         model, dtype, backend = build_model(args, device)
+        flow = {"eta": options["eta"], "err_target": options["err_target"]} if "eta" in options else {}
         engine = Sampler(
-            model, batch_size=batch_size, steps=args.steps, sampler=args.sampler,
-            k=args.k, dtype=None if backend == "fast" else dtype, cuda_graph=not args.no_cuda_graph,
+            model, batch_size=batch_size, steps=args.steps, sampler=options["sampler"], k=options["k"] or 2,
+            dtype=None if backend == "fast" else dtype, cuda_graph=not args.no_cuda_graph, **flow,
         )
         summary.update(engine.describe())
         summary["variant"] = model.config.name
@@ -222,7 +278,7 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
         try:
             for batch in groups:
                 x, x0_hat = engine.sample(keys_for(args.seed, batch))
-                result = (x if args.save == "x" else x0_hat).cpu()
+                result = (x if options["save"] == "x" else x0_hat).cpu()
                 broken = [index for j, index in enumerate(batch) if not torch.isfinite(result[j]).all()]
                 for j, index in enumerate(batch):
                     path = volume_path(out, index, args.format)
