@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from prdit_fast import cli
-from prdit_fast.data.dataset import average_pool
 from prdit_fast.metrics import MedicalNetResNet50
-from prdit_fast.metrics.volume_sets import generated_units, read_real
+from prdit_fast.metrics.volume_sets import generated_units
 from prdit_fast.phantom import PhantomDataset, unit_to_hu
 from prdit_fast.volumes import save_nifti
 
@@ -25,8 +24,9 @@ def folders(tmp_path_factory):
     real, fake = root / "real", root / "fake"
     real.mkdir()
     fake.mkdir()
-    for i, volume in enumerate(PhantomDataset(SIZE, 3, seed=1)):  # preprocess output: [0, 1] float16
-        np.save(real / f"case_{i}.npy", ((volume[0].numpy() + 1) / 2).astype(np.float16))
+    for i, volume in enumerate(PhantomDataset(SIZE, 3, seed=1)):  # preprocess output: [0, 1] float16 at 2 x SIZE
+        unit = (volume[0].numpy() + 1) / 2
+        np.save(real / f"case_{i}.npy", unit.repeat(2, 0).repeat(2, 1).repeat(2, 2).astype(np.float16))
     for i, volume in enumerate(PhantomDataset(SIZE, 3, seed=2)):  # sample output: HU NIfTI
         save_nifti(fake / f"sample_{i:06d}.nii.gz", unit_to_hu(volume[0]).numpy())
     return root
@@ -43,7 +43,7 @@ def test_evaluate_writes_json_and_markdown_reports(folders, tmp_path, capsys):
     assert _evaluate(folders, "--out", str(out), "--cache-dir", str(tmp_path / "cache")) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["n_real"] == 3 and report["n_fake"] == 3 and report["size"] == SIZE
+    assert report["n_real"] == 3 and report["n_fake"] == 3 and report["size"] == SIZE  # real ones pooled from 2 x SIZE
     assert report["fid"] > 0 and report["mmd"] >= 0 and report["fid_x1e3"] == pytest.approx(report["fid"] * 1e3)
     assert report["fake_units"] == "HU" and report["real_cache"] == "miss" and report["fid_method"] == "factors"
     assert len(report["weights_sha256"]) == 64 and "torch" in report["versions"]
@@ -70,11 +70,3 @@ def test_evaluate_refuses_wrong_weights_and_mismatched_ranges(folders, tmp_path,
                      "--weights", str(folders / "resnet_50.pth"), "--no-cache", "--no-progress", "--bootstrap", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "differ by more than 0.1" in err and "Traceback" not in err
-
-
-def test_real_volumes_are_average_pooled_to_the_evaluated_edge(tmp_path):
-    volume = np.random.default_rng(0).uniform(size=(32, 32, 32)).astype(np.float32)
-    np.save(tmp_path / "v.npy", volume)
-    np.testing.assert_allclose(read_real(tmp_path / "v.npy", 16), average_pool(volume, 16) * 2 - 1, rtol=1e-6)
-    with pytest.raises(ValueError, match="cannot be average-pooled"):
-        read_real(tmp_path / "v.npy", 24)

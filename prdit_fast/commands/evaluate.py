@@ -20,8 +20,8 @@ def _default_cache() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", required=True, type=Path,
-                        help="real volumes: prdit-fast preprocess output (*.npy) or the official layout "
-                             "(<case>/processed.nii.gz), values in [0, 1]")
+                        help="real volumes, read as training reads them: prdit-fast preprocess output (*.npy), "
+                             "the official layout (<case>/processed.nii.gz) or .npz, values in [0, 1]")
     parser.add_argument("--fake", required=True, type=Path, help="generated volumes: prdit-fast sample output")
     parser.add_argument("--weights", required=True, type=Path,
                         help="MedicalNet's resnet_50.pth (see the README, section Evaluation)")
@@ -71,22 +71,22 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     from prdit_fast.devices import resolve_device
     from prdit_fast.metrics import evaluate, load_medicalnet, write_report
     from prdit_fast.metrics.volume_sets import (
-        batches, files_key, generated_units, generated_volume_files, read_generated, read_real, real_volume_files,
+        batches, files_key, generated_units, generated_volume_files, read_generated, real_dataset,
     )
     from prdit_fast.volumes import load_volume
 
     _validate(args)
     device = resolve_device(args.device)
     net = load_medicalnet(args.weights, map_location=device)  # a wrong file fails before any volume is read
-    real_files = real_volume_files(args.real)
     fake_files = generated_volume_files(args.fake)
     units = generated_units(args.fake)
     size = args.size or int(load_volume(fake_files[0]).shape[-1])
+    real = real_dataset(args.real, size)
     show = not args.no_progress
 
     def real_volumes():  # a generator: the bar starts when the volumes are read, not before
-        for path in tqdm(real_files, desc="real volumes", unit="vol", disable=not show):
-            yield read_real(path, size)
+        for index in tqdm(range(len(real)), desc="real volumes", unit="vol", disable=not show):
+            yield real[index][0].numpy()
 
     def fake_volumes():
         for path in tqdm(fake_files, desc="generated volumes", unit="vol", disable=not show):
@@ -95,7 +95,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
     real_key = None
     if cache_dir is not None:
-        real_key = files_key(real_files, args.real, f"real-v1 pooled to {size}")
+        real_key = files_key(real.files, args.real, f"real-v1 pooled to {size}")
     result = evaluate(
         batches(real_volumes(), args.batch_size), batches(fake_volumes(), args.batch_size), net,
         batch_size=args.batch_size, device=device,

@@ -1,10 +1,9 @@
 """Folders of volumes for evaluation, read onto the model's [-1, 1] scale.
 
-Real sets:
-- ``prdit-fast preprocess`` output: ``*.npy`` in [0, 1] (usually 256^3), average-pooled to
-  the evaluated edge as the training dataset does (``prdit_fast.data.VolumeDataset``);
-- the official LIDC layout: ``<case>/processed.nii.gz`` (anywhere below the folder), [0, 1]
-  after the per-volume min-max, average-pooled the same way.
+Real sets are read exactly as training reads them (``prdit_fast.data.VolumeDataset``):
+``prdit-fast preprocess`` output (``*.npy``), the official LIDC layout
+(``<case>/processed.nii.gz``) or RAD-ChestCT ``.npz``, anywhere below the folder, values in
+[0, 1], average-pooled to the evaluated edge and mapped to [-1, 1].
 
 Generated sets: ``prdit-fast sample`` output, ``sample_*.nii.gz`` or ``sample_*.npy``. The
 run's ``summary.json`` says what the values mean: ``"units": "normalized"`` is [0, 1],
@@ -22,27 +21,23 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.dataset import average_pool
+from ..data.dataset import VolumeDataset
 from ..errors import UsageError
 from ..phantom import hu_to_unit
 from ..volumes import load_volume
 
-OFFICIAL_NAME = "processed.nii.gz"
-_UNIT_SLACK = 1e-2  # float16 storage of [0, 1] data rounds just past the ends
 _CHUNK = 1 << 22
 
 
-def real_volume_files(folder: str | os.PathLike) -> list[Path]:
-    """The real set's files: ``*.npy`` directly in ``folder`` (preprocess output), else every
-    ``processed.nii.gz`` below it. Raises UsageError when there are none."""
+def real_dataset(folder: str | os.PathLike, size: int) -> VolumeDataset:
+    """The real set below ``folder`` at edge ``size``. Raises UsageError when it holds no volumes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"--real {folder} is not a folder")
-    files = sorted(folder.glob("*.npy")) or sorted(folder.rglob(OFFICIAL_NAME))
-    if not files:
-        raise UsageError(f"--real {folder} holds no .npy volumes (prdit-fast preprocess output) and no "
-                         f"{OFFICIAL_NAME} below it (the official layout)")
-    return files
+    try:
+        return VolumeDataset(folder, size)
+    except ValueError as e:
+        raise UsageError(f"--real {folder}: {e}") from e
 
 
 def generated_volume_files(folder: str | os.PathLike) -> list[Path]:
@@ -70,28 +65,11 @@ def generated_units(folder: str | os.PathLike) -> str:
     return "HU"
 
 
-def _cube(volume: np.ndarray, path: Path) -> np.ndarray:
-    if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise ValueError(f"{path}: expected a cubic volume, got shape {volume.shape}")
-    return volume
-
-
-def read_real(path: Path, size: int) -> np.ndarray:
-    """A real volume in [0, 1] -> (S, S, S) float32 in [-1, 1], average-pooled to ``size``."""
-    volume = _cube(np.load(path, mmap_mode="r") if path.name.endswith(".npy") else load_volume(path), path)
-    if volume.shape[0] % size:
-        raise ValueError(f"{path}: edge {volume.shape[0]} cannot be average-pooled to {size} (use a divisor as --size)")
-    pooled = average_pool(volume, size)
-    lo, hi = float(pooled.min()), float(pooled.max())
-    if lo < -_UNIT_SLACK or hi > 1 + _UNIT_SLACK or not np.isfinite(pooled).all():
-        raise ValueError(f"{path}: values span [{lo:.4g}, {hi:.4g}], expected preprocessed volumes in [0, 1]; "
-                         f"run prdit-fast preprocess on the raw scans")
-    return pooled * 2 - 1
-
-
 def read_generated(path: Path, units: str) -> np.ndarray:
     """A generated volume (HU or [0, 1]) -> (S, S, S) float32 in [-1, 1]."""
-    volume = _cube(load_volume(path), path)
+    volume = load_volume(path)
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"{path}: expected a cubic volume, got shape {volume.shape}")
     if units == "normalized":
         return np.clip(volume, 0.0, 1.0) * 2 - 1
     return hu_to_unit(volume).astype(np.float32)
