@@ -61,6 +61,7 @@ from .checkpoint import (
 from .diffusion import IaNDiffusion
 from .flow_matching import FlowMatching
 from .errors import UsageError
+from .metrics.during_training import DEFAULTS as EVALUATION_DEFAULTS
 from .models import DiTBlock, PRDiT, SwiGLU, canonical_name, create_model
 from .sr import (
     PRDiTSR,
@@ -124,6 +125,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tensorboard": True,  # event files in the run folder when tensorboard is installed
     },
     "output": {"results_dir": "results", "checkpoint_dir": "checkpoints"},
+    "metrics": dict(EVALUATION_DEFAULTS),  # FID / MMD every N steps (prdit_fast.metrics.during_training)
     "wandb": {"enable": False, "project": "", "entity": "", "tags": ""},
 }
 # stage 3 (PRDiT-SR, spec section 8): sections a config with base_model.name has, where
@@ -169,6 +171,11 @@ _NUMBERS: dict[tuple[str, str], tuple[type, float, bool]] = {
     ("logging", "eval_every"): (int, 1, True),
     ("logging", "eval_samples"): (int, 0, False),
     ("logging", "eval_sample_steps"): (int, 1, False),
+    ("metrics", "every"): (int, 1, True),
+    ("metrics", "samples"): (int, 2, False),
+    ("metrics", "sample_steps"): (int, 1, False),
+    ("metrics", "real_volumes"): (int, 2, False),
+    ("metrics", "batch_size"): (int, 1, False),
 }
 
 
@@ -326,6 +333,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict:
     tr["gradient_clip"] = tr["gradient_clip"] or 0.0
     for key in ("log_every", "ckpt_every"):
         tr[key] = tr[key] if tr[key] is not None else out["logging"][key]
+    if out["metrics"]["weights"] and out["metrics"]["every"] is None:
+        raise ConfigError("metrics.weights is set but metrics.every is not: set the steps between evaluations")
     if tr["total_steps"] is None and tr["epochs"] is None:
         raise ConfigError("set training.total_steps (or training.epochs)")
     if model["backend"] not in MODEL_BACKENDS:
@@ -653,6 +662,12 @@ class Trainer:
         if candidates:
             self._restore_latest_readable(candidates)
         self.model.train()
+        self.evaluation = None  # rank 0 only: FID / MMD of EMA samples every metrics.every steps
+        if self.config["metrics"]["weights"] and self.rank == 0:
+            from .metrics.during_training import TrainingEvaluation
+
+            self.evaluation = TrainingEvaluation(self.config["metrics"], self.dataset, cfg_data["image_size"],
+                                                 self.device, seed)
 
         n_train = sum(p.numel() for p in self.trainable)
         n_all = sum(p.numel() for p in self.model.parameters())
@@ -917,6 +932,11 @@ class Trainer:
             if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
                 path = self.save()
                 self._info(f"checkpoint {path}")
+            if self.evaluation is not None and self.step % self.evaluation.every == 0:
+                record = self.evaluation(self.ema, self.step)
+                self._log_metrics(record)
+                self._info(f"step {self.step}: FID x10^3 {record['eval_fid_x1e3']:.3f}  MMD {record['eval_mmd']:.4f} "
+                           f"({record['eval_samples']} EMA samples, {record['eval_seconds']:.0f} s)")
             if self.val_set is not None and self.step % self.config["logging"]["eval_every"] == 0:
                 self._evaluate()
         self.monitor.close()

@@ -205,3 +205,30 @@ def test_evaluate_reports_and_caches_the_real_side(tmp_path, net):
     assert first["ms_ssim"] is None and "48" in first["ms_ssim_note"]
     assert len(first["weights_sha256"]) == 64 and first["fid_ci95"][0] <= first["fid_ci95"][1]
     assert len(list(tmp_path.glob("real-*.npz"))) == 1
+
+
+def test_training_logs_fid_and_mmd_of_ema_samples(tmp_path, net):
+    import json
+
+    from prdit_fast.training import ConfigError, resolve_config, train
+
+    medicalnet_file(tmp_path / "resnet_50.pth", net)
+    config = {
+        "data": {"image_size": 16, "num_workers": 0, "phantom_length": 3},
+        "model": {"name": "PRDiT-XS/10/0"},
+        "training": {"batch_size": 2, "learning_rate": 1e-3, "total_steps": 2, "log_every": 1, "seed": 0,
+                     "device": "cpu"},
+        "output": {"results_dir": str(tmp_path / "run")},
+        "metrics": {"weights": str(tmp_path / "resnet_50.pth"), "every": 2, "samples": 2, "sample_steps": 2,
+                    "batch_size": 2, "cache_dir": str(tmp_path / "cache")},
+    }
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_fid" in r]
+    assert [r["step"] for r in evaluations] == [2]
+    record = evaluations[0]
+    assert record["eval_samples"] == 2 and record["eval_real"] == 3 and np.isfinite(record["eval_fid"])
+    assert record["eval_fid_x1e3"] == pytest.approx(record["eval_fid"] * 1e3) and record["eval_mmd"] >= 0
+    assert len(list((tmp_path / "cache").glob("real-*.npz"))) == 1  # the real side, for the next run
+    with pytest.raises(ConfigError, match="metrics.every"):
+        resolve_config({**config, "metrics": {"weights": "w.pth"}})

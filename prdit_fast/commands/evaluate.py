@@ -3,7 +3,6 @@ written as a JSON + Markdown report (``prdit_fast.metrics``, spec section 10).""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -12,10 +11,6 @@ import torch
 from prdit_fast.errors import UsageError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prdit_fast" / "real_features"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs-per-call", type=int, default=16, help="MS-SSIM pairs per device call (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the MS-SSIM pair subset")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"real-set feature cache (default {_default_cache()})")
+                        help="real-set feature cache (default $XDG_CACHE_HOME or ~/.cache, /prdit_fast/real_features)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the real-set cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -70,6 +65,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
 
     from prdit_fast.devices import resolve_device
     from prdit_fast.metrics import evaluate, load_medicalnet, write_report
+    from prdit_fast.metrics.evaluate import default_cache_dir
     from prdit_fast.metrics.volume_sets import (
         batches, files_key, generated_units, generated_volume_files, read_generated, real_dataset,
     )
@@ -92,7 +88,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
         for path in tqdm(fake_files, desc="generated volumes", unit="vol", disable=not show):
             yield read_generated(path, units)
 
-    cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     real_key = None
     if cache_dir is not None:
         real_key = files_key(real.files, args.real, f"real-v1 pooled to {size}")

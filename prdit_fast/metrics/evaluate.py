@@ -33,6 +33,11 @@ CACHE_VERSION = 1
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
+def default_cache_dir() -> Path:
+    """Where real-set features are cached unless told otherwise: $XDG_CACHE_HOME (or ~/.cache)/prdit_fast/real_features."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prdit_fast" / "real_features"
+
+
 class IntensityRangeError(ValueError):
     """Two sets not on the same intensity scale (the official per-set range check)."""
 
@@ -138,12 +143,15 @@ class FeatureEvaluator:
         self.real = cached
         self.real_seconds = time.perf_counter() - started
 
-    def scan_fake(self, fake, keep: bool = False) -> tuple[FeatureSet, torch.Tensor | None]:
+    def scan_fake(self, fake, keep: bool = False, check_ranges: bool = True) -> tuple[FeatureSet, torch.Tensor | None]:
+        """Features (and with ``keep`` the volumes) of a generated set; ``check_ranges``: the
+        official intensity-range check against the real set."""
         fake_set, kept = scan(fake, self.net, self.batch_size, self.device, self.dtype, keep=keep,
                               progress=self.progress, desc="generated features")
         if fake_set.size != self.real.size:
             raise ValueError(f"real volumes are {self.real.size}^3, generated ones {fake_set.size}^3: evaluate at one edge")
-        check_intensity_ranges(self.real, fake_set)
+        if check_ranges:
+            check_intensity_ranges(self.real, fake_set)
         return fake_set, kept
 
     def distances(self, fake: FeatureSet) -> dict[str, float]:
