@@ -40,7 +40,7 @@ def test_demo_quick_writes_volumes_previews_and_a_checkpoint(tmp_path, capsys):
     printed = capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "checkpoint.pt", "phantom_example.nii.gz", "phantom_example.png",
+        "checkpoint.pt", "phantom_example.nii.gz", "phantom_example.png", "quality.json",
         "sample_000.nii.gz", "sample_000.png", "sample_001.nii.gz", "sample_001.png",
     ]
     for name in ("sample_000.nii.gz", "sample_001.nii.gz", "phantom_example.nii.gz"):
@@ -51,6 +51,9 @@ def test_demo_quick_writes_volumes_previews_and_a_checkpoint(tmp_path, capsys):
     model = load_checkpoint(out / "checkpoint.pt")
     assert model.config.name == "PRDiT-XS/10/1" and model.config.input_size == 16
     assert str(out / "sample_000.nii.gz") in printed and "stage 2" in printed
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["seam_ratio_vs_phantom"]) == {"depth", "height", "width"} and quality["samples"] == 2
+    assert quality["stage1_steps"] == 2 and "seam ratio / phantom's" in printed and "HU histogram distance" in printed
 
 
 def test_demo_interrupted_leaves_only_complete_files(tmp_path, monkeypatch, capsys):
@@ -68,7 +71,7 @@ def test_demo_interrupted_leaves_only_complete_files(tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("flag, value, message", [("--size", "20", "--size must be a multiple of 8"),
                                                   ("--steps", "0", "--steps must be >= 1"),
-                                                  ("--minutes", "0", "--minutes must be > 0")])
+                                                  ("--stage2-steps", "0", "--stage2-steps must be >= 1")])
 def test_demo_rejects_bad_options(tmp_path, capsys, flag, value, message):
     assert cli.main(["demo", "--out", str(tmp_path / "d"), flag, value]) == 2
     assert message in capsys.readouterr().err

@@ -232,3 +232,18 @@ def test_training_logs_fid_and_mmd_of_ema_samples(tmp_path, net):
     assert len(list((tmp_path / "cache").glob("real-*.npz"))) == 1  # the real side, for the next run
     with pytest.raises(ConfigError, match="metrics.every"):
         resolve_config({**config, "metrics": {"weights": "w.pth"}})
+
+
+def test_phantom_quality_sees_token_seams_and_histogram_shifts():
+    from prdit_fast.metrics.phantom_quality import histogram_distance, phantom_quality, seam_ratios
+    from prdit_fast.phantom import PhantomDataset, unit_to_hu
+
+    phantoms = np.stack([unit_to_hu(v[0]).numpy() for v in PhantomDataset(32, 3, seed=0)])
+    own = seam_ratios(phantoms)  # near 1 (edges of the body outline may sit on a boundary in a small set)
+    assert np.all((own > 0.5) & (own < 3))
+    blocks = phantoms.reshape(3, 4, 8, 4, 8, 4, 8).mean(axis=(2, 4, 6), keepdims=True)
+    blocky = np.broadcast_to(blocks, (3, 4, 8, 4, 8, 4, 8)).reshape(3, 32, 32, 32) + phantoms * 0.01
+    assert np.all(seam_ratios(blocky) > 10 * own)  # steps almost only across the 8-voxel boundaries
+    assert histogram_distance(phantoms, phantoms + 100) == pytest.approx(100, abs=15)
+    quality = phantom_quality(blocky, phantoms)
+    assert quality["seam_ratio_vs_phantom"]["width"] > 10 and 0 < quality["volume_fractions"]["body"] < 1

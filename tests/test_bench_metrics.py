@@ -1,0 +1,24 @@
+"""benchmarks/bench_metrics.py runs end to end (tiny, on the CPU) and reports every timing."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("monai")
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_metrics.py"
+
+
+def test_bench_metrics_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_metrics", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "metrics.json"
+    result = bench.main(["--num", "2", "--size", "48", "--official-volumes", "1", "--official-pairs", "1",
+                         "--fid-methods", "factors", "--bootstrap", "4", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for key in ("features_real_fp32", "features_fake_bf16", "fid_factors", "mmd", "ms_ssim_all_pairs"):
+        assert result["seconds"][key] > 0
+    assert result["official_seconds"]["ms_ssim_all_ordered_pairs_extrapolated"] > 0
+    assert result["ms_ssim_pairs"] == 1 and 0 <= result["ms_ssim"] <= 1
+    assert 0 <= result["bf16_feature_max_error_relative_to_max"] < 0.1
