@@ -12,7 +12,6 @@ printed and written as JSON next to the commands that measured them.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -79,7 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
-    print(json.dumps(result, indent=2))
+    for phase, (wall, cpu) in per_step.items():
+        print(f"{phase}: {cpu:.4f} CPU-s per step ({wall:.4f} s wall here)")
+    print(f"demo ({demo_steps}): {projection['cpu_s']:.0f} CPU-s with {args.threads} thread(s), "
+          f"{projection['wall_here_s']:.0f} s wall at this machine's load")
     if args.out is not None:
         write_json_atomic(args.out, result)
     return result
