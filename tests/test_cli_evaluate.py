@@ -7,7 +7,7 @@ import torch
 
 from prdit_fast import cli
 from prdit_fast.metrics import MedicalNetResNet50
-from prdit_fast.metrics.volume_sets import generated_units
+from prdit_fast.metrics.volume_sets import generated_window
 from prdit_fast.phantom import PhantomDataset, unit_to_hu
 from prdit_fast.volumes import save_nifti
 
@@ -62,10 +62,10 @@ def test_evaluate_refuses_wrong_weights_and_mismatched_ranges(folders, tmp_path,
                      "--weights", str(tmp_path / "bad.pth"), "--no-cache"])
     assert code == 2 and capsys.readouterr().err.startswith("error: ")
     (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "summary.json").write_text(json.dumps({"units": "normalized"}))
+    (tmp_path / "fake" / "summary.json").write_text(json.dumps({"runs": [{"units": "normalized"}]}))
     for i in range(2):  # [0, 1] files marked normalized but dimmed: the official range check fails
         save_nifti(tmp_path / "fake" / f"sample_{i:06d}.nii.gz", np.full((SIZE,) * 3, 0.25, np.float32), dtype="float32")
-    assert generated_units(tmp_path / "fake") == "normalized"
+    assert generated_window(tmp_path / "fake") is None
     code = cli.main(["evaluate", "--real", str(folders / "real"), "--fake", str(tmp_path / "fake"),
                      "--weights", str(folders / "resnet_50.pth"), "--no-cache", "--no-progress", "--bootstrap", "0"])
     err = capsys.readouterr().err

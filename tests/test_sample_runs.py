@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prdit_fast.cli import main
-from prdit_fast.metrics.volume_sets import generated_units
+from prdit_fast.metrics.volume_sets import generated_window
 from prdit_fast.models import create_model
 
 SIZE = 16
@@ -119,7 +119,8 @@ def test_units_and_voxel_size_come_from_the_checkpoint(tmp_path, volume, units, 
         assert -1000 <= data.min() and data.max() <= 1000
     summary = json.loads((out / "summary.json").read_text())["runs"][-1]
     assert summary["units"] == units and summary["intensity"] == volume["intensity"]
-    assert generated_units(out) == units  # what `prdit-fast evaluate` reads back
+    # what `prdit-fast evaluate` reads back: the window the volumes were written through
+    assert generated_window(out) == (None if units == "normalized" else (-1000.0, 1000.0))
 
 
 def test_old_checkpoints_keep_hu_at_1mm_with_a_warning(plain_ckpt, tmp_path, caplog):

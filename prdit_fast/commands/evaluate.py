@@ -67,7 +67,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     from prdit_fast.metrics import evaluate, load_medicalnet, write_report
     from prdit_fast.metrics.evaluate import default_cache_dir
     from prdit_fast.metrics.volume_sets import (
-        batches, files_key, generated_units, generated_volume_files, read_generated, real_dataset,
+        batches, files_key, generated_volume_files, generated_window, read_generated, real_dataset,
     )
     from prdit_fast.volumes import load_volume
 
@@ -75,7 +75,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     net = load_medicalnet(args.weights, map_location=device)  # a wrong file fails before any volume is read
     fake_files = generated_volume_files(args.fake)
-    units = generated_units(args.fake)
+    hu_window = generated_window(args.fake)
     size = args.size or int(load_volume(fake_files[0]).shape[-1])
     real = real_dataset(args.real, size)
     show = not args.no_progress
@@ -86,7 +86,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
 
     def fake_volumes():
         for path in tqdm(fake_files, desc="generated volumes", unit="vol", disable=not show):
-            yield read_generated(path, units)
+            yield read_generated(path, hu_window)
 
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     real_key = None
@@ -99,7 +99,8 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
         pairs_per_call=args.pairs_per_call, bootstrap=args.bootstrap, seed=args.seed, cache_dir=cache_dir,
         real_key=real_key, progress=show, log=lambda m: print(m, file=sys.stderr), fid_method=args.fid_method,
     )
-    result.update({"weights": str(args.weights), "real": str(args.real), "fake": str(args.fake), "fake_units": units})
+    result.update({"weights": str(args.weights), "real": str(args.real), "fake": str(args.fake),
+                   "fake_units": "HU" if hu_window else "normalized", "fake_hu_window": hu_window})
     json_path, md_path = write_report(result, args.out)
     print(f"3D FID x10^3 {result['fid_x1e3']:.3f}  MMD {result['mmd']:.4f}  "
           + (f"MS-SSIM {result['ms_ssim']:.4f}" if result["ms_ssim"] is not None else f"MS-SSIM n/a ({result['ms_ssim_note']})")

@@ -5,10 +5,11 @@ Real sets are read exactly as training reads them (``prdit_fast.data.VolumeDatas
 (``<case>/processed.nii.gz``) or RAD-ChestCT ``.npz``, anywhere below the folder, values in
 [0, 1], average-pooled to the evaluated edge and mapped to [-1, 1].
 
-Generated sets: ``prdit-fast sample`` output, ``sample_*.nii.gz`` or ``sample_*.npy``. The
-run's ``summary.json`` says what the values mean: ``"units": "normalized"`` is [0, 1],
-anything else (and runs that record nothing) is HU through the [-1000, 1000] window that
-``sample`` writes with (``prdit_fast.phantom.unit_to_hu``).
+Generated sets: ``prdit-fast sample`` output, ``sample_*.nii.gz`` or ``sample_*.npy``,
+mapped back to [-1, 1] by the inverse of what ``sample`` wrote (``prdit_fast.data.recipes``),
+as its ``summary.json`` records it: ``"units": "normalized"`` is [0, 1]; ``"HU"`` is the
+intensity recipe's HU window; folders without a record are HU through [-1000, 1000] (what
+``sample`` wrote before it kept records).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 
 from ..data.dataset import VolumeDataset
 from ..errors import UsageError
-from ..phantom import hu_to_unit
+from ..data.recipes import RECIPES
 from ..volumes import load_volume
 
 _CHUNK = 1 << 22
+LEGACY_HU_WINDOW = (-1000.0, 1000.0)
 
 
 def real_dataset(folder: str | os.PathLike, size: int) -> VolumeDataset:
@@ -51,28 +53,34 @@ def generated_volume_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def generated_units(folder: str | os.PathLike) -> str:
-    """'normalized' ([0, 1]) or 'HU', from the sampling run's summary.json (HU when absent)."""
+def generated_window(folder: str | os.PathLike) -> tuple[float, float] | None:
+    """The HU window [0, 1] was stretched to when ``sample`` wrote ``folder`` (its last run's
+    record in summary*.json), or None for normalized [0, 1] volumes."""
+    runs: list[dict] = []
     for summary in sorted(Path(folder).glob("summary*.json")):
         try:
-            record = json.loads(summary.read_text())
-            record = (record.get("runs") or [record])[-1]  # prdit-fast sample keeps every invocation's record
-            units = record.get("units")
-        except (OSError, ValueError, AttributeError, IndexError):
-            continue
-        if units:
-            return "normalized" if units == "normalized" else "HU"
-    return "HU"
+            content = json.loads(summary.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--fake: {summary} is not readable JSON ({e}); restore it or remove it") from e
+        runs += content.get("runs", [content]) if isinstance(content, dict) else []
+    recorded = [run for run in runs if isinstance(run, dict) and run.get("units")]
+    if not recorded:
+        return LEGACY_HU_WINDOW
+    last = recorded[-1]
+    if last["units"] == "normalized":
+        return None
+    return RECIPES.get(str(last.get("intensity")), RECIPES["unknown"]).hu_window or LEGACY_HU_WINDOW
 
 
-def read_generated(path: Path, units: str) -> np.ndarray:
-    """A generated volume (HU or [0, 1]) -> (S, S, S) float32 in [-1, 1]."""
+def read_generated(path: Path, hu_window: tuple[float, float] | None) -> np.ndarray:
+    """A generated volume (HU through ``hu_window``, or [0, 1] when None) -> (S, S, S) float32 in [-1, 1]."""
     volume = load_volume(path)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"{path}: expected a cubic volume, got shape {volume.shape}")
-    if units == "normalized":
+    if hu_window is None:
         return np.clip(volume, 0.0, 1.0) * 2 - 1
-    return hu_to_unit(volume).astype(np.float32)
+    lo, hi = hu_window
+    return ((np.clip(volume, lo, hi) - lo) / (hi - lo) * 2 - 1).astype(np.float32)
 
 
 def batches(volumes: Iterator[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
