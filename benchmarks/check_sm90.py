@@ -66,29 +66,37 @@ def _gemm_cases() -> list[Case]:
                    stride_w2n=D, stride_om=D, stride_out_plane=M * groups, stride_out_sm=groups)
     common = dict(GROUPS_POW2=triton.next_power_of_2(groups), GROUP=sw.STATS_GROUP, DOT_PRECISION="tf32")
 
-    def derived(cx: dict) -> dict:
+    def on_load_constants(cx: dict) -> dict:
         return {"EVEN_K": D % cx["BLOCK_K"] == 0,
                 "MOD_MODE": sw._mod_mode({"MOD_KIND": cx["MOD_KIND"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
 
-    def case(name, configs, n_out, flags, wb=0, vb=0):
-        ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, n_samples=BATCH, stride_wb=wb, stride_vb=vb, **strides)
-        return Case(name, _jit(sw._prologue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
-                    dict(common, **flags), derived)
+    def epilogue_constants(cx: dict) -> dict:
+        return {"EVEN_K": D % cx["BLOCK_K"] == 0}
 
-    gated, single = sw._prologue_gemm_16bit_gated.configs, sw._prologue_gemm_16bit.configs
-    base = dict(RESIDUAL=0, MOD_KIND=sw.MOD_KIND_NONE, SAMPLE_WEIGHTS=False, EMIT_STATS=False, GATED=False)
+    def on_load(name, configs, n_out, flags):
+        ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, n_samples=BATCH, **strides)
+        return Case(name, _jit(sw._normalize_on_load_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
+                    {**common, "GATED": False, "EMIT_STATS": False, **flags}, on_load_constants)
+
+    def epilogue(name, configs, n_out, flags, wb=0, vb=0):
+        ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, stride_wb=wb, stride_vb=vb, **strides)
+        return Case(name, _jit(sw._layernorm_epilogue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
+                    {**common, "GATED": False, "EMIT_STATS": False, "SAMPLE_WEIGHTS": False, "RESIDUAL": False, **flags},
+                    epilogue_constants)
+
+    gated, single = sw._LAYERNORM_EPILOGUE["16bit_gated"].configs, sw._LAYERNORM_EPILOGUE["16bit"].configs
     out = STRIDE**3 * 2  # linear_final's width, s^3 Cout
     return [
-        case("swiglu fc1, folded weights", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_EPILOGUE,
-             SAMPLE_WEIGHTS=True, EMIT_STATS=True), wb=D * D, vb=D),
-        case("swiglu fc1, prologue", gated, D, dict(base, GATED=True, NORM_MODE=sw.NORM_PROLOGUE,
-             MOD_KIND=sw.MOD_KIND_PER_SAMPLE, EMIT_STATS=True)),
-        case("swiglu fc2", single, D, dict(base, NORM_MODE=sw.NORM_EPILOGUE, EMIT_STATS=True)),
-        case("swiglu fc2 + residual", single, D, dict(base, NORM_MODE=sw.NORM_EPILOGUE, RESIDUAL=2)),
-        case("linear_final, folded weights", single, out, dict(base, NORM_MODE=sw.NORM_NONE, SAMPLE_WEIGHTS=True),
-             wb=out * D, vb=out),
-        case("linear_final, prologue", single, out, dict(base, NORM_MODE=sw.NORM_NONE,
-             MOD_KIND=sw.MOD_KIND_PER_SAMPLE)),
+        epilogue("swiglu fc1, folded weights", gated, D, dict(GATED=True, NORMALIZE=True, SAMPLE_WEIGHTS=True,
+                 EMIT_STATS=True), wb=D * D, vb=D),
+        on_load("swiglu fc1, normalize on load", gated, D, dict(GATED=True, NORMALIZE=True,
+                MOD_KIND=sw.MOD_KIND_PER_SAMPLE, EMIT_STATS=True)),
+        epilogue("swiglu fc2", single, D, dict(NORMALIZE=True, EMIT_STATS=True)),
+        epilogue("swiglu fc2 + residual", single, D, dict(NORMALIZE=True, RESIDUAL=True)),
+        epilogue("linear_final, folded weights", single, out, dict(NORMALIZE=False, SAMPLE_WEIGHTS=True),
+                 wb=out * D, vb=out),
+        on_load("linear_final, modulate on load", single, out, dict(NORMALIZE=False,
+                MOD_KIND=sw.MOD_KIND_PER_SAMPLE)),
     ]
 
 

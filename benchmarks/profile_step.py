@@ -65,7 +65,7 @@ KERNEL_NAME_WIDTH = 90  # Markdown only; the JSON keeps full names
 #              ``triton_function_names``; their device names start with the function name)
 #              or anything named like a torch-inductor Triton kernel; the category is then
 #              "triton:<function name>", one per kernel, because they are memory-bound and
-#              each tells its own story. Checked first: "_prologue_gemm_kernel" is Triton.
+#              each tells its own story. Checked first: "_layernorm_epilogue_gemm_kernel" is Triton.
 #   attention  flash-attn 2/3/4, cuDNN SDPA, PyTorch flash / memory-efficient SDPA,
 #              xformers (cutlass fmha); before gemm, since FA3 and fmha names contain "cutlass"
 #   gemm       cuBLAS / cuBLASLt (sm90_xmma_gemm, nvjet, gemv, split-K reduce), cutlass,

@@ -15,7 +15,8 @@ from prdit_fast.ops.swiglu import (
     chunk_moments,
     folded_norm_linear,
     fused_adaptive_swiglu_rows,
-    prologue_gemm,
+    layernorm_epilogue_gemm,
+    normalize_on_load_gemm,
     reference_adaptive_swiglu,
     swiglu_params,
     tiles_within_samples,
@@ -100,14 +101,14 @@ def test_folded_modulation_matches_reference(B, N, D):
 
 
 def test_per_sample_weights_select_each_tiles_sample():
-    """prologue_gemm with (B, N, K) weights and (B, N) biases, no LayerNorm: row r uses
+    """layernorm_epilogue_gemm with (B, N, K) weights and (B, N) biases, no LayerNorm: row r uses
     sample r // tokens_per_sample's weights (fp32, exact up to summation order)."""
     B, T, N, K = 3, 128, 40, 72
     if not tiles_within_samples(T, torch.float32):
         pytest.skip("the GPU's fp32 tiles are larger than this token count")
     a = torch.randn(B * T, K, device=DEVICE)
     w, bias = torch.randn(B, N, K, device=DEVICE), torch.randn(B, N, device=DEVICE)
-    out, _ = prologue_gemm(a, w, bias, tokens_per_sample=T)
+    out, _ = layernorm_epilogue_gemm(a, w, bias, tokens_per_sample=T)
     expected = torch.einsum("btk,bnk->btn", a.view(B, T, K), w) + bias[:, None, :]
     assert_close(out.view(B, T, N), expected)
 
@@ -137,7 +138,7 @@ def test_per_sample_weights_reject_tiles_across_samples():
     with pytest.raises(ValueError, match="multiple of the tile rows"):
         fused_rows(x, shift, scale, block, True)
     with pytest.raises(ValueError, match="tokens_per_sample"):
-        prologue_gemm(x.view(66, 64), torch.randn(2, 8, 64, device=DEVICE), torch.randn(2, 8, device=DEVICE))
+        layernorm_epilogue_gemm(x.view(66, 64), torch.randn(2, 8, 64, device=DEVICE), torch.randn(2, 8, device=DEVICE))
 
 
 def test_chunk_moments_merge_to_row_mean_and_var():
@@ -247,12 +248,32 @@ def test_out_residual_is_added_in_the_epilogue():
     a, weight, bias = (torch.randn(M, K, device=DEVICE), torch.randn(N, K, device=DEVICE) / K**0.5,
                        torch.randn(N, device=DEVICE))
     residual = torch.randn(M, N, device=DEVICE)
-    out, _ = prologue_gemm(a, weight, bias, out_residual=residual)
+    out, _ = layernorm_epilogue_gemm(a, weight, bias, out_residual=residual)
     assert_close(out, a @ weight.t() + bias + residual)
-    with pytest.raises(ValueError, match="not both"):
-        prologue_gemm(a, weight, bias, residual=a, out_residual=residual)
+    with pytest.raises(ValueError, match="needs stats and colsum"):
+        layernorm_epilogue_gemm(a, weight, bias, stats=chunk_moments(a), out_residual=residual)
     with pytest.raises(ValueError, match="output's shape"):
-        prologue_gemm(a, weight, bias, out_residual=residual[:, :8])
+        layernorm_epilogue_gemm(a, weight, bias, out_residual=residual[:, :8])
+
+
+def test_both_gemm_kernels_normalise_rows_like_layer_norm():
+    """The two kernels on the same LN(a) W^T + b: on load (with a shared and a per-sample
+    modulation) and in the epilogue (with colsum), against torch; odd M, N and K."""
+    M, K, N, T = 70, 100, 40, 35
+    a = 3.0 + torch.randn(M, K, device=DEVICE)  # rows with a mean far from zero
+    weight, bias = torch.randn(N, K, device=DEVICE) / K**0.5, torch.randn(N, device=DEVICE)
+    stats = chunk_moments(a)
+    normed = torch.nn.functional.layer_norm(a, (K,), eps=1e-6)
+    out, _ = layernorm_epilogue_gemm(a, weight, bias, stats=stats, eps=1e-6, colsum=weight.sum(1))
+    assert_close(out, normed @ weight.t() + bias)
+    scale, shift = torch.randn(K, device=DEVICE), torch.randn(K, device=DEVICE)
+    out, _ = normalize_on_load_gemm(a, weight, bias, stats=stats, eps=1e-6, scale=scale, shift=shift)
+    assert_close(out, (normed * scale + shift) @ weight.t() + bias)
+    scale, shift = torch.randn(2, K, device=DEVICE), torch.randn(2, K, device=DEVICE)
+    out, _ = normalize_on_load_gemm(a, weight, bias, stats=stats, eps=1e-6, scale=scale, shift=shift,
+                                    tokens_per_sample=T)
+    modulated = normed.view(2, T, K) * scale[:, None] + shift[:, None]
+    assert_close(out, (modulated @ weight.t()).view(M, N) + bias)
 
 
 def test_local_denoiser_on_a_shadow_module_with_plain_tensor_parameters():

@@ -76,10 +76,11 @@ def test_categories(profile_step_module):
     """The category table on names of the kinds seen on an H100 (cuBLAS, flash-attn,
     cuDNN SDPA, our Triton kernels) and of CPU ops."""
     names = profile_step_module.triton_function_names()
-    for kernel in ("_adaln_fwd_kernel", "_unfold3d_kernel", "_sampler_update_kernel", "_prologue_gemm_kernel"):
+    for kernel in ("_adaln_fwd_kernel", "_unfold3d_kernel", "_sampler_update_kernel",
+                   "_normalize_on_load_gemm_kernel", "_layernorm_epilogue_gemm_kernel"):
         assert kernel in names
     categorize = lambda name: profile_step_module.categorize(name, names)
-    assert categorize("_prologue_gemm_kernel") == "triton:_prologue_gemm_kernel"  # not "gemm"
+    assert categorize("_layernorm_epilogue_gemm_kernel") == "triton:_layernorm_epilogue_gemm_kernel"  # not "gemm"
     assert categorize("_adaln_fwd_kernel_0d1d2d3de") == "triton:_adaln_fwd_kernel"  # Triton 2 names
     assert categorize("triton_poi_fused_add_0") == "triton:triton_poi_fused_add_0"
     for gemm in ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "nvjet_tst_192x192_64x4_2x1_v_bz",

@@ -45,7 +45,8 @@ from prdit_fast.ops.swiglu import (
     folded_norm_linear,
     folds_modulation,
     fused_adaptive_swiglu_rows,
-    prologue_gemm,
+    layernorm_epilogue_gemm,
+    normalize_on_load_gemm,
     swiglu_params,
 )
 from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
@@ -102,9 +103,9 @@ def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDe
     if folds_modulation(final.weight.dtype, N):
         # linear_final(u * gain_b + sh3_b) = u (W * gain_b)^T + b + W sh3_b: a pure GEMM
         weight, bias, _ = folded_norm_linear(final.weight, final.bias, gain, sh3)
-        out, _ = prologue_gemm(u, weight, bias, tokens_per_sample=N)
+        out, _ = layernorm_epilogue_gemm(u, weight, bias, tokens_per_sample=N)
     else:
-        out, _ = prologue_gemm(u, final.weight, final.bias, scale=gain, shift=sh3, tokens_per_sample=N)
+        out, _ = normalize_on_load_gemm(u, final.weight, final.bias, scale=gain, shift=sh3, tokens_per_sample=N)
     return out.view(B, N, -1)
 
 

@@ -1,53 +1,43 @@
 """Adaptive SwiGLU (spec section 4) as two fused Triton GEMMs.
 
     m = LN(x) * (1 + scale_b) + shift_b              LN without affine, eps norm_eps
-    h = SiLU(m @ Wg^T + bg) * (m @ Wx^T + bx)       kernel 1: both GEMMs share each A tile
-    y = LN_affine(h) @ W2^T + b2                     kernel 2: LN with gamma, beta (eps block.norm.eps)
+    h = SiLU(m @ Wg^T + bg) * (m @ Wx^T + bx)       GEMM 1: both products share each A tile
+    y = LN_affine(h) @ W2^T + b2                     GEMM 2: LN with gamma, beta (eps block.norm.eps)
 
-Kernel 2 folds its LayerNorm into the epilogue, so its A tile goes straight from shared
-memory to the tensor cores: h is stored in bf16 exactly as the reference's LN reads it,
-products of bf16 values are exact in fp32, and colsum = rowsum(W2 * gamma) is taken from
-the same rounded folded weights, so rstd * (h W'^T - mean colsum) cancels only fp32
-accumulation error. W' = W2 * gamma and b' = b2 + W2 beta are derived from the live
-parameters on every call (one pass over W2: 12 MB of traffic at D = 1728 in bf16,
-against a 98 GFLOP GEMM at the paper's shape), never cached.
+Two kernels, named for where the LayerNorm happens:
 
-Kernel 1 has two forms (one kernel, constexpr modes):
-
-- Per-sample folded weights (16-bit weights, every row tile inside one sample, i.e.
-  tokens per sample a multiple of BLOCK_M = 128: 512/4096/32768 at 64^3/128^3/256^3).
-  The modulation is an affine LayerNorm with per-sample (gamma, beta) = (1 + scale_b,
-  shift_b), so it folds like kernel 2's, once per sample:
-      m W^T = rstd * (x W_b^T - mean * colsum_b) + W shift_b,   W_b = W * (1 + scale_b)
-  with W_b (B, D, D) in the weight dtype for fc1_g and fc1_x, colsum_b = rowsum of the
-  rounded W_b and b + W shift_b in fp32 (one fold launch per weight, grid over samples).
-  The K loop is then a pure GEMM, as in kernel 2 (sm_90a, 128x128x64 / 8 warps: ~145
-  SASS instructions per K step, against ~455 for the prologue form). Accuracy: nothing
-  is rounded on the A side (x is stored in the compute dtype, which is what the
-  reference's LN reads), products of 16-bit values are exact in fp32 and colsum_b is
-  summed from the same rounded W_b, so the subtraction cancels only fp32 accumulation
-  error, amplified by |mean| / std (bounded through rstd <= eps^-1/2 = 1000 at eps 1e-6);
-  rounding W_b to 16 bits costs what rounding m to 16 bits costs the reference. Extra
-  memory traffic per call: B folded copies of Wg and Wx are written and read back by the
-  GEMM instead of Wg and Wx (at B = 4, D = 1728 in bf16: +48 MB written, +36 MB read,
-  +12 MB for the fold's read of W, ~30 us at 3.35 TB/s, against 196 GFLOP of kernel 1 at
-  4096 tokens per sample; the break-even against the prologue form is ~250-350 tokens
-  per sample if the pure GEMM runs at 400-600 TFLOP/s and the prologue form at 225).
-- Prologue form (fp32, and token counts that are not a multiple of the tile rows): the
-  A tile is normalised and modulated as it is loaded, in fp32 registers, then cast to
-  the weight dtype for ``tl.dot`` (fp32 accumulate). Centring on load matters in fp32:
-  rows of CT tokens from air or soft tissue have |mean| >> std, and the folded form's
-  cancellation, harmless next to a 16-bit reference's own rounding, would dominate the
-  error of an fp32 one (and under TF32 the A operand itself is rounded to 10 bits).
+* ``layernorm_epilogue_gemm``: the K loop is a pure GEMM (A goes from memory straight to
+  the tensor cores) and the rows' LayerNorm is applied after the dot,
+  LN(a) W^T = rstd * (a W^T - mean * colsum) with colsum = W.sum(1). An affine LayerNorm
+  (gamma, beta) folds into the weights first (``folded_norm_linear``: W' = W * gamma,
+  b' = b + W beta, colsum from the ROUNDED W', so the mean correction cancels exactly what
+  the GEMM adds, up to fp32 accumulation error). GEMM 2 always runs here: h is stored in
+  the compute dtype exactly as the reference's LN reads it, and products of 16-bit values
+  are exact in fp32. GEMM 1 runs here too for 16-bit weights when every row tile lies in
+  one sample (tokens per sample a multiple of BLOCK_M = 128: 512/4096/32768 at
+  64^3/128^3/256^3): the modulation is then an affine LayerNorm with per-sample
+  (gamma, beta) = (1 + scale_b, shift_b), folded once per sample into W_b (B, D, D) for
+  fc1_g and fc1_x. The fold is recomputed from the live parameters on every call (one
+  pass over the weights, never cached, so it cannot go stale). The cost of the B folded
+  weight copies against the saved per-element work, and the SASS counts behind the
+  choice: benchmarks/results/design-notes.md.
+* ``normalize_on_load_gemm``: the A tile is normalised and modulated as it is loaded,
+  in fp32 registers, then cast to the weight dtype for ``tl.dot`` (fp32 accumulate).
+  GEMM 1 runs here in fp32 and for token counts that are not a multiple of the tile
+  rows. Centring on load matters in fp32: rows of CT tokens from air or soft tissue have
+  |mean| >> std, and the folded form's cancellation, harmless next to a 16-bit
+  reference's own rounding, would dominate the error of an fp32 one (and under TF32 the
+  A operand itself is rounded to 10 bits).
 
 Row statistics travel as per-64-column partial moments (mean, M2) in a small fp32
 buffer of shape (2, M, ceil(D / 64)): the input's by a cheap stats kernel, the
-hidden ``h``'s by kernel 1's epilogue (each N-tile writes its own groups, so no
+hidden ``h``'s by GEMM 1's epilogue (each N-tile writes its own groups, so no
 atomics and no zero-init), and the consumer merges them with Chan's parallel
 formula, which does not cancel the way sum(x^2) - n mean^2 does.
 
 The backward recomputes the reference composition with plain torch ops (cuBLAS) and
-autograd; the forward is always the fused kernels (impl="triton").
+autograd (``prdit_fast.ops.derived.recompute_backward``); the forward is always the
+fused kernels (impl="triton").
 """
 from __future__ import annotations
 
@@ -66,11 +56,9 @@ SWIGLU_PARAMS = (
     "fc1_g.weight", "fc1_g.bias", "fc1_x.weight", "fc1_x.bias",
     "norm.weight", "norm.bias", "fc2.weight", "fc2.bias",
 )
-# Modes of the per-column affine applied to the A tile on load.
-# What the caller modulates with: nothing, (K,) vectors shared by all rows, (B, K) per sample.
+# What the normalize-on-load GEMM modulates its A tile with: nothing, (K,) vectors shared
+# by all rows, (B, K) per sample (the kernel's MOD_MODE then says how a tile finds its rows).
 MOD_KIND_NONE, MOD_KIND_SHARED, MOD_KIND_PER_SAMPLE = 0, 1, 2
-# Where the LayerNorm of the A rows happens: nowhere, on load, or folded into the epilogue.
-NORM_NONE, NORM_PROLOGUE, NORM_EPILOGUE = 0, 1, 2
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if triton_importable():
@@ -192,52 +180,70 @@ if triton_importable():
         return v
 
     @triton.jit
-    def _prologue_gemm_kernel(
-        a_ptr, res_ptr, stats_ptr, colsum_ptr, colsum2_ptr, scale_ptr, shift_ptr,
-        w_ptr, bias_ptr, w2_ptr, bias2_ptr,
-        out_ptr, out_stats_ptr,
+    def _tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of this program, in grouped order: consecutive programs share A
+        row-blocks and W column-blocks in L2."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_pid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+    @triton.jit
+    def _store_tile(y, out_ptr, out_stats_ptr, pid_m, pid_n, M, N, stride_om, stride_out_plane, stride_out_sm,
+                    EMIT_STATS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Store the fp32 tile ``y`` in the output dtype and, with EMIT_STATS, the per-group
+        partial moments of the values as stored (rounded), which is what the next LN reads."""
+        out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = out_m < M
+        col_ok = out_n < N
+        y_out = y.to(out_ptr.dtype.element_ty)
+        out_ptrs = out_ptr + out_m.to(tl.int64)[:, None] * stride_om + out_n[None, :]
+        tl.store(out_ptrs, y_out, mask=row_ok[:, None] & col_ok[None, :])
+        if EMIT_STATS:
+            # (BLOCK_M, BLOCK_N) viewed as (BLOCK_M, BLOCK_N // GROUP, GROUP): one stats group per slice.
+            yr = tl.where(col_ok[None, :], y_out.to(tl.float32), 0.0)
+            first_col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // GROUP) * GROUP
+            count = tl.minimum(tl.maximum(N - first_col, 0), GROUP).to(tl.float32)
+            g_sum = tl.sum(tl.reshape(yr, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+            g_mean = g_sum / tl.maximum(count, 1.0)[None, :]
+            g_mean_full = tl.broadcast_to(g_mean[:, :, None], (BLOCK_M, BLOCK_N // GROUP, GROUP))
+            dev = tl.where(col_ok[None, :], yr - tl.reshape(g_mean_full, (BLOCK_M, BLOCK_N)), 0.0)
+            g_m2 = tl.sum(tl.reshape(dev * dev, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+            groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+            s_ptrs = out_stats_ptr + out_m[:, None] * stride_out_sm + groups[None, :]
+            s_mask = row_ok[:, None] & (count > 0)[None, :]
+            tl.store(s_ptrs, g_mean, mask=s_mask)
+            tl.store(s_ptrs + stride_out_plane, g_m2, mask=s_mask)
+
+    @triton.jit
+    def _normalize_on_load_gemm_kernel(
+        a_ptr, stats_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, w2_ptr, bias2_ptr, out_ptr, out_stats_ptr,
         M, N, K, n_tokens, n_samples, eps,
-        stride_am, stride_rm, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
-        stride_wb, stride_vb, stride_om, stride_out_plane, stride_out_sm,
-        NORM_MODE: tl.constexpr, RESIDUAL: tl.constexpr, MOD_KIND: tl.constexpr,
-        GATED: tl.constexpr, EMIT_STATS: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr,
+        stride_am, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
+        stride_om, stride_out_plane, stride_out_sm,
+        NORMALIZE: tl.constexpr, MOD_KIND: tl.constexpr, GATED: tl.constexpr, EMIT_STATS: tl.constexpr,
         GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
     ):
-        """out = epilogue(prologue(A) @ W^T): prologue = ((A [+ R]) - mean) * rstd * scale + shift
-        per row (NORM_MODE 1; mode 2 moves the LN to the epilogue, mode 0 has none), epilogue =
-        + bias, or SiLU(. + bias) * (prologue(A) @ W2^T + bias2) when GATED, [+ R].
-        RESIDUAL: 0 none, 1 R (M, K) added to A in the prologue, 2 R (M, N) added to the output.
-
-        SAMPLE_WEIGHTS: W, W2 are (B, N, K) and colsum, colsum2, bias, bias2 (B, N), one row
-        per sample (batch strides stride_wb, stride_vb); every tile lies in one sample
-        (n_tokens % BLOCK_M == 0, checked by the host) and uses that sample's row."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        # Grouped ordering: consecutive programs share A row-blocks and W column-blocks in L2.
-        per_group = GROUP_M * num_pid_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-
+        """out = epilogue(modulate(LN(A)) @ W^T), the A tile normalised and modulated as it is
+        loaded, in fp32 registers: LN(A) = (A - mean) * rstd per row when NORMALIZE (from the
+        partial moments at stats_ptr), modulate = * scale + shift with MOD_MODE (0 none,
+        1 one vector per tile, 2 a tile across two samples, 3 a gather per row). Epilogue:
+        + bias, or with GATED the SwiGLU gate SiLU(. + bias) * (A' @ W2^T + bias2)."""
+        pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         # Tails wrap around (duplicate valid rows/cols) so the main loop needs no M/N masks.
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
         offs_k = tl.arange(0, BLOCK_K)
-        rows64 = offs_m.to(tl.int64)
-        a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :]
-        r_ptrs = res_ptr + rows64[:, None] * stride_rm + offs_k[None, :]
-        if SAMPLE_WEIGHTS:
-            w_offset = ((pid_m * BLOCK_M) // n_tokens).to(tl.int64) * stride_wb
-            w_ptr += w_offset
-            w2_ptr += w_offset
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
         w2_ptrs = w2_ptr + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_k[:, None]
-
-        if NORM_MODE != 0:
+        if NORMALIZE:
             mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
         b_first = (pid_m * BLOCK_M) // n_tokens
         b_second = tl.minimum(b_first + 1, n_samples - 1)
@@ -256,12 +262,7 @@ if triton_importable():
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
             a = a.to(tl.float32)
-            if RESIDUAL == 1:
-                if EVEN_K:
-                    a += tl.load(r_ptrs).to(tl.float32)
-                else:
-                    a += tl.load(r_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
-            if NORM_MODE == 1:
+            if NORMALIZE:
                 a = (a - mean[:, None]) * rstd[:, None]
             if MOD_MODE != 0:
                 scale = _load_affine(scale_ptr, offs_m, k, k_mask, b_first, b_second, in_first,
@@ -279,7 +280,68 @@ if triton_importable():
                 acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
                 w2_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
-            r_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        if GATED:
+            up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
+            y = y * tl.sigmoid(y) * up
+        _store_tile(y, out_ptr, out_stats_ptr, pid_m, pid_n, M, N, stride_om, stride_out_plane, stride_out_sm,
+                    EMIT_STATS, GROUP, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _layernorm_epilogue_gemm_kernel(
+        a_ptr, stats_ptr, colsum_ptr, colsum2_ptr, w_ptr, bias_ptr, w2_ptr, bias2_ptr, res_ptr,
+        out_ptr, out_stats_ptr,
+        M, N, K, n_tokens, eps,
+        stride_am, stride_plane, stride_sm, stride_wn, stride_w2n, stride_wb, stride_vb, stride_rm,
+        stride_om, stride_out_plane, stride_out_sm,
+        NORMALIZE: tl.constexpr, GATED: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr, RESIDUAL: tl.constexpr,
+        EMIT_STATS: tl.constexpr, GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """out = epilogue(A @ W^T): the A tile goes from memory straight to the tensor cores
+        (the K loop is a pure GEMM). With NORMALIZE the rows' LayerNorm (no affine; any
+        affine is folded into W) is applied after the dot: rstd * (A W^T - mean * colsum),
+        colsum = W.sum(1) of the weights as stored. Epilogue: + bias, or with GATED the
+        SwiGLU gate SiLU(. + bias) * (A W2^T [normalised likewise] + bias2); with RESIDUAL
+        + R (M, N). SAMPLE_WEIGHTS: W, W2 are (B, N, K) and colsum, colsum2, bias, bias2
+        (B, N), batch strides stride_wb, stride_vb; every row tile lies in one sample
+        (n_tokens % BLOCK_M == 0, checked by the host) and uses that sample's weights."""
+        pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        # Tails wrap around (duplicate valid rows/cols) so the main loop needs no M/N masks.
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        if SAMPLE_WEIGHTS:
+            w_offset = ((pid_m * BLOCK_M) // n_tokens).to(tl.int64) * stride_wb
+            w_ptr += w_offset
+            w2_ptr += w_offset
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        w2_ptrs = w2_ptr + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_k[:, None]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + offs_k) < K
+            # K tails: masked A and masked W are zero, so they add nothing.
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                if EVEN_K:
+                    w2 = tl.load(w2_ptrs)
+                else:
+                    w2 = tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
+                acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+                w2_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
         if SAMPLE_WEIGHTS:
@@ -289,49 +351,25 @@ if triton_importable():
             colsum2_ptr += v_offset
             bias_ptr += v_offset
             bias2_ptr += v_offset
-        if NORM_MODE == 2:
-            # LN folded into the GEMM: rstd * sum_k (a_k - mean) w_nk = rstd * (a w^T - mean * colsum).
+        if NORMALIZE:
+            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
             acc = _fold_row_mean(acc, mean, rstd, colsum_ptr, offs_n)
         y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
         if GATED:
-            if NORM_MODE == 2:
+            if NORMALIZE:
                 acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
             up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
             y = y * tl.sigmoid(y) * up
-        out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = out_m < M
-        col_ok = out_n < N
-        if RESIDUAL == 2:
+        if RESIDUAL:
             # the wrapped (always valid) rows and columns of the tile, as in the main loop
-            res_rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-            y += tl.load(res_ptr + res_rows[:, None] * stride_rm + offs_n[None, :]).to(tl.float32)
-        y_out = y.to(out_ptr.dtype.element_ty)
-
-        out_ptrs = out_ptr + out_m.to(tl.int64)[:, None] * stride_om + out_n[None, :]
-        tl.store(out_ptrs, y_out, mask=row_ok[:, None] & col_ok[None, :])
-
-        if EMIT_STATS:
-            # Moments of the values as stored (rounded), which is what the next LN reads.
-            # (BLOCK_M, BLOCK_N) viewed as (BLOCK_M, BLOCK_N // GROUP, GROUP): one stats group per slice.
-            yr = tl.where(col_ok[None, :], y_out.to(tl.float32), 0.0)
-            first_col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // GROUP) * GROUP
-            count = tl.minimum(tl.maximum(N - first_col, 0), GROUP).to(tl.float32)
-            g_sum = tl.sum(tl.reshape(yr, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
-            g_mean = g_sum / tl.maximum(count, 1.0)[None, :]
-            g_mean_full = tl.broadcast_to(g_mean[:, :, None], (BLOCK_M, BLOCK_N // GROUP, GROUP))
-            dev = tl.where(col_ok[None, :], yr - tl.reshape(g_mean_full, (BLOCK_M, BLOCK_N)), 0.0)
-            g_m2 = tl.sum(tl.reshape(dev * dev, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
-            groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
-            s_ptrs = out_stats_ptr + out_m[:, None] * stride_out_sm + groups[None, :]
-            s_mask = row_ok[:, None] & (count > 0)[None, :]
-            tl.store(s_ptrs, g_mean, mask=s_mask)
-            tl.store(s_ptrs + stride_out_plane, g_m2, mask=s_mask)
-
+            y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]).to(tl.float32)
+        _store_tile(y, out_ptr, out_stats_ptr, pid_m, pid_n, M, N, stride_om, stride_out_plane, stride_out_sm,
+                    EMIT_STATS, GROUP, BLOCK_M, BLOCK_N)
 
     def _mod_mode(args) -> int:
-        """How the tile finds its modulation rows: 0 none, 1 one vector (shared, or the
-        tile lies in one sample), 2 the tile straddles two samples, 3 gather per row."""
+        """How a tile of the normalize-on-load GEMM finds its modulation rows: 0 none, 1 one
+        vector (shared, or the tile lies in one sample), 2 the tile straddles two samples,
+        3 gather per row."""
         kind, tokens, block_m = args["MOD_KIND"], args["n_tokens"], args["BLOCK_M"]
         if kind == MOD_KIND_NONE:
             return 0
@@ -339,15 +377,19 @@ if triton_importable():
             return 1
         return 2 if tokens >= block_m else 3
 
-    _GEMM_KEY = ["M", "N", "K", "GATED", "NORM_MODE", "RESIDUAL", "MOD_KIND", "SAMPLE_WEIGHTS"]
-    _derived_constants = triton.heuristics({
-        "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-        "MOD_MODE": _mod_mode,
-    })
-    _prologue_gemm_16bit = triton.autotune(_CONFIGS_16BIT, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
-    _prologue_gemm_16bit_gated = triton.autotune(_CONFIGS_16BIT_GATED, key=_GEMM_KEY)(
-        _derived_constants(_prologue_gemm_kernel))
-    _prologue_gemm_fp32 = triton.autotune(_CONFIGS_FP32, key=_GEMM_KEY)(_derived_constants(_prologue_gemm_kernel))
+    def _autotuned(kernel, key: list[str], heuristics: dict) -> dict[str, object]:
+        """``kernel`` autotuned per operand kind: fp32, 16-bit, 16-bit with the gate."""
+        derived = triton.heuristics(dict(heuristics, EVEN_K=lambda args: args["K"] % args["BLOCK_K"] == 0))
+        return {
+            "fp32": triton.autotune(_CONFIGS_FP32, key=key)(derived(kernel)),
+            "16bit": triton.autotune(_CONFIGS_16BIT, key=key)(derived(kernel)),
+            "16bit_gated": triton.autotune(_CONFIGS_16BIT_GATED, key=key)(derived(kernel)),
+        }
+
+    _NORMALIZE_ON_LOAD = _autotuned(_normalize_on_load_gemm_kernel, ["M", "N", "K", "GATED", "NORMALIZE", "MOD_KIND"],
+                                    {"MOD_MODE": _mod_mode})
+    _LAYERNORM_EPILOGUE = _autotuned(_layernorm_epilogue_gemm_kernel,
+                                     ["M", "N", "K", "GATED", "NORMALIZE", "RESIDUAL", "SAMPLE_WEIGHTS"], {})
 
 
 def _num_groups(width: int) -> int:
@@ -368,7 +410,7 @@ def _rowwise(t: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_moments(x: torch.Tensor) -> torch.Tensor:
-    """Per-row partial moments for the fused LayerNorm prologue.
+    """Per-row partial moments that the fused GEMMs normalise with.
 
     x: (M, D) -> fp32 (2, M, ceil(D / 64)): [0] the mean, [1] the sum of squared
     deviations of each 64-column group (the last group may be narrower).
@@ -398,83 +440,62 @@ def folds_modulation(dtype: torch.dtype, tokens_per_sample: int) -> bool:
     return dtype != torch.float32 and tiles_within_samples(tokens_per_sample, dtype)
 
 
-def prologue_gemm(
+def _gemm_variant(kernels: dict, dtype: torch.dtype, gated: bool):
+    if dtype == torch.float32:
+        return kernels["fp32"]
+    return kernels["16bit_gated" if gated else "16bit"]
+
+
+def _check_gate(weight: torch.Tensor, up_weight: torch.Tensor | None, up_bias: torch.Tensor | None) -> None:
+    if (up_weight is None) != (up_bias is None):
+        raise ValueError("the SwiGLU gate needs both up_weight and up_bias")
+    if up_weight is not None and up_weight.shape != weight.shape:
+        raise ValueError(f"up_weight must match weight's shape {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
+
+
+def _output(a: torch.Tensor, n: int, dtype: torch.dtype, emit_stats: bool):
+    """The output (M, n) and, when asked, its partial-moments buffer (2, M, ceil(n / 64))."""
+    out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
+    stats = torch.empty((2, a.shape[0], _num_groups(n)), device=a.device, dtype=torch.float32) if emit_stats else None
+    return out, stats
+
+
+def _grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def normalize_on_load_gemm(
     a: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     *,
     stats: torch.Tensor | None = None,
     eps: float = 0.0,
-    colsum: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     tokens_per_sample: int | None = None,
     up_weight: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
-    up_colsum: torch.Tensor | None = None,
-    out_residual: torch.Tensor | None = None,
     emit_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One fused GEMM launch: out = epilogue(prologue(a) @ weight^T) [+ out_residual].
+    """One GEMM launch whose A tile is normalised and modulated as it is loaded:
+    out = epilogue((LN(a) * scale + shift) @ weight^T).
 
-    a, residual: (M, K). prologue(a) = LN(a + residual) * scale + shift, where LN
-    (no affine, ``eps``) is applied when ``stats`` (from ``chunk_moments`` or a previous
-    ``emit_stats``) is given; with ``colsum`` (N,) fp32 = weight.sum(1) the LN is instead
-    applied in the epilogue (A goes straight to the tensor cores; only without
-    residual/scale/shift). scale/shift are either (K,) shared by all rows or
-    (B, K) per sample with row r in sample r // tokens_per_sample. weight: (N, K),
-    bias: (N,). With ``up_weight``/``up_bias`` (N, K)/(N,) the epilogue is the SwiGLU
-    gate SiLU(a' W^T + b) * (a' Wu^T + bu) (and ``up_colsum`` = up_weight.sum(1) with
-    ``colsum``). Per-sample weights: weight/up_weight (B, N, K) with bias/up_bias/colsum/
-    up_colsum (B, N) give row r those of sample r // tokens_per_sample, which needs
-    ``tiles_within_samples(tokens_per_sample, weight.dtype)``. ``out_residual`` (M, N) is
-    added to the output in the epilogue (not with ``residual``). Returns out (M, N) in the
-    weight dtype and, if ``emit_stats``, the partial moments (2, M, ceil(N / 64)) of out.
+    a: (M, K). LN (no affine, ``eps``) is applied when ``stats`` (from ``chunk_moments``
+    or a previous ``emit_stats``) is given. scale/shift: None, (K,) shared by all rows, or
+    (B, K) per sample with row r in sample r // tokens_per_sample. weight: (N, K), bias:
+    (N,). With ``up_weight``/``up_bias`` (N, K)/(N,) the epilogue is the SwiGLU gate
+    SiLU(a' W^T + b) * (a' Wu^T + bu). Returns out (M, N) in the weight dtype and, if
+    ``emit_stats``, the partial moments (2, M, ceil(N / 64)) of out.
     """
-    a = _rowwise(a)
+    a, weight = _rowwise(a), _rowwise(weight)
     M, K = a.shape
+    N = weight.shape[0]
+    _check_gate(weight, up_weight, up_bias)
     gated = up_weight is not None
-    sample_weights = weight.dim() == 3
-    N = weight.shape[-2]
-    if colsum is not None and (stats is None or residual is not None or scale is not None):
-        raise ValueError("colsum (LayerNorm in the epilogue) needs stats and no residual/scale/shift")
-    if gated and (colsum is None) != (up_colsum is None):
-        raise ValueError("with up_weight, the epilogue LayerNorm needs both colsum and up_colsum")
-    if sample_weights:
-        # Batched operands share one batch stride: contiguous copies (no-ops for the
-        # freshly folded tensors) make it so.
-        n_samples = weight.shape[0]
-        if tokens_per_sample is None or n_samples * tokens_per_sample != M:
-            raise ValueError(f"per-sample weights {tuple(weight.shape)} need tokens_per_sample with "
-                             f"B * tokens_per_sample = M = {M}, got tokens_per_sample={tokens_per_sample}")
-        if not tiles_within_samples(tokens_per_sample, weight.dtype):
-            raise ValueError(f"per-sample weights need every row tile inside one sample; tokens_per_sample="
-                             f"{tokens_per_sample} is not a multiple of the tile rows: use (N, K) weights")
-        if gated and up_weight.shape != weight.shape:
-            raise ValueError(f"up_weight must match weight's shape {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
-        weight, bias = weight.contiguous(), bias.contiguous()
-        colsum = colsum.contiguous() if colsum is not None else None
-        if gated:
-            up_weight, up_bias = up_weight.contiguous(), up_bias.contiguous()
-            up_colsum = up_colsum.contiguous() if up_colsum is not None else None
-        stride_wb, stride_vb = weight.stride(0), bias.stride(0)
-    else:
-        weight = _rowwise(weight)
-        if gated:
-            up_weight = _rowwise(up_weight)
-        n_samples, stride_wb, stride_vb = 1, 0, 0
-    if residual is not None and out_residual is not None:
-        raise ValueError("give residual (added to a) or out_residual (added to the output), not both")
-    if out_residual is not None and out_residual.shape != (M, N):
-        raise ValueError(f"out_residual must have the output's shape {(M, N)}, got {tuple(out_residual.shape)}")
-    res = residual if residual is not None else out_residual
-    if res is not None:
-        res = _rowwise(res)
-    out = torch.empty((M, N), device=a.device, dtype=weight.dtype)
-    out_stats = torch.empty((2, M, _num_groups(N)), device=a.device, dtype=torch.float32) if emit_stats else None
-
-    n_tokens = tokens_per_sample if tokens_per_sample is not None else M
+    if gated:
+        up_weight = _rowwise(up_weight)
+    n_tokens, n_samples = (tokens_per_sample or M), 1
     if scale is None:
         mod_kind, stride_cb = MOD_KIND_NONE, 0
     elif scale.dim() == 1:
@@ -484,37 +505,101 @@ def prologue_gemm(
         if tokens_per_sample is None:
             raise ValueError("per-sample scale/shift (B, K) need tokens_per_sample")
         scale, shift = scale.contiguous(), shift.contiguous()
-        n_samples, stride_cb = scale.shape[0], scale.stride(0)
-        mod_kind = MOD_KIND_PER_SAMPLE
-    norm_mode = NORM_NONE if stats is None else NORM_PROLOGUE if colsum is None else NORM_EPILOGUE
-
-    dummy = out  # stands in for absent pointers; never dereferenced (constexpr-disabled)
+        n_samples, stride_cb, mod_kind = scale.shape[0], scale.stride(0), MOD_KIND_PER_SAMPLE
+    out, out_stats = _output(a, N, weight.dtype, emit_stats)
+    unused = out  # stands in for absent pointers; never dereferenced (constexpr-disabled)
     stats_t = stats if stats is not None else out_stats if out_stats is not None else torch.empty(
         (2, 1, 1), device=a.device, dtype=torch.float32)
     out_stats_t = out_stats if out_stats is not None else stats_t
-    colsum_t = colsum if colsum is not None else stats_t
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    if weight.dtype == torch.float32:
-        kernel = _prologue_gemm_fp32
-    else:
-        kernel = _prologue_gemm_16bit_gated if gated else _prologue_gemm_16bit
-    kernel[grid](
-        a, res if res is not None else a, stats_t, colsum_t,
-        up_colsum if up_colsum is not None else colsum_t,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        weight, bias, up_weight if gated else weight, up_bias if gated else bias,
-        out, out_stats_t,
+    kernel = _gemm_variant(_NORMALIZE_ON_LOAD, weight.dtype, gated)
+    kernel[_grid(M, N)](
+        a, stats_t, scale if scale is not None else unused, shift if shift is not None else unused,
+        weight, bias, up_weight if gated else weight, up_bias if gated else bias, out, out_stats_t,
         M, N, K, n_tokens, n_samples, float(eps),
-        a.stride(0), (res.stride(0) if res is not None else 0),
-        stats_t.stride(0), stats_t.stride(1), stride_cb,
-        weight.stride(-2), (up_weight.stride(-2) if gated else 0), stride_wb, stride_vb,
-        out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
-        NORM_MODE=norm_mode, RESIDUAL=0 if res is None else 1 if residual is not None else 2, MOD_KIND=mod_kind,
-        GATED=gated, EMIT_STATS=emit_stats, SAMPLE_WEIGHTS=sample_weights,
+        a.stride(0), stats_t.stride(0), stats_t.stride(1), stride_cb, weight.stride(0),
+        up_weight.stride(0) if gated else 0, out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
+        NORMALIZE=stats is not None, MOD_KIND=mod_kind, GATED=gated, EMIT_STATS=emit_stats,
         GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+    )
+    return out, out_stats
+
+
+def layernorm_epilogue_gemm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    stats: torch.Tensor | None = None,
+    eps: float = 0.0,
+    colsum: torch.Tensor | None = None,
+    tokens_per_sample: int | None = None,
+    up_weight: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    up_colsum: torch.Tensor | None = None,
+    out_residual: torch.Tensor | None = None,
+    emit_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One GEMM launch whose K loop is a pure GEMM, the rows' LayerNorm applied in the
+    epilogue: out = rstd * (a W^T - mean * colsum) + bias [gate] [+ out_residual].
+
+    a: (M, K) as stored. With ``stats`` (a's partial moments) and ``colsum`` (N,) fp32 =
+    weight.sum(1) of the stored weights, LN(a) @ W^T (no affine, ``eps``); without them
+    a plain a @ W^T. weight: (N, K), bias: (N,), or per-sample weights (B, N, K) with
+    bias/colsum (B, N) giving row r those of sample r // tokens_per_sample, which needs
+    ``tiles_within_samples(tokens_per_sample, weight.dtype)``. With ``up_weight``/``up_bias``
+    (and ``up_colsum`` when normalising) of the same shapes the epilogue is the SwiGLU gate.
+    ``out_residual`` (M, N) is added to the output. Returns out (M, N) in the weight dtype
+    and, if ``emit_stats``, the partial moments (2, M, ceil(N / 64)) of out.
+    """
+    a = _rowwise(a)
+    M, K = a.shape
+    N = weight.shape[-2]
+    _check_gate(weight, up_weight, up_bias)
+    gated = up_weight is not None
+    if (stats is None) != (colsum is None) or (gated and (colsum is None) != (up_colsum is None)):
+        raise ValueError("the epilogue LayerNorm needs stats and colsum (and up_colsum with up_weight), or none")
+    sample_weights = weight.dim() == 3
+    if sample_weights:
+        if tokens_per_sample is None or weight.shape[0] * tokens_per_sample != M:
+            raise ValueError(f"per-sample weights {tuple(weight.shape)} need tokens_per_sample with "
+                             f"B * tokens_per_sample = M = {M}, got tokens_per_sample={tokens_per_sample}")
+        if not tiles_within_samples(tokens_per_sample, weight.dtype):
+            raise ValueError(f"per-sample weights need every row tile inside one sample; tokens_per_sample="
+                             f"{tokens_per_sample} is not a multiple of the tile rows: use (N, K) weights")
+        # Batched operands share one batch stride: contiguous copies (no-ops for the
+        # freshly folded tensors) make it so.
+        weight, bias = weight.contiguous(), bias.contiguous()
+        colsum = colsum.contiguous() if colsum is not None else None
+        if gated:
+            up_weight, up_bias = up_weight.contiguous(), up_bias.contiguous()
+            up_colsum = up_colsum.contiguous() if up_colsum is not None else None
+        stride_wb, stride_vb = weight.stride(0), bias.stride(0)
+    else:
+        weight = _rowwise(weight)
+        up_weight = _rowwise(up_weight) if gated else None
+        stride_wb, stride_vb = 0, 0
+    if out_residual is not None:
+        if out_residual.shape != (M, N):
+            raise ValueError(f"out_residual must have the output's shape {(M, N)}, got {tuple(out_residual.shape)}")
+        out_residual = _rowwise(out_residual)
+    out, out_stats = _output(a, N, weight.dtype, emit_stats)
+    stats_t = stats if stats is not None else out_stats if out_stats is not None else torch.empty(
+        (2, 1, 1), device=a.device, dtype=torch.float32)
+    out_stats_t = out_stats if out_stats is not None else stats_t
+    colsum_t = colsum if colsum is not None else stats_t  # never dereferenced without NORMALIZE
+    kernel = _gemm_variant(_LAYERNORM_EPILOGUE, weight.dtype, gated)
+    kernel[_grid(M, N)](
+        a, stats_t, colsum_t, up_colsum if up_colsum is not None else colsum_t,
+        weight, bias, up_weight if gated else weight, up_bias if gated else bias,
+        out_residual if out_residual is not None else a, out, out_stats_t,
+        M, N, K, tokens_per_sample or M, float(eps),
+        a.stride(0), stats_t.stride(0), stats_t.stride(1), weight.stride(-2),
+        up_weight.stride(-2) if gated else 0, stride_wb, stride_vb,
+        out_residual.stride(0) if out_residual is not None else 0,
+        out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
+        NORMALIZE=stats is not None, GATED=gated, SAMPLE_WEIGHTS=sample_weights, RESIDUAL=out_residual is not None,
+        EMIT_STATS=emit_stats, GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
     )
     return out, out_stats
@@ -575,7 +660,7 @@ def fused_adaptive_swiglu_rows(
 
     x: (M, D) rows, sample-major with ``tokens_per_sample`` rows per sample; x_stats:
     its ``chunk_moments``; shift, scale: (B, D); params: ``swiglu_params(block)``.
-    fold_modulation: run kernel 1 as a pure GEMM on per-sample folded weights (module
+    fold_modulation: run GEMM 1 as a pure GEMM on per-sample folded weights (module
     docstring) instead of normalising and modulating its A tile on load; None chooses it
     for 16-bit weights when ``tiles_within_samples``, True forces it (also in fp32, which
     is how the CPU tests check it). ``out_residual`` (M, D) is added to y in fc2's epilogue.
@@ -588,20 +673,20 @@ def fused_adaptive_swiglu_rows(
     if fold_modulation:
         wg_folded, bg_folded, colsum_g = folded_norm_linear(wg, bg, gain, shift)
         wx_folded, bx_folded, colsum_x = folded_norm_linear(wx, bx, gain, shift)
-        h, h_stats = prologue_gemm(
+        h, h_stats = layernorm_epilogue_gemm(
             x, wg_folded, bg_folded, stats=x_stats, eps=norm_eps, colsum=colsum_g,
             tokens_per_sample=tokens_per_sample, up_weight=wx_folded, up_bias=bx_folded,
             up_colsum=colsum_x, emit_stats=True,
         )
     else:
-        h, h_stats = prologue_gemm(
+        h, h_stats = normalize_on_load_gemm(
             x, wg, bg, stats=x_stats, eps=norm_eps, scale=gain, shift=shift,
             tokens_per_sample=tokens_per_sample, up_weight=wx, up_bias=bx, emit_stats=True,
         )
     # h is stored exactly as the reference's LN reads it, so its LN folds into fc2.
     w2_folded, b2_folded, colsum = folded_norm_linear(w2, b2, gamma, beta)
-    return prologue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum,
-                         out_residual=out_residual, emit_stats=emit_stats)
+    return layernorm_epilogue_gemm(h, w2_folded, b2_folded, stats=h_stats, eps=inner_eps, colsum=colsum,
+                                   out_residual=out_residual, emit_stats=emit_stats)
 
 
 def reference_adaptive_swiglu(
