@@ -893,7 +893,8 @@ class Trainer:
         tr = self.config["training"]
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            stale = remove_stale_temps(self.run_dir) + remove_stale_temps(self.ckpt_dir)
+            folders = (self.run_dir, self.ckpt_dir, self.run_dir / "eval")
+            stale = [p for folder in folders for p in remove_stale_temps(folder)]
             if stale:
                 self._info(f"removed {len(stale)} unfinished files a killed run left (e.g. {stale[0].name})")
             self._write_run_config()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_training import tiny_config as training_config
 
 from prdit_fast.atomic import atomic_path
 from prdit_fast.cli import main
@@ -28,16 +29,10 @@ SIZE = 16
 
 
 def tiny_config(out: Path, name: str = "PRDiT-XS/10/0", steps: int = 1, **sections) -> dict:
-    config = {
-        "data": {"image_size": SIZE, "num_workers": 0, "phantom_length": 3},
-        "model": {"name": name},
-        "training": {"batch_size": 2, "learning_rate": 1e-3, "total_steps": steps, "log_every": 1,
-                     "ckpt_every": 1, "seed": 0, "ema_decay": 0.9, "device": "cpu"},
-        "output": {"results_dir": str(out)},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
+    """test_training's tiny phantom run, with a checkpoint every step."""
+    training = {"ckpt_every": 1, **sections.pop("training", {})}
+    data = {"phantom_length": 3, **sections.pop("data", {})}
+    return training_config(out, name, steps, data=data, training=training, **sections)
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -62,7 +57,7 @@ def test_killed_preprocess_then_training_works(tmp_path):
         affine[:3, 3] = -8.0
         nib.save(nib.Nifti1Image(rng.uniform(-1000, 800, (SIZE,) * 3).astype(np.float32), affine), src / f"{name}.nii.gz")
     out = tmp_path / "prep"
-    preprocess_volumes([src / "a.nii.gz"], out, "lidc", size=SIZE, progress=False)
+    preprocess_volumes([src / "a.nii.gz"], out, "lidc", size=2 * SIZE, progress=False)
     # the run is killed while writing b.npy (the state a SIGKILL during np.save leaves)
     child = multiprocessing.get_context("fork").Process(target=_kill_during_write, args=(str(out / "b.npy"),))
     child.start()
@@ -73,13 +68,18 @@ def test_killed_preprocess_then_training_works(tmp_path):
     # training on the half-done folder works; the rerun of the preprocessing finishes and cleans up
     assert latest_checkpoint(Path(train(tiny_config(tmp_path / "run1", data={"path": str(out)}))).parent)
     messages = []
-    manifest = preprocess_volumes([src / "a.nii.gz", src / "b.nii.gz"], out, "lidc", size=SIZE, progress=False,
+    manifest = preprocess_volumes([src / "a.nii.gz", src / "b.nii.gz"], out, "lidc", size=2 * SIZE, progress=False,
                                   log=messages.append)
     assert sorted(v["status"] for v in manifest["volumes"]) == ["exists", "ok"]
     assert any("removed 1 unfinished" in m for m in messages)
     assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "manifest.json"]
+    assert manifest["spacing_mm"] == [1.0, 1.0, 1.0] and manifest["intensity"] == "lidc" and manifest["edge"] == 2 * SIZE
     ckpt = train(tiny_config(tmp_path / "run2", data={"path": str(out)}))
-    assert torch.load(ckpt, weights_only=True)["train_steps"] == 1
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["train_steps"] == 1
+    # geometry and intensity travel with the model: 1 mm x 32 / 16 = 2 mm voxels, LIDC min-max
+    assert saved["config"]["volume"]["voxel_size_mm"] == [2.0, 2.0, 2.0]
+    assert saved["config"]["volume"]["intensity"] == "lidc"
 
 
 def test_training_removes_a_killed_checkpoint_write(tmp_path):

@@ -287,9 +287,8 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
                     _write_volume(path, result[j], units, args.format, png)
                     done += 1
                     per_volume = (time.perf_counter() - started) / done
-                    bar.set_postfix(
-                        vol_per_h=f"{3600 / per_volume:.1f}", **{f"{device.type}_h_for_N": f"{args.num * per_volume / 3600:.2f}"}
-                    )
+                    hours_for_num = f"{args.num * per_volume / 3600:.2f}"  # on this device type, not a GPU's
+                    bar.set_postfix(vol_per_h=f"{3600 / per_volume:.1f}", **{f"{device.type}_h_for_N": hours_for_num})
                     bar.update(1)
                     if on_volume is not None:
                         on_volume(index, path)
