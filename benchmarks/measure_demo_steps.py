@@ -6,8 +6,8 @@ with T threads on T free cores a step takes at least CPU time / T (perfect scali
 spin-waits counted as work) and at most the one-thread CPU time. Both bounds are
 printed and written as JSON next to the commands that measured them.
 
-    python benchmarks/measure_demo_steps.py --threads 1 --out benchmarks/results/demo_steps_1thread.json
-    python benchmarks/measure_demo_steps.py --threads 2 --out benchmarks/results/demo_steps_2threads.json
+    python benchmarks/measure_demo_steps.py --threads 1 --out benchmarks/results/<machine>-<date>/demo_steps_1thread.json
+    python benchmarks/measure_demo_steps.py --threads 2 --out benchmarks/results/<machine>-<date>/demo_steps_2threads.json
 """
 from __future__ import annotations
 

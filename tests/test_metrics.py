@@ -69,6 +69,13 @@ def test_loader_reads_medicalnet_layout(tmp_path, net):
     np.testing.assert_allclose(features(x, str(tmp_path / "resnet_50.pth"), batch_size=2), expected, rtol=1e-5, atol=1e-8)
 
 
+def test_bf16_features_stay_within_two_percent_of_fp32(net):
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    reference = features(x, net, batch_size=2)
+    low = features(x, net, batch_size=2, dtype=torch.bfloat16)
+    assert np.linalg.norm(low - reference) / np.linalg.norm(reference) < 2e-2  # bf16 autocast, fp32 accumulation
+
+
 def test_loader_names_missing_unexpected_and_misshapen_keys(tmp_path, net):
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
     del state["module.layer3.2.bn2.running_var"]
