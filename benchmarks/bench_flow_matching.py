@@ -1,0 +1,250 @@
+"""The released 256^3 model, every way to run it, in one run: PRDiT-B/16/12-s16 with flow
+matching (spec section 14), sampling and training.
+
+    python -m benchmarks.bench_flow_matching --json fm.json            # B/16/12-s16 at 256^3, batch 1
+    python -m benchmarks.bench_flow_matching --device cpu --variant PRDiT-XS/4/0 --size 8 --steps 2
+
+Sampling rows (one network evaluation ``forward_ms``; one Euler step ``step_ms``; a whole
+``--steps``-step Euler sample ``whole_s`` and ``s_per_volume``, the initial noise drawn
+inside the timed region; ``mfu`` against a bf16 matmul peak measured in this run):
+
+* ``official``       the official code path: reference fp32 eager, TF32 off, SDPA attention,
+                     its plain Euler loop keeping the trajectory on the host (x.cpu() every step);
+* ``reference-bf16`` the reference under ``torch.autocast(bfloat16)``, driven by the engine;
+* ``compile``        ``torch.compile(reference, mode="max-autotune")`` under bf16 autocast,
+                     driven by the engine (its own CUDA graphs);
+* ``fast-graph``     ``accelerate(model, bf16)`` in the engine's ``Sampler``, one CUDA graph per step.
+
+Training rows (one optimizer step of ``--train-batch`` x ``--accum`` volumes with the
+flow-matching loss, activation checkpointing of the trainable blocks: ``train_step_s``,
+``samples_per_s``, ``peak_memory_gib``): ``official`` (fp32 eager, SDPA), ``reference-bf16``
+(bf16 autocast, as the official configs' ``training.amp``), ``fast`` (the fast backend, bf16).
+
+Ratios (``x_official``, ``x_compile``) are within this run. On the CPU the compile and graph
+rows are skipped with the reason recorded and every figure is a CPU figure (``label``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.bench_sampling import _CompiledStep, skip_reason, tf32
+from benchmarks.bench_sampling import RowSpec as _RowSpec
+from prdit_fast import bench
+from prdit_fast.devices import resolve_device
+
+SCHEMA = "prdit-fast-flow-matching/1"
+VARIANT, SIZE, STEPS = "PRDiT-B/16/12-s16", 256, 100
+SAMPLING_ROWS = (
+    _RowSpec("official", "reference fp32 eager, TF32 off, SDPA; Euler loop with the trajectory copied to the host",
+             "reference", official_loop=True),
+    _RowSpec("reference-bf16", "reference, SDPA, bf16 autocast; engine Euler step, eager", "reference",
+             autocast_bf16=True),
+    _RowSpec("compile", 'torch.compile(reference, mode="max-autotune"), bf16 autocast; engine Euler step',
+             "reference", autocast_bf16=True, compiled=True),
+    _RowSpec("fast-graph", "accelerate(model, bf16), engine Euler step replayed from one CUDA graph", "fast",
+             cuda_graph=True),
+)
+TRAINING_ROWS = (
+    _RowSpec("official", "reference fp32 eager, SDPA, activation checkpointing", "reference"),
+    _RowSpec("reference-bf16", "reference, bf16 autocast (training.amp), activation checkpointing", "reference",
+             autocast_bf16=True),
+    _RowSpec("fast", "accelerate(model, bf16), activation checkpointing off (reference-only option)", "fast"),
+)
+TIMING = {"warmup": 2, "min_reps": 3, "max_reps": 20, "budget_s": 2.0}
+CPU_TIMING = {"warmup": 1, "min_reps": 1, "max_reps": 2, "budget_s": 0.0}
+
+
+def fm_model(variant: str, size: int, std: float = 0.02) -> torch.nn.Module:
+    """The velocity-head network, every weight N(0, std) (a fresh PRDiT predicts zero)."""
+    from prdit_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(variant, size, out_channels=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def sampling_row(spec, model, batch: int, steps: int, device: torch.device, timing: dict, compile_mode: str) -> dict:
+    from prdit_fast.engine import Sampler, keys_for
+    from prdit_fast.fast import accelerate
+    from prdit_fast.flow_matching import FlowMatching
+
+    cfg = model.config
+    shape = (batch, cfg.in_channels) + (cfg.input_size,) * 3
+    x = torch.randn(shape, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    cpu = device.type != "cuda"
+    if spec.network == "fast":
+        net = accelerate(model, dtype=torch.float32 if cpu else torch.bfloat16, impl="torch" if cpu else "auto")
+    else:
+        net = _CompiledStep(model, compile_mode) if spec.compiled else model
+    autocast_dtype = torch.bfloat16 if spec.autocast_bf16 else None
+
+    def forward():
+        with torch.no_grad(), _autocast(device, spec.autocast_bf16):
+            return net(x, t)
+
+    out: dict[str, Any] = {"forward_ms": bench.time_call(forward, device, **timing).median_ms}
+    if spec.official_loop:
+        fm = FlowMatching()
+
+        def sample(n: int) -> Callable[[], Any]:
+            def run() -> list[torch.Tensor]:
+                state, dt, trajectory = fm.initial_noise(shape, device=device), 1.0 / n, []
+                with torch.no_grad():
+                    for i in range(n):
+                        v = model(state, torch.full((batch,), 1000.0 * i * dt, device=device))
+                        state = state + dt * v
+                        trajectory.append(state.cpu())  # as the official sampler keeps it
+                return trajectory
+
+            return run
+
+        out["step_ms"] = bench.time_call(sample(1), device, **timing).median_ms
+        out["cuda_graph"] = False
+    else:
+        calls = timing["warmup"] + timing["max_reps"] + 1
+        engine = Sampler(net, batch, max(steps, calls), "euler", dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
+        keys = keys_for(0, range(batch))
+        engine.sample(keys)
+        engine.step.zero_()
+        out["step_ms"] = bench.time_call(engine.advance, device, **timing).median_ms
+        out["cuda_graph"] = engine.cuda_graph
+        engine = Sampler(net, batch, steps, "euler", dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
+
+        def sample(n: int) -> Callable[[], Any]:
+            return lambda: engine.sample(keys)
+
+    whole = bench.time_call(sample(steps), device, warmup=1, min_reps=1, max_reps=1, budget_s=0.0)
+    out["whole_s"] = whole.median_ms / 1e3
+    out["s_per_volume"] = out["whole_s"] / batch
+    return out
+
+
+def training_row(spec, model, batch: int, accum: int, device: torch.device, timing: dict) -> dict:
+    from prdit_fast.fast import accelerate
+    from prdit_fast.flow_matching import FlowMatching
+    from prdit_fast.training import enable_activation_checkpointing
+
+    trained = copy.deepcopy(model).train()
+    if trained.config.depth:  # stage 2: the coarse path stays frozen, as in training
+        trained.freeze_coarse()
+    if spec.network == "fast":
+        cpu = device.type != "cuda"
+        net = accelerate(trained, dtype=torch.float32 if cpu else torch.bfloat16, impl="torch" if cpu else "auto")
+        checkpointed = 0
+    else:
+        net, checkpointed = trained, enable_activation_checkpointing(trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    fm = FlowMatching()
+    shape = (batch, trained.config.in_channels) + (trained.config.input_size,) * 3
+    micro = [torch.randn(shape, device=device).clamp(-1, 1) for _ in range(accum)]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for x in micro:
+            with _autocast(device, spec.autocast_bf16):
+                loss = fm.training_losses(net, x)["loss"].mean() / accum
+            loss.backward()
+        optimizer.step()
+
+    seconds = bench.time_call(step, device, **timing).median_ms / 1e3
+    return {"train_step_s": seconds, "samples_per_s": batch * accum / seconds,
+            "activation_checkpointed_blocks": checkpointed}
+
+
+def run(variant: str = VARIANT, size: int = SIZE, batch: int = 1, steps: int = STEPS, train_batch: int = 2,
+        accum: int = 2, device: str | torch.device | None = None, compile_mode: str = "max-autotune",
+        training: bool = True) -> dict[str, Any]:
+    """Every sampling row, then every training row; a failing row (OOM, compile error) is recorded."""
+    from prdit_fast.flops import flops_per_step
+
+    device = resolve_device(device)
+    cpu = device.type != "cuda"
+    timing = CPU_TIMING if cpu else TIMING
+    peak = bench.measure_matmul_peak(device, 256 if cpu else 8192, torch.bfloat16)
+    model = fm_model(bench.variant_name(variant), size).to(device)
+    flop = flops_per_step(model.config) * batch
+    result: dict[str, Any] = {
+        "schema": SCHEMA, **bench.environment(device), "label": "CPU results (not GPU figures)" if cpu else "GPU",
+        "settings": {"variant": model.config.name, "size": size, "batch": batch, "steps": steps, "solver": "euler",
+                     "train_batch": train_batch, "grad_accum_steps": accum, "compile_mode": compile_mode},
+        "peak": peak, "flop_per_evaluation": flop, "sampling": [], "training": [],
+    }
+    jobs = [("sampling", s) for s in SAMPLING_ROWS] + ([("training", s) for s in TRAINING_ROWS] if training else [])
+    for kind, spec in jobs:
+        row: dict[str, Any] = {"row": spec.name, "description": spec.description}
+        reason = skip_reason(spec, device)
+        if reason is not None:
+            row["status"] = f"skipped: {reason}"
+            result[kind].append(row)
+            continue
+        bench.release(device)
+        bench.reset_peak_memory(device)
+        try:
+            with tf32(False):
+                if kind == "sampling":
+                    row.update(sampling_row(spec, model, batch, steps, device, timing, compile_mode))
+                    row["mfu"] = flop / (row["step_ms"] / 1e3) / 1e12 / peak["tflops"]
+                else:
+                    row.update(training_row(spec, model, train_batch, accum, device, timing))
+            row["status"] = "ok"
+            row["peak_memory_gib"] = bench.peak_memory_gib(device)
+        except Exception as err:  # one failing row must not hide the rest
+            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench._fmt_error(err)}"
+        result[kind].append(row)
+        if spec.compiled:
+            torch.compiler.reset()
+    _add_ratios(result)
+    return result
+
+
+def _add_ratios(result: dict[str, Any]) -> None:
+    for kind, key in (("sampling", "step_ms"), ("training", "train_step_s")):
+        ok = {r["row"]: r for r in result[kind] if r.get("status") == "ok"}
+        for r in ok.values():
+            for other, name in (("official", "x_official"), ("compile", "x_compile")):
+                if other in ok:
+                    r[name] = ok[other][key] / r[key]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default=VARIANT)
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--no-training", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+    result = run(args.variant, args.size, args.batch_size, args.steps, args.train_batch, args.accum, args.device,
+                 training=not args.no_training)
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        from prdit_fast.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
