@@ -9,7 +9,10 @@ checkpoint works on either, and training the FastPRDiT trains the reference.
 What runs per step (B volumes, N tokens, hidden h):
 
 * ONE unfold of the input volume; the tokens feed both the local denoiser and the
-  patch embedder.
+  patch embedder. Where windows tile without overlap (the stride-16 256^3 models: p = s
+  = 16, pad 0) the unfold is one blocked copy (``ops.unfold.blocked_unfold3d``). The
+  head is whatever the config says: [eps_hat, x0_hat] (IaN) or the flow-matching
+  velocity (``out_channels`` = C); t may be an integer step or the float 1000 t.
 * Timestep embedding, ``coarse_head``/``fine_head`` and ALL adaLN modulation vectors in
   fp32: the ``adaLN_modulation.1`` weights of every block and of the final layer are
   concatenated into one (6 h depth + 2 h, h) matrix, so the modulation of a whole step is
