@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .flow_matching import FlowMatching
+
 log = logging.getLogger("prdit_fast.train")
 
 EVAL_SEED = 20_251_201  # fixed noise and timesteps: validation losses of one run are comparable
@@ -85,7 +87,7 @@ class RunMonitor:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, diffusion, dataset, device: torch.device, batch_size: int,
                     max_volumes: int = 64) -> float:
-    """The mean IaN loss of ``model`` over (up to ``max_volumes`` of) ``dataset`` with
+    """The mean training loss (IaN or flow matching, as ``diffusion``) of ``model`` over (up to ``max_volumes`` of) ``dataset`` with
     timesteps and noise drawn from ``EVAL_SEED``."""
     generator = torch.Generator(device=device)
     generator.manual_seed(EVAL_SEED)
@@ -108,6 +110,9 @@ def sample_sheet(model: torch.nn.Module, diffusion, count: int, steps: int, devi
     generator.manual_seed(EVAL_SEED)
     noise = diffusion.initial_noise((count, cfg.in_channels) + (cfg.input_size,) * 3, generator=generator,
                                     device=device)
-    _, x0_hat = diffusion.sample(model, noise, steps=steps, generator=generator)
-    rows = [np.concatenate(mid_slices(v[0].float().cpu().numpy()), axis=1) for v in x0_hat]
+    if isinstance(diffusion, FlowMatching):  # the final state: a velocity head predicts no clean volume
+        volumes = diffusion.sample(model, noise, steps=steps, generator=generator)
+    else:
+        _, volumes = diffusion.sample(model, noise, steps=steps, generator=generator)
+    rows = [np.concatenate(mid_slices(v[0].float().cpu().numpy()), axis=1) for v in volumes]
     return np.clip((np.concatenate(rows, axis=0) + 1) / 2, 0.0, 1.0)

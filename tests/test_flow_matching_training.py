@@ -122,3 +122,13 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tmp_path):
     whole, split = grads([slice(0, 4)]), grads([slice(0, 2), slice(2, 4)])
     for g1, g2 in zip(whole, split):
         torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+
+
+def test_eval_sample_sheet_of_a_flow_matching_model():
+    """logging.eval_every draws samples with the run's process: for flow matching the
+    final state of the solver (there is no clean prediction), one row per sample."""
+    from prdit_fast.monitor import sample_sheet
+
+    model = create_model("PRDiT-XS/4/0", 8, out_channels=1).eval()
+    sheet = sample_sheet(model, FlowMatching(), count=3, steps=2, device=torch.device("cpu"))
+    assert sheet.shape == (3 * 8, 3 * 8) and 0.0 <= sheet.min() and sheet.max() <= 1.0
