@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("error: interrupted; finished files are complete, a rerun continues", file=sys.stderr)
+        print("error: interrupted; every finished file is complete (train continues with --resume, sample and "
+              "preprocess with the same command)", file=sys.stderr)
         return 130
     except Exception as e:  # the one place failures become an exit status
         if args.debug:

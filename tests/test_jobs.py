@@ -20,7 +20,7 @@ from prdit_fast.atomic import atomic_path
 from prdit_fast.cli import main
 from prdit_fast.data import preprocess_volumes
 from prdit_fast.data.dataset import VolumeDataset
-from prdit_fast.training import ConfigError, Trainer, latest_checkpoint, train
+from prdit_fast.training import ConfigError, Trainer, latest_checkpoint, resolve_config, train
 
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("scipy")
@@ -160,8 +160,7 @@ def test_bad_config_values_are_one_error_line_naming_the_key(tmp_path, capsys, o
 
 def test_numeric_strings_are_parsed_and_checked():
     config = tiny_config(Path("unused"), training={"learning_rate": "1e-4", "batch_size": "4", "total_steps": 2.0})
-    trainer_config = __import__("prdit_fast.training", fromlist=["resolve_config"]).resolve_config(config)
-    tr = trainer_config["training"]
+    tr = resolve_config(config)["training"]
     assert tr["learning_rate"] == 1e-4 and tr["batch_size"] == 4 and tr["total_steps"] == 2
     assert isinstance(tr["total_steps"], int)
     with pytest.raises(ConfigError, match="training.total_steps"):

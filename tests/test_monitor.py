@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -57,8 +58,8 @@ def test_validation_loss_is_at_fixed_noise(tmp_path):
 
     model = create_model("PRDiT-XS/10/0", 16)
     data = PhantomDataset(16, 3, seed=1)
-    first = validation_loss(model, IaNDiffusion(), data, device=__import__("torch").device("cpu"), batch_size=2)
-    again = validation_loss(model, IaNDiffusion(), data, device=__import__("torch").device("cpu"), batch_size=2)
+    first = validation_loss(model, IaNDiffusion(), data, device=torch.device("cpu"), batch_size=2)
+    again = validation_loss(model, IaNDiffusion(), data, device=torch.device("cpu"), batch_size=2)
     assert first == again > 0
 
 
