@@ -38,6 +38,12 @@ rows differ only in the network. Per row, all with ``prdit_fast.bench.time_call`
 * ``x_official``, ``x_compile``: step-time ratios, within this run only;
 * ``rel_rms_error`` of one network call against the fp32 reference with TF32 off.
 
+``--sr-size S_HI`` measures the PRDiT-SR wrapper (spec section 8) over the variant at
+``--size`` refining to S_HI (default head 768 / 12 / 8 / 2, head weights randomized like the
+base's): every row runs the wrapper (``official``: the reference wrapper in the plain loop;
+fast rows: ``accelerate`` -> ``FastPRDiTSR``), volumes are S_HI^3 and the FLOP count is the
+wrapper's (``prdit_fast.flops``: base + head).
+
 On the CPU (``--device cpu``, for the dry run of ``gpu_session.sh`` and the tests): tf32,
 compile and fast-graph are skipped with the reason recorded, the fast rows compute in fp32
 with the plain-torch kernels, and every figure is a CPU figure.
@@ -186,9 +192,11 @@ def baseline_rows(
     compile_mode: str = "max-autotune",
     peak_matmul_edge: int | None = None,
     on_row: Callable[[dict], None] | None = None,
+    sr_size: int | None = None,
 ) -> dict[str, Any]:
     """Run the ``rows`` (names from ``ROW_NAMES``) and return {settings, peak, rows, ...};
-    ``on_row(result)`` is called after every row with the result so far (partial results)."""
+    ``on_row(result)`` is called after every row with the result so far (partial results).
+    ``sr_size``: measure the PRDiT-SR wrapper over ``variant`` at ``size`` refining to it."""
     from prdit_fast.diffusion import IaNDiffusion
     from prdit_fast.engine import Sampler, keys_for
     from prdit_fast.fast import accelerate
@@ -203,7 +211,11 @@ def baseline_rows(
     cpu = device.type != "cuda"
     variant = bench.variant_name(variant)
     peak = bench.measure_matmul_peak(device, peak_matmul_edge or (256 if cpu else 8192), torch.bfloat16)
-    model = bench.randomized_model(variant, size).to(device)
+    model = bench.randomized_model(variant, size)
+    if sr_size is not None:
+        model = randomized_sr_model(model, sr_size)
+        size = sr_size
+    model = model.to(device)
     cfg = model.config
     step_flop = flops_per_step(cfg) * batch
     keys = keys_for(0, range(batch))
@@ -217,7 +229,7 @@ def baseline_rows(
     fast_impl = "torch" if cpu else "auto"
     result: dict[str, Any] = {
         "schema": SCHEMA, **bench.environment(device),
-        "settings": {"variant": variant, "size": size, "batch": batch, "sampler": "pc", "k": 2,
+        "settings": {"variant": cfg.name, "size": size, "batch": batch, "sampler": "pc", "k": 2,
                      "step_counts": list(step_counts), "whole_budget_s": whole_budget_s,
                      "compile_mode": compile_mode,
                      "single_step_timing": CPU_SINGLE_TIMING if cpu else SINGLE_TIMING,
@@ -253,6 +265,18 @@ def baseline_rows(
         if spec.compiled:
             torch.compiler.reset()
     return result
+
+
+def randomized_sr_model(base: torch.nn.Module, sr_size: int, std: float = 0.02) -> torch.nn.Module:
+    """The PRDiT-SR wrapper (default head) over the randomized ``base``, its head drawn from
+    N(0, std) too (a fresh head adds exactly zero, spec section 8), in eval mode."""
+    from prdit_fast.sr import create_sr_model
+
+    model = create_sr_model(base, sr_size)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.normal_(0.0, std)
+    return model.eval()
 
 
 def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, device, compile_mode,
@@ -396,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="PRDiT-B/12/4")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sr-size", type=int, default=None, metavar="S_HI",
+                        help="measure the PRDiT-SR wrapper refining the variant at --size to S_HI (e.g. 128 -> 256)")
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES))
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS),
                         help="whole-sample lengths, increasing (default 100 1000)")
@@ -414,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     on_row = (lambda result: write_json(result, args.json)) if args.json else None
     try:
         result = baseline_rows(args.variant, args.size, args.batch_size, tuple(args.rows), tuple(args.steps),
-                               args.whole_budget, device, args.compile_mode, on_row=on_row)
+                               args.whole_budget, device, args.compile_mode, on_row=on_row, sr_size=args.sr_size)
     except ValueError as err:
         parser.error(str(err))
     if args.json:

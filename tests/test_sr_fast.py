@@ -168,3 +168,20 @@ def test_gpu_bf16_close_to_fp32_reference_and_graph_capture():
     assert engine.cuda_graph, engine.graph_reason
     x_s, _ = engine.sample(keys_for(0, [0, 1]))
     assert torch.isfinite(x_s).all()
+
+
+def test_sampling_baselines_run_the_wrapper_on_cpu():
+    """benchmarks/bench_sampling.py --sr-size in a tiny configuration: the official loop and
+    the fast backend both sample the wrapper (CPU figures: structure, not performance)."""
+    from prdit_fast import bench
+    from prdit_fast.flops import flops_per_step
+
+    sampling = bench._benchmarks_module("bench_sampling")
+    result = sampling.baseline_rows("PRDiT-XS/10/1", LO, batch=1, rows=("official", "fast-eager"), step_counts=(2,),
+                                    device="cpu", peak_matmul_edge=64, sr_size=HI)
+    assert result["settings"]["variant"] == "PRDiT-SR(PRDiT-XS/10/1)" and result["settings"]["size"] == HI
+    cfg = sampling.randomized_sr_model(create_model("PRDiT-XS/10/1", LO), HI).config
+    assert result["flop_per_step"] == flops_per_step(cfg)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert rows["official"]["status"] == "ok" and rows["fast-eager"]["status"] == "ok", rows
+    assert rows["fast-eager"]["whole_s_2"] > 0 and rows["fast-eager"]["rel_rms_error"] < 1e-4

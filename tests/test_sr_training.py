@@ -187,7 +187,7 @@ def test_lowfreq_consistency_term():
 # ----------------------------------------------------------------------------- the phantom chain
 def test_phantom_chain_stage1_stage2_stage3a_then_cli_samples(tmp_path):
     """Stage 1 -> stage 2 at 16^3, stage 3a to 32^3 (lowers the stage-3 loss), then
-    `prdit-fast sample` writes 32^3 volumes from the stage-3a checkpoint."""
+    `prdit-fast sample` writes 32^3 volumes (voxel size half the base's) from the stage-3a checkpoint."""
     common = {"num_workers": 0, "phantom_length": 8}
     training = {"batch_size": 2, "learning_rate": 1e-3, "log_every": 5, "ckpt_every": 1000, "seed": 0,
                 "ema_decay": 0.9, "device": "cpu"}
@@ -215,3 +215,6 @@ def test_phantom_chain_stage1_stage2_stage3a_then_cli_samples(tmp_path):
     assert not np.array_equal(volumes[0], volumes[1])
     summary = json.loads((out / "summary.json").read_text())["runs"][-1]  # every invocation is kept
     assert summary["size"] == HI and summary["variant"] == f"PRDiT-SR({BASE})"
+    # the voxel size is the training data's at the target edge: half the base's
+    base_voxel = read_checkpoint(stage2)["config"]["volume"]["voxel_size_mm"]
+    assert summary["voxel_size_mm"] == pytest.approx([v / 2 for v in base_voxel])
