@@ -283,16 +283,8 @@ class PRDiTSR(nn.Module):
             nn.init.zeros_(lin.bias)
 
     # ------------------------------------------------------------------ forward
-    def check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        cfg = self.config
-        want = (cfg.in_channels,) + (cfg.input_size,) * 3
-        if x.dim() != 5 or tuple(x.shape[1:]) != want:
-            raise ValueError(
-                f"{cfg.name} expects volumes of shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}; "
-                f"its base works at {cfg.base.input_size}^3 and refines {cfg.factor}x"
-            )
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},) (one step per volume), got {tuple(t.shape)}")
+    # the base's contract at S_hi: the same shape and step checks and messages
+    check_input = PRDiT.check_input
 
     def base_prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The base's [eps_lo, x0_lo] (B, 2C, S_lo^3) on the nearest-downsampled x."""

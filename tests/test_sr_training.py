@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import randomize_
+from test_training import _all_tensors
 
 from prdit_fast.checkpoint import load_checkpoint, read_checkpoint
 from prdit_fast.cli import main
@@ -137,15 +138,6 @@ def test_stage3b_puts_the_base_in_its_own_parameter_group(tmp_path, base_ckpt):
     after = trainer.model.base.state_dict()
     assert not torch.equal(after["fine.blocks.0.attn.qkv.weight"], start["base.fine.blocks.0.attn.qkv.weight"])
     assert torch.equal(after["coarse.mlp_denoise.mlp1.fc1_g.weight"], start["base.coarse.mlp_denoise.mlp1.fc1_g.weight"])
-
-
-def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = read_checkpoint(path)
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
-    for pid, state in ckpt["optimizer"]["state"].items():
-        out.update({f"opt.{pid}.{k}": v for k, v in state.items()})
-    return out
 
 
 def test_stage3_resume_is_bit_exact(tmp_path, base_ckpt):
