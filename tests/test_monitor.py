@@ -76,3 +76,34 @@ def test_wandb_enabled_but_missing_is_one_clear_error(tmp_path, capsys):
 def test_plot_without_a_log_is_a_usage_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "log.jsonl" in capsys.readouterr().err
+
+
+def test_wandb_section_enables_wandb(tmp_path, monkeypatch):
+    """The official ``wandb:`` section drives wandb.init / log / finish (a stand-in module
+    records the calls; the real package is an optional dependency)."""
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, sorted(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or Run()
+    fake.Image = lambda picture: ("image", picture.shape)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = config(tmp_path / "run", eval_every=2)
+    cfg["wandb"] = {"enable": True, "project": "prdit", "entity": "lab", "tags": "lidc, s1"}
+    train(cfg)
+    init = calls[0][1]
+    assert calls[0][0] == "init" and init["project"] == "prdit" and init["entity"] == "lab"
+    assert init["tags"] == ["lidc", "s1"] and init["config"]["model"]["name"] == "PRDiT-XS/10/0"
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged if "loss" in c[2]] == [1, 2]
+    assert any("val_loss" in c[2] for c in logged) and any("ema_samples" in c[2] for c in logged)
+    assert calls[-1] == ("finish",)
