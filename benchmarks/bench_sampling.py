@@ -67,6 +67,7 @@ SCHEMA = "prdit-fast-baselines/1"
 STEP_COUNTS = (100, 1000)
 WHOLE_BUDGET_S = 45.0  # per row and whole-sample length, both calls (untimed + timed)
 SINGLE_TIMING = {"warmup": 3, "min_reps": 5, "max_reps": 50, "budget_s": 2.0}
+FORWARD_TIMESTEP = 500
 CPU_SINGLE_TIMING = {"warmup": 1, "min_reps": 1, "max_reps": 2, "budget_s": 0.0}  # structure, not figures
 # the profiler's dispatcher entry on the CPU, not a kernel: the op under it names the kernel
 _DISPATCH_OPS = {"aten::scaled_dot_product_attention"}
@@ -140,11 +141,13 @@ def attention_kernels(run: Callable[[], Any], device: torch.device) -> list[str]
     return sorted(n for n in names - _DISPATCH_OPS if _profile_step.categorize(n, triton_names) == "attention")
 
 
-def attention_label(kernels: list[str], depth: int) -> str:
+def attention_label(kernels: list[str], depth: int, graphs: bool = False) -> str:
+    """Short label of the attention kernels of one call; ``graphs``: the call replays CUDA
+    graphs (compile max-autotune), where seeing no attention kernel proves nothing."""
     if depth == 0:
         return "none (depth 0)"
     if not kernels:
-        return "materialized (no attention kernel)"
+        return "none seen (CUDA graph replay)" if graphs else "materialized (no attention kernel)"
     return "+".join(sorted({short_attention_label(k) for k in kernels}))
 
 
@@ -222,7 +225,9 @@ def baseline_rows(
     shape = (batch, cfg.in_channels) + (size,) * 3
     generator = torch.Generator(device).manual_seed(0)
     x_fixed = 0.5 * torch.randn(shape, device=device, generator=generator)
-    t_fixed = torch.randint(0, 1000, (batch,), device=device, generator=generator)
+    # laid out as the engine passes t (one step for the batch, expanded): a compiled network
+    # called both ways would otherwise be built twice
+    t_fixed = torch.tensor([FORWARD_TIMESTEP], device=device).expand(batch)
     with tf32(False), torch.no_grad():
         truth = model(x_fixed, t_fixed)
     fast_dtype = torch.float32 if cpu else torch.bfloat16
@@ -292,7 +297,9 @@ def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, 
         out["dtype"] = "bf16 autocast" if spec.autocast_bf16 else ("fp32 tf32" if spec.tf32 else "fp32")
 
     def forward() -> torch.Tensor:
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        # autocast exactly as engine.Sampler enters it (cache off), for the same reason
+        ctx = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype
+               else contextlib.nullcontext())
         with torch.no_grad(), ctx:
             return net(x_fixed, t_fixed)
 
@@ -300,7 +307,7 @@ def _measure(spec, model, cfg, batch, keys, shape, step_counts, whole_budget_s, 
     timing = CPU_SINGLE_TIMING if device.type != "cuda" else SINGLE_TIMING
     out["forward_ms"] = bench.time_call(forward, device, **timing).median_ms
     out["attention_kernels"] = attention_kernels(forward, device)
-    out["attention"] = attention_label(out["attention_kernels"], cfg.depth)
+    out["attention"] = attention_label(out["attention_kernels"], cfg.depth, graphs=spec.compiled)
     if spec.network == "fast" and cfg.depth:
         from prdit_fast.ops.attention_backends import last_backend
 
@@ -431,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda when available)")
     parser.add_argument("--json", help="write the result here (rewritten after every row)")
     args = parser.parse_args(argv)
+    if args.device is None and not torch.cuda.is_available():
+        print("bench_sampling.py: no CUDA GPU; skipped (pass --device cpu with a tiny --variant / --size for a "
+              "CPU run of its structure)")
+        return 0
     try:
         device = resolve_device(args.device)
     except RuntimeError as err:

@@ -100,6 +100,22 @@ def _gemm_cases() -> list[Case]:
     ]
 
 
+def _epilogue_cases() -> list[Case]:
+    from prdit_fast.ops import gated_residual_gemm as gr
+
+    M, hidden = BATCH * TOKENS, 768  # PRDiT-B: attn.proj is hidden x hidden, mlp.fc2 4 hidden x hidden
+    pointers = {"a_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "gate_ptr": "*fp32", "res_ptr": "*fp32",
+                "out_ptr": "*fp32"}
+
+    def case(name, K):
+        ints = dict(M=M, N=hidden, K=K, n_tokens=TOKENS, stride_am=K, stride_wn=K, stride_gb=hidden,
+                    stride_rm=hidden, stride_om=hidden)
+        kernel = gr._gated_residual_gemm_kernel
+        return Case(name, _jit(kernel), kernel.configs, pointers, ints, constexprs={"DOT_PRECISION": "tf32"})
+
+    return [case("gated residual attn.proj", hidden), case("gated residual mlp.fc2", 4 * hidden)]
+
+
 def _copy_cases() -> list[Case]:
     from prdit_fast.ops import unfold as uf
 
@@ -183,7 +199,7 @@ def _config_text(config) -> str:
 def check(first_only: bool = False, log=print) -> list[dict]:
     """One row per (case, config): resources and a verdict ("ok", "spills", "over shared memory")."""
     rows = []
-    for case in _gemm_cases() + _copy_cases():
+    for case in _gemm_cases() + _epilogue_cases() + _copy_cases():
         for rank, config in enumerate(case.configs[:1] if first_only else case.configs):
             row = {"kernel": case.name, "config": _config_text(config), "first": rank == 0}
             row.update(resources(compile_for_sm90(case, config)))

@@ -13,9 +13,9 @@
 #   baselines  benchmarks/bench_sampling.py: official / reference SDPA (TF32, bf16, compile
 #              max-autotune) / ours eager / ours with CUDA graphs; single steps, network calls,
 #              whole 100- and 1000-step samples, attention kernel per row, MFU
+#   fp8        benchmarks/bench_fp8.py: e4m3 GEMMs vs bf16, step time, 1000-step samples against bf16
 #   swiglu     benchmarks/bench_ops_swiglu.py: fused vs cuBLAS-composed local denoiser
-#   epilogue   benchmarks/bench_ops_epilogue.py: the fused gate + residual GEMM epilogue
-#   fp8        benchmarks/bench_fp8.py: e4m3 GEMMs vs bf16, and 1000-step samples against bf16
+#   epilogue   benchmarks/bench_ops_epilogue.py: the gate + residual GEMM epilogue vs today's composition
 #   memory     pytest benchmarks/bench_ops_memory.py: unfold / fold / unpatchify / sampler update
 # Results are merged after every stage, so a stage cut off by its cap (or a killed command)
 # keeps what the earlier ones measured. $OUT (default ./gpu_out) receives at most 8 files:
@@ -40,7 +40,7 @@ START=$(date +%s)
 BUDGET=${SESSION_BUDGET_S:-525}
 MIN_STAGE_S=${MIN_STAGE_S:-15}
 REPORT_RESERVE_S=10
-STAGES=${STAGES:-native tests profile baselines swiglu memory}
+STAGES=${STAGES:-native tests profile baselines fp8 swiglu epilogue memory}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
@@ -57,7 +57,7 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 # the caps below sum past the budget on purpose: later stages get what the earlier ones leave
-declare -A CAP=([native]=60 [tests]=130 [profile]=60 [baselines]=270 [swiglu]=60 [epilogue]=40 [fp8]=90 [memory]=45)
+declare -A CAP=([native]=45 [tests]=130 [profile]=60 [baselines]=270 [fp8]=90 [swiglu]=60 [epilogue]=40 [memory]=45)
 
 stage_command() {
   case "$1" in

@@ -18,7 +18,7 @@ from benchmarks import bench_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STAGES = ["native", "tests", "profile", "baselines", "swiglu", "memory"]
+STAGES = ["native", "tests", "profile", "baselines", "fp8", "swiglu", "epilogue", "memory"]
 OUT_FILES = {"session.log", "tests.log", "profile.md", "profile.json", "results.json", "summary.md"}
 
 
@@ -44,16 +44,16 @@ def test_dry_run_runs_every_stage_in_order_and_prints_the_summary(dry_run):
         expected = "skipped" if stage["stage"] in ("native", "swiglu", "memory") else "ok"  # GPU-only stages
         assert stage["status"].startswith(expected), stage
     summary = (out / "summary.md").read_text()
-    assert "| stage | status | s | cap s |" in summary and "## Baselines" in summary
+    for heading in ("| stage | status | s | cap s |", "## Baselines", "## One fast step", "## fp8", "## epilogue"):
+        assert heading in summary
     assert summary.strip().splitlines()[-1] in done.stdout  # printed last, for the run tool's output tail
 
 
 def test_dry_run_writes_at_most_eight_plain_files(dry_run):
     _, out, _ = dry_run
     names = {p.name for p in out.iterdir()}
-    assert names <= OUT_FILES | {"epilogue.json", "fp8.json"} and len(names) <= 8, names
+    assert names == OUT_FILES and len(names) <= 8, names
     assert all(p.is_file() for p in out.iterdir())
-    assert OUT_FILES <= names
 
 
 def test_dry_run_baseline_rows_are_labelled(dry_run):
@@ -96,6 +96,7 @@ def test_attention_labels():
     assert sampling.attention_label([], depth=4) == "materialized (no attention kernel)"
     assert sampling.attention_label(["fmha_x", "flash_fwd_y"], depth=4) == "flash+mem-efficient"
     assert sampling.attention_label([], depth=0) == "none (depth 0)"
+    assert sampling.attention_label([], depth=4, graphs=True) == "none seen (CUDA graph replay)"
 
 
 def test_ratios_are_within_the_run_and_skip_failed_rows():
@@ -109,3 +110,14 @@ def test_ratios_are_within_the_run_and_skip_failed_rows():
         sampling.baseline_rows(rows=("fastest",), device="cpu")
     with pytest.raises(ValueError, match="increasing"):
         sampling.baseline_rows(step_counts=(1000, 100), device="cpu")
+
+
+def test_dry_run_fp8_and_epilogue_stages(dry_run):
+    _, _, result = dry_run
+    fp8 = result["fp8"]
+    assert [s["dtype"] for s in fp8["steps"]] == ["bf16", "fp8"]
+    assert {g["gemm"] for g in fp8["gemms"]} >= {"qkv", "proj", "fc1", "fc2", "final"}
+    (volume,) = fp8["accuracy"]["per_volume"]  # one whole sample in each dtype from the same key
+    assert 0 < volume["rmse_hu"] < 2000 and volume["psnr_hu_db"] > 0
+    for row in result["epilogue"]["rows"]:  # the interpreter's fp32 epilogue GEMM agrees with the composition
+        assert row["x_rel_rms"] < 1e-5 and row["y_rel_rms"] < 1e-5, row
