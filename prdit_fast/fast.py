@@ -76,14 +76,13 @@ from .ops import (
 )
 from .ops.attention_backends import ATTENTION_BACKENDS
 from .ops.derived import DerivedWeights
-from .ops.dispatch import per_op_impl, resolve
+from .ops.dispatch import GEMM, per_op_impl, resolve
 from .ops.fp8_linear import E4M3, fp8_linear, fp8_unsupported, quantize_e4m3
 from .sr import PRDiTSR
 from .sr_fast import FastPRDiTSR
 from .state_dict import infer_architecture, strip_wrapper_prefixes
 
-# float8_e4m3fn: the transformer's and the patch embedder's GEMMs in FP8 with per-row
-# scales (inference only), everything else in bf16
+# float8_e4m3fn: the GEMMs in FP8 with per-row scales (inference only), the rest in bf16
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, E4M3)
 # the ops a FastPRDiT forward runs, whose implementation ``impl`` chooses (attention has
 # its own ``attention`` choice of library)
@@ -164,8 +163,18 @@ class FastPRDiT(nn.Module):
         weight quantized once per row (cached), x per row on the way (``ops.fp8_linear``)."""
         if self.gemm_dtype != E4M3:
             return F.linear(x, *self._linear(name, layer))
-        weight_q, weight_scale = self._derived.get(name + ".e4m3", (layer.weight,), lambda: quantize_e4m3(layer.weight))
+        weight_q, weight_scale = self._quantized(name + ".e4m3", layer.weight)
         bias = self._cast(name + ".bias", layer.bias)
+        return fp8_linear(x, weight_q, weight_scale, bias, out_dtype=self.dtype, impl=self._impls["fp8_linear"])
+
+    def _quantized(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e4m3 weight, per-row scales) of ``weight``, cached under ``name``."""
+        return self._derived.get(name, (weight,), lambda: quantize_e4m3(weight))
+
+    def _denoiser_fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` for the local denoiser's GEMMs in FP8: its weights (compute-dtype casts
+        and the [Wg; Wx] concatenation, each a cached tensor) quantized once, keyed by storage."""
+        weight_q, weight_scale = self._quantized(f"denoiser.e4m3@{weight.data_ptr():x}", weight)
         return fp8_linear(x, weight_q, weight_scale, bias, out_dtype=self.dtype, impl=self._impls["fp8_linear"])
 
     def _gemm_gelu(self, name: str, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -223,7 +232,11 @@ class FastPRDiT(nn.Module):
         if self.dtype != module.linear_final.weight.dtype:
             module = self._compute_dtype_denoiser()
             c_coarse = c_coarse.to(self.dtype)
-        return local_denoiser(tokens, c_coarse, module, impl=self._impls["local_denoiser"])
+        impl = self._impls["local_denoiser"]
+        if self.gemm_dtype == E4M3 and resolve("local_denoiser", impl, [tokens, c_coarse]) == GEMM:
+            # FP8 GEMMs in the cuBLAS-composed form; the other forms keep 16-bit GEMMs
+            return local_denoiser(tokens, c_coarse, module, impl=GEMM, linear=self._denoiser_fp8_linear)
+        return local_denoiser(tokens, c_coarse, module, impl=impl)
 
     def _compute_dtype_denoiser(self) -> nn.Module:
         """A LocalDenoiser whose parameter slots hold the (cached) compute-dtype casts of
@@ -316,9 +329,10 @@ def accelerate(
         possibly DDP-wrapped); for the latter a reference PRDiT is built whose parameters
         ARE the module's parameter tensors.
     dtype: compute dtype of the GEMMs and attention (bf16, fp16 or fp32), or
-        ``torch.float8_e4m3fn``: the transformer's and patch embedder's GEMMs in FP8 with
-        per-row scales on a GPU with FP8 tensor cores (sm_89+), the rest in bf16; inference
-        only (``prdit_fast.ops.fp8_linear``).
+        ``torch.float8_e4m3fn``: the GEMMs of the transformer, the patch embedder and (in its
+        cuBLAS-composed "gemm" form, the 16-bit CUDA default) the local denoiser in FP8 with
+        per-row scales on a GPU with FP8 tensor cores (sm_89+), everything else in bf16;
+        inference only (``prdit_fast.ops.fp8_linear``).
     attention: 'auto' or a backend of ``prdit_fast.ops.attention_backends``.
     input_size: volume edge S; needed only for a foreign module whose size cannot be read
         from it (a depth-0 model without ``config`` / ``input_size`` / ``pos_embed``).

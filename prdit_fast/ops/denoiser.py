@@ -32,6 +32,8 @@ impl="auto" runs "gemm" for 16-bit CUDA tokens and "triton" elsewhere Triton run
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -62,27 +64,35 @@ def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
     return derived_for(block).get(FC1, (wg, wx, bg, bx), lambda: (torch.cat([wg, wx]), torch.cat([bg, bx])))
 
 
-def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU) -> torch.Tensor:
-    """norm(SiLU(fc1_g(m)) * fc1_x(m)), fc2's input: one cuBLAS GEMM and one Triton pass."""
-    gu = F.linear(m, *_concat_fc1(block))  # (B, N, 2D)
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU, linear: Linear) -> torch.Tensor:
+    """norm(SiLU(fc1_g(m)) * fc1_x(m)), fc2's input: one GEMM and one Triton pass."""
+    gu = linear(m, *_concat_fc1(block))  # (B, N, 2D)
     return swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, impl="triton")
 
 
-def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
+def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser,
+                         linear: Linear | None) -> torch.Tensor:
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     B, N, D = tokens.shape
     x = tokens.contiguous()
     m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, impl="triton")
     mlp1, mlp2 = module.mlp1, module.mlp2
-    h = F.linear(_gemm_swiglu_hidden(m, mlp1), mlp1.fc2.weight, mlp1.fc2.bias)
+    gemm = linear or F.linear
+    h = gemm(_gemm_swiglu_hidden(m, mlp1, gemm), mlp1.fc2.weight, mlp1.fc2.bias)
     m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, impl="triton")
     # fc2 of mlp2 takes the residual as its GEMM's accumulator input, so h2 + x costs no
     # pass of its own; fc2's bias joins the shift: (u + b2)(1 + sc3) + sh3, u = x + hid W2^T
-    hidden = _gemm_swiglu_hidden(m, mlp2).view(B * N, D)
-    u = torch.addmm(x.view(B * N, D), hidden, mlp2.fc2.weight.t()).view(B, N, D)
+    hidden = _gemm_swiglu_hidden(m, mlp2, gemm).view(B * N, D)
+    if linear is None:
+        u = torch.addmm(x.view(B * N, D), hidden, mlp2.fc2.weight.t()).view(B, N, D)
+    else:  # a GEMM that takes no accumulator input (FP8): the residual is one add
+        u = x + linear(hidden, mlp2.fc2.weight, None).view(B, N, D)
     gain = 1.0 + sc3
     z = torch.addcmul(torch.addcmul(sh3, gain, mlp2.fc2.bias).unsqueeze(1), u, gain.unsqueeze(1))
-    return module.linear_final(z)
+    return gemm(z, module.linear_final.weight, module.linear_final.bias)
 
 
 def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
@@ -133,6 +143,7 @@ def local_denoiser(
     c_coarse: torch.Tensor,
     module: LocalDenoiser,
     impl: str = "auto",
+    linear: Linear | None = None,
 ) -> torch.Tensor:
     """``module(tokens, c_coarse)`` computed with Triton kernels (and cuBLAS).
 
@@ -141,7 +152,10 @@ def local_denoiser(
     (B, N, s^3 Cout). impl: "triton" (fused Triton GEMMs), "gemm" (cuBLAS GEMMs +
     Triton memory passes), "torch" (the reference module) or "auto" ("gemm" for 16-bit
     CUDA tokens, "triton" elsewhere Triton runs, else "torch"; ``prdit_fast.ops.dispatch``).
-    An explicit "triton" or "gemm" that cannot run raises.
+    An explicit "triton" or "gemm" that cannot run raises. linear: the GEMM of the "gemm"
+    form, ``linear(x, weight, bias or None)`` like ``F.linear`` (None: cuBLAS, with the
+    residual as mlp2.fc2's accumulator input); the FP8 backend passes its e4m3 GEMM. Only
+    the "gemm" form takes one: ValueError where another form would run.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -156,6 +170,9 @@ def local_denoiser(
     chosen = TORCH if N == 0 else resolve("local_denoiser", impl, tensors, dtype_refusal(tensors))
     if chosen == TORCH:
         return module(tokens, c_coarse)
+    if linear is not None and chosen != GEMM:
+        raise ValueError(f"local_denoiser: a custom linear runs in the 'gemm' form only; these inputs run "
+                         f"{chosen!r} (pass impl='gemm' where Triton runs)")
     if chosen == GEMM:
-        return _gemm_local_denoiser(tokens, c_coarse, module)
+        return _gemm_local_denoiser(tokens, c_coarse, module, linear)
     return _LocalDenoiserFunction.apply(tokens, c_coarse, module, names, *params)
