@@ -19,7 +19,7 @@ Three parts, all timed with ``prdit_fast.bench.time_call``:
   this measures how far the FP8 path drifts from bf16, not sample quality: the
   evaluation metrics on a trained checkpoint are what decides FP8.
 
-On the CPU (``--tiny``) FP8 runs through the dequantized reference (``kernels="torch"``) on
+On the CPU (``--tiny``) FP8 runs through the dequantized reference (``impl="torch"``) on
 PRDiT-XS/10/2 at 16^3: every figure is a CPU figure.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def gemm_shapes(cfg) -> list[tuple[str, int, int]]:
 def gemm_rows(cfg, rows: int, device: torch.device, timing: dict) -> list[dict[str, Any]]:
     from prdit_fast.ops.fp8_linear import fp8_linear, quantize_e4m3
 
-    backend = "auto" if device.type == "cuda" else "torch"
+    impl = "auto" if device.type == "cuda" else "torch"
     out = []
     for name, K, N in gemm_shapes(cfg):
         x = torch.randn(rows, K, device=device, dtype=torch.bfloat16)
@@ -62,7 +62,7 @@ def gemm_rows(cfg, rows: int, device: torch.device, timing: dict) -> list[dict[s
         row: dict[str, Any] = {"gemm": name, "M": rows, "K": K, "N": N}
         with torch.no_grad():
             row["bf16_ms"] = bench.time_call(lambda: F.linear(x, w, b), device, **timing).median_ms
-            row["fp8_ms"] = bench.time_call(lambda: fp8_linear(x, w_q, w_scale, b, backend=backend), device,
+            row["fp8_ms"] = bench.time_call(lambda: fp8_linear(x, w_q, w_scale, b, impl=impl), device,
                                             **timing).median_ms
             if device.type == "cuda":
                 x_q, x_scale = quantize_e4m3(x)
@@ -102,19 +102,19 @@ def fp8_rows(variant: str = "PRDiT-B/12/4", size: int = 128, batch: int = 4, ste
     else:
         model = bench.randomized_model(bench.variant_name(variant), size).to(device)
     cfg = model.config
-    kernels = "torch" if cpu else "auto"
+    impl = "torch" if cpu else "auto"
     result: dict[str, Any] = {
         "schema": SCHEMA, **bench.environment(device),
         "label": "CPU results (not GPU figures)" if cpu else "GPU",
         "settings": {"variant": cfg.name, "size": size, "batch": batch, "steps": steps, "volumes": volumes,
                      "weights": checkpoint or "random N(0, 0.02) (drift from bf16, not sample quality)",
-                     "kernels": kernels, "scales": "per row (activations per token, weights per output channel)"},
+                     "impl": impl, "scales": "per row (activations per token, weights per output channel)"},
     }
     result["gemms"] = gemm_rows(cfg, batch * cfg.num_tokens, device, timing)
 
     engines = {}
     for label, dtype in (("bf16", torch.bfloat16), ("fp8", E4M3)):
-        net = accelerate(model, dtype=dtype, kernels=kernels)
+        net = accelerate(model, dtype=dtype, impl=impl)
         engine = Sampler(net, batch, steps, "pc", k=2, cuda_graph=not cpu)
         if not engine.cuda_graph:  # a captured engine is warm and holds x_T of key 0 already
             engine.sample(keys_for(0, range(batch)))

@@ -62,7 +62,7 @@ def epilogue_rows(batch: int = 4, tokens: int = 4096, hidden: int = 768,
             return gated_residual_layernorm_modulate(x, gate, branch, shift, scale, 1e-6, dtype)
 
         def epilogue():
-            x_new = gated_residual_linear(a, weight, bias, gate, x, backend="triton")
+            x_new = gated_residual_linear(a, weight, bias, gate, x, impl="triton")
             return x_new, layernorm_modulate(x_new, shift, scale, 1e-6, dtype)
 
         with torch.no_grad():
@@ -72,7 +72,7 @@ def epilogue_rows(batch: int = 4, tokens: int = 4096, hidden: int = 768,
             for label, fn in (("composed", composed), ("epilogue", epilogue),
                               ("cublas_gemm", lambda: F.linear(a, weight, bias)),
                               ("epilogue_gemm", lambda: gated_residual_linear(a, weight, bias, gate, x,
-                                                                              backend="triton"))):
+                                                                              impl="triton"))):
                 row[f"{label}_ms"] = bench.time_call(fn, device, **timing).median_ms
         flop = 2.0 * M * K * hidden
         for label in ("cublas_gemm", "epilogue_gemm"):

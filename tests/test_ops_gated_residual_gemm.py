@@ -30,7 +30,7 @@ def test_forward_and_backward_match_the_reference(B, T, K, N, device):
     inputs = _inputs(B, T, K, N, device)
     grad_out = torch.randn(B, T, N, device=device)
     results = []
-    for fn in (lambda *x: gated_residual_linear(*x, backend="triton"), gated_residual_linear_reference):
+    for fn in (lambda *x: gated_residual_linear(*x, impl="triton"), gated_residual_linear_reference):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         out = fn(*leaves)
         out.backward(grad_out)
@@ -45,7 +45,7 @@ def test_every_row_is_written_and_samples_get_their_own_gate(device):
     # gate 0 for sample 0, 1 for sample 1: sample 0's rows are exactly the residual
     a, weight, bias, gate, residual = _inputs(2, 19, 32, 24, device)
     gate = torch.stack([torch.zeros(24, device=device), torch.ones(24, device=device)])
-    out = gated_residual_linear(a, weight, bias, gate, residual, backend="triton")
+    out = gated_residual_linear(a, weight, bias, gate, residual, impl="triton")
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], residual[0])
     assert rel_rms(out[1], residual[1] + torch.nn.functional.linear(a[1], weight, bias)) < TOLERANCE
@@ -64,6 +64,6 @@ def test_bad_input_says_what_is_expected():
 @requires_cuda
 def test_bf16_on_gpu():
     a, weight, bias, gate, residual = _inputs(4, 4096, 768, 768, "cuda", torch.bfloat16)
-    out = gated_residual_linear(a, weight, bias, gate, residual, backend="triton")
+    out = gated_residual_linear(a, weight, bias, gate, residual, impl="triton")
     ref = gated_residual_linear_reference(a.float(), weight.float(), bias.float(), gate, residual)
     assert rel_rms(out, ref) < 2e-2

@@ -9,6 +9,7 @@ implementation runs (``impl="auto" | "torch" | "triton"``, and "gemm" for the lo
     adaptive_swiglu            swiglu.py          the adaptive SwiGLU as fused GEMMs
     swiglu_gate_layernorm      swiglu_gate.py     SiLU gate + LayerNorm between cuBLAS GEMMs
     local_denoiser             denoiser.py        the whole local denoiser
+    gated_residual_linear      gated_residual_gemm.py  x + gate * (a W^T + b) in one GEMM's epilogue
     attention                  attention_backends.py   flash-attn / cuDNN / SDPA / xformers / math
     sampler_update, initial_noise, step_noise   sampling.py   the sampler step with Philox noise
     sr_assemble                sr_assemble.py     PRDiT-SR: upsampled base prediction + head tokens
@@ -17,6 +18,7 @@ from .adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate, 
 from .attention_backends import attention
 from .denoiser import local_denoiser
 from .dispatch import ImplUnavailable, default_impl, resolve
+from .gated_residual_gemm import gated_residual_linear
 from .sampling import initial_noise, sampler_update, step_noise
 from .sr_assemble import sr_assemble
 from .swiglu import adaptive_swiglu
@@ -34,6 +36,7 @@ __all__ = [
     "adaptive_swiglu",
     "swiglu_gate_layernorm",
     "local_denoiser",
+    "gated_residual_linear",
     "attention",
     "sampler_update",
     "initial_noise",

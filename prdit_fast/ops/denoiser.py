@@ -168,11 +168,11 @@ def local_denoiser(
     names, params = zip(*module.named_parameters())
     tensors = [tokens, c_coarse, *params]
     chosen = TORCH if N == 0 else resolve("local_denoiser", impl, tensors, dtype_refusal(tensors))
-    if chosen == TORCH:
-        return module(tokens, c_coarse)
     if linear is not None and chosen != GEMM:
         raise ValueError(f"local_denoiser: a custom linear runs in the 'gemm' form only; these inputs run "
                          f"{chosen!r} (pass impl='gemm' where Triton runs)")
+    if chosen == TORCH:
+        return module(tokens, c_coarse)
     if chosen == GEMM:
         return _gemm_local_denoiser(tokens, c_coarse, module, linear)
     return _LocalDenoiserFunction.apply(tokens, c_coarse, module, names, *params)

@@ -54,6 +54,7 @@ OP_IMPLS: dict[str, tuple[str, ...]] = {
     "step_noise": (TORCH, TRITON),
     "fp8_linear": (TORCH, GEMM),
     "sr_assemble": (TORCH, TRITON),
+    "gated_residual_linear": (TORCH, TRITON),
 }
 # ops whose "gemm" is cuBLAS alone (no Triton pass): only the op's own refusal can stop it
 _GEMM_WITHOUT_TRITON = ("fp8_linear",)

@@ -9,8 +9,8 @@ and stores the fp32 sum, so the branch output never reaches memory.
 
     gated_residual_linear(a, weight, bias, gate, residual) -> residual + gate[:, None] * (a W^T + bias)
 
-``backend="torch"`` (and "auto" wherever Triton cannot run) is the plain-torch reference
-``gated_residual_linear_reference``. The backward is the reference's own gradient,
+``impl="torch"`` (and "auto" wherever Triton cannot run: ``prdit_fast.ops.dispatch``) is
+the plain-torch reference ``gated_residual_linear_reference``. The backward is the reference's own gradient,
 computed in plain torch from the saved inputs (the forward kernel has no backward).
 Whether the fast backend's DiT blocks use it (against the cuBLAS GEMM + the fused
 residual-LayerNorm pass they use now) is decided by ``benchmarks/bench_ops_epilogue.py``
@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prdit_fast.ops.adaptive_swiglu import _dot_precision, triton_usable
 from prdit_fast.ops.common import autotune_configs, triton_importable
+from prdit_fast.ops.dispatch import TORCH, resolve
+from prdit_fast.ops.swiglu import _dot_precision, dtype_refusal
 
 if triton_importable():
     import triton
@@ -135,10 +136,11 @@ class _GatedResidualLinear(torch.autograd.Function):
 
 
 def gated_residual_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor,
-                          residual: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                          residual: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """residual + gate[:, None] * (a W^T + bias) with the gate and the residual in the GEMM's
     epilogue: a (B, T, K), weight (N, K), bias (N,) in one compute dtype; gate (B, N) and
-    residual (B, T, N) fp32 -> (B, T, N) fp32. backend: "auto", "triton" or "torch"."""
+    residual (B, T, N) fp32 -> (B, T, N) fp32. impl: "auto", "triton" (raises where it
+    cannot run) or "torch" (``prdit_fast.ops.dispatch``)."""
     if a.dim() != 3 or weight.dim() != 2 or a.shape[2] != weight.shape[1]:
         raise ValueError(f"a must be (B, T, K) and weight (N, K) with the same K; got {tuple(a.shape)} "
                          f"and {tuple(weight.shape)}")
@@ -149,6 +151,8 @@ def gated_residual_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                          f"{tuple(bias.shape)}, {tuple(gate.shape)} and {tuple(residual.shape)}")
     if gate.dtype != torch.float32 or residual.dtype != torch.float32:
         raise ValueError(f"gate and residual must be fp32, got {gate.dtype} and {residual.dtype}")
-    if B * T == 0 or not triton_usable(backend, [a, weight, bias], "gated_residual_linear"):
+    tensors = [a, weight, bias]
+    chosen = TORCH if B * T == 0 else resolve("gated_residual_linear", impl, tensors, dtype_refusal(tensors))
+    if chosen == TORCH:
         return gated_residual_linear_reference(a, weight, bias, gate, residual)
     return _GatedResidualLinear.apply(a, weight, bias, gate, residual)
