@@ -66,7 +66,8 @@ stage_command() {
       command -v nvcc >/dev/null && command -v cmake >/dev/null || { echo "skip: nvcc or cmake missing"; return 0; }
       bash kernels/build.sh ;;
     tests)
-      local select=${PYTEST_ARGS:-tests}
+      # tests/test_gpu_session.py is this script's own CPU dry run: no GPU check, minutes of CPU
+      local select=${PYTEST_ARGS:-tests --ignore=tests/test_gpu_session.py}
       local parallel=()
       [ "$DRY_RUN" = 1 ] && select=${PYTEST_ARGS:-tests/test_reference_attention.py}
       python3 -c "import xdist" 2>/dev/null && [ "$DRY_RUN" != 1 ] && parallel=(-n 8 --dist loadfile)
@@ -113,8 +114,8 @@ for stage in $STAGES; do
     (( cap > left )) && cap=$left
     echo "== $stage (cap ${cap}s) ==" | tee -a "$LOG"
     begin=$(date +%s)
-    # setsid + timeout: the whole stage (pytest workers, compile workers) dies at its cap
-    timeout -k 10 "$cap" bash -c "$(declare -f stage_command); $(declare -p DRY_RUN OUT WORK DEVICE TINY TINY_FLAG); stage_command $stage" >>"$LOG" 2>&1
+    # the whole stage (pytest workers, compile workers) dies at its cap; a failing test fails the stage
+    timeout -k 10 "$cap" bash -c "set -o pipefail; $(declare -f stage_command); $(declare -p DRY_RUN OUT WORK DEVICE TINY TINY_FLAG); stage_command $stage" >>"$LOG" 2>&1
     rc=$?
     seconds=$(( $(date +%s) - begin ))
     case $rc in
