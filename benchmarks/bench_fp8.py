@@ -25,7 +25,6 @@ PRDiT-XS/10/2 at 16^3: every figure is a CPU figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from prdit_fast import bench
+from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 
 SCHEMA = "prdit-fast-fp8/1"
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.json:
-        from prdit_fast.atomic import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(args.json, result)
     print("\n".join(result["summary"]))
     return 0
 

@@ -19,7 +19,6 @@ on the CPU every figure is a CPU figure and the Triton kernels run interpreted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from prdit_fast import bench
+from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 
 SCHEMA = "prdit-fast-epilogue/1"
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.tokens, args.hidden = 2, 9, 24
     result = epilogue_rows(args.batch, args.tokens, args.hidden, args.device)
     if args.json:
-        from prdit_fast.atomic import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(args.json, result)
     print("\n".join(result["summary"]))
     return 0
 

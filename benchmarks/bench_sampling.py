@@ -52,15 +52,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from benchmarks import profile_step as _profile_step  # its kernel categories
 from prdit_fast import bench
+from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 
 SCHEMA = "prdit-fast-baselines/1"
@@ -415,13 +414,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    from prdit_fast.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="PRDiT-B/12/4")
@@ -448,14 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"device must be 'cpu' or 'cuda[:N]': {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; pass --device cpu for a CPU run")
-    on_row = (lambda result: write_json(result, args.json)) if args.json else None
+    on_row = (lambda result: write_json(args.json, result)) if args.json else None
     try:
         result = baseline_rows(args.variant, args.size, args.batch_size, tuple(args.rows), tuple(args.steps),
                                args.whole_budget, device, args.compile_mode, on_row=on_row, sr_size=args.sr_size)
     except ValueError as err:
         parser.error(str(err))
     if args.json:
-        write_json(result, args.json)
+        write_json(args.json, result)
     print(format_table(result))
     return 0
 

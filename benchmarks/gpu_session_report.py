@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.bench_sampling import format_table as baselines_table
 from prdit_fast import bench
-from prdit_fast.atomic import atomic_path
+from prdit_fast.atomic import atomic_path, write_json
 
 SCHEMA = "prdit-fast-gpu-session/1"
 STAGE_FILES = {"baselines": "baselines.json", "swiglu": "swiglu.json", "epilogue": "epilogue.json",
@@ -122,8 +122,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def write(result: dict[str, Any], work: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out / "results.json", result)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(to_markdown(result))
     for suffix in ("md", "json"):

@@ -10,6 +10,7 @@ writes when it starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -80,3 +81,9 @@ def remove_stale_temps(
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON at ``path`` (values JSON cannot hold written as ``str``), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
