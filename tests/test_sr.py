@@ -191,3 +191,19 @@ def test_info_describes_the_wrapper(capsys):
     assert sr["head"]["tokens"] == 32768 and sr["head"]["token_dim"] == 1728
     assert cli.main(["info", "--variant", "PRDiT-B/12/4", "--size", "128", "--sr-size", "200"]) == 2
     assert "multiple" in capsys.readouterr().err
+
+
+def test_info_describes_an_sr_checkpoint(tmp_path, capsys):
+    import json
+
+    from prdit_fast import cli
+
+    model = tiny_sr(randomize=False)
+    path = save_checkpoint(tmp_path / "sr.pt", model)
+    assert cli.main(["info", "--ckpt", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["variant"] == BASE and out["model"]["input_size"] == LO  # the base
+    sr = out["sr"]
+    assert sr["variant"] == f"PRDiT-SR({BASE})" and (sr["base_input_size"], sr["input_size"]) == (LO, HI)
+    assert sr["parameters"] == count_parameters(model)
+    assert sr["gflop_per_step"] * 1e9 == pytest.approx(flops_per_step(model.config))

@@ -57,14 +57,18 @@ def sr_summary(name: str, size: int, sr_size: int) -> dict[str, Any]:
     from prdit_fast.sr import create_sr_model
 
     with torch.device("meta"):
-        model = create_sr_model(create_model(name, size), sr_size)
+        return sr_model_summary(create_sr_model(create_model(name, size), sr_size))
+
+
+def sr_model_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter counts and per-step cost of a PRDiT-SR wrapper (``prdit_fast.sr.PRDiTSR``)."""
     cfg = model.config
     parts = flops_breakdown(cfg)
     head = cfg.head
     return {
         "variant": cfg.name,
-        "input_size": sr_size,
-        "base_input_size": size,
+        "input_size": cfg.input_size,
+        "base_input_size": cfg.base.input_size,
         "parameters": count_parameters(model),
         "head_parameters": sum(p.numel() for p in model.head_parameters()),
         "head": {"hidden": cfg.hidden, "patch": cfg.patch, "stride": cfg.stride, "pad": cfg.pad,
@@ -109,11 +113,17 @@ def config_summary(cfg: PRDiTConfig) -> dict[str, Any]:
 
 
 def checkpoint_summary(path: str) -> dict[str, Any]:
-    """``config_summary`` of the network in a checkpoint file, plus which weights it holds."""
+    """``config_summary`` of the network in a checkpoint file, plus which weights it holds;
+    for a PRDiT-SR checkpoint that of its base, with the wrapper's under ``sr``."""
     from prdit_fast.checkpoint import load_checkpoint
+    from prdit_fast.sr import PRDiTSR
 
     model = load_checkpoint(path)
-    summary = config_summary(model.config)
+    if isinstance(model, PRDiTSR):
+        summary = config_summary(model.base.config)
+        summary["sr"] = sr_model_summary(model)
+    else:
+        summary = config_summary(model.config)
     summary["checkpoint"] = str(path)
     summary["weights"] = model.checkpoint_weights
     return summary
@@ -188,9 +198,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.ckpt:
             summary = checkpoint_summary(args.ckpt)
+            sr = summary.pop("sr", None)
         else:
             summary = variant_summary(args.variant, args.size, args.out_channels)
-        sr = sr_summary(args.variant, args.size, args.sr_size) if args.sr_size is not None else None
+            sr = sr_summary(args.variant, args.size, args.sr_size) if args.sr_size is not None else None
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -224,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     if sr is not None:
         h = sr["head"]
         print(
-            f"{sr['variant']} {args.size}^3 -> {sr['input_size']}^3: {sr['parameters']:,} parameters "
+            f"{sr['variant']} {sr['base_input_size']}^3 -> {sr['input_size']}^3: {sr['parameters']:,} parameters "
             f"({sr['head_parameters']:,} in the head), {_gflop(sr['gflop_per_step'])} GFLOP per step per volume "
             f"(base {_gflop(sr['gflop_base'])}, head {_gflop(sr['gflop_head'])}: {h['tokens']} tokens of width "
             f"{h['token_dim']}, patch {h['patch']}, stride {h['stride']}, pad {h['pad']})"
