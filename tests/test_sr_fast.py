@@ -173,10 +173,9 @@ def test_gpu_bf16_close_to_fp32_reference_and_graph_capture():
 def test_sampling_baselines_run_the_wrapper_on_cpu():
     """benchmarks/bench_sampling.py --sr-size in a tiny configuration: the official loop and
     the fast backend both sample the wrapper (CPU figures: structure, not performance)."""
-    from prdit_fast import bench
+    from benchmarks import bench_sampling as sampling
     from prdit_fast.flops import flops_per_step
 
-    sampling = bench._benchmarks_module("bench_sampling")
     result = sampling.baseline_rows("PRDiT-XS/10/1", LO, batch=1, rows=("official", "fast-eager"), step_counts=(2,),
                                     device="cpu", peak_matmul_edge=64, sr_size=HI)
     assert result["settings"]["variant"] == "PRDiT-SR(PRDiT-XS/10/1)" and result["settings"]["size"] == HI
