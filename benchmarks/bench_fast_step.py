@@ -26,7 +26,7 @@ import torch
 
 from prdit_fast.devices import resolve_device
 
-STEP_BACKENDS = ("eager-fp32", "tf32", "bf16-autocast", "compile", "fast")
+STEP_SETUPS = ("eager-fp32", "tf32", "bf16-autocast", "compile", "fast")
 
 
 def _inputs(cfg, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ def step_rows(
     variant: str = "PRDiT-B/12/4",
     size: int = 128,
     batch: int = 4,
-    backends: tuple[str, ...] = STEP_BACKENDS,
+    backends: tuple[str, ...] = STEP_SETUPS,
     compile_mode: str = "max-autotune",
     device: str | torch.device = "cuda",
 ) -> dict:
@@ -48,13 +48,14 @@ def step_rows(
     speedup_vs_compile}]}; a backend that fails gets its error text instead of numbers."""
     from prdit_fast import bench
     from prdit_fast.flops import flops_per_step
+    from prdit_fast.testing import randomized_model
 
     device = resolve_device(device)
     peak = bench.measure_matmul_peak(device, 8192, torch.bfloat16)["tflops"]
-    model = bench.randomized_model(variant, size).to(device)
+    model = randomized_model(variant, size).to(device)
     flop = flops_per_step(model.config) * batch
     x, t = _inputs(model.config, batch, device)
-    by_name = {b.name: b for b in bench.BACKENDS}
+    by_name = {b.name: b for b in bench.SETUPS}
     with bench.numerics(by_name["eager-fp32"]), torch.no_grad():
         truth = model(x, t)
     rows = []
@@ -63,7 +64,7 @@ def step_rows(
         row: dict = {"backend": name, "description": backend.description}
         try:
             with bench.numerics(backend), torch.no_grad():
-                prepared = bench.PreparedBackend(backend, model, device, compile_mode)
+                prepared = bench.PreparedSetup(backend, model, device, compile_mode)
                 out = prepared.forward(x, t).float().clone()
                 row["rel_rms_error"] = ((out - truth).pow(2).mean().sqrt() / truth.pow(2).mean().sqrt()).item()
                 timing = bench.time_call(lambda: prepared.forward(x, t), device, warmup=3, min_reps=5, budget_s=3.0)
@@ -108,9 +109,10 @@ def format_table(result: dict) -> str:
 def test_bench_fast_step(benchmark, cuda_device, roofline):
     from prdit_fast import bench
     from prdit_fast.flops import flops_per_step
+    from prdit_fast.testing import randomized_model
 
-    backends = STEP_BACKENDS if os.environ.get("PRDIT_BENCH_COMPILE") == "1" else tuple(
-        b for b in STEP_BACKENDS if b != "compile"
+    backends = STEP_SETUPS if os.environ.get("PRDIT_BENCH_COMPILE") == "1" else tuple(
+        b for b in STEP_SETUPS if b != "compile"
     )
     result = step_rows(backends=backends, device=cuda_device)
     print("\n" + format_table(result))
@@ -119,8 +121,8 @@ def test_bench_fast_step(benchmark, cuda_device, roofline):
     assert "error" not in fast_row, fast_row.get("error")
     assert fast_row["rel_rms_error"] < 3e-2  # bf16 vs the fp32 reference
 
-    model = bench.randomized_model("PRDiT-B/12/4", 128).to(cuda_device)
-    fast = bench.PreparedBackend(next(b for b in bench.BACKENDS if b.name == "fast"), model, cuda_device, "default")
+    model = randomized_model("PRDiT-B/12/4", 128).to(cuda_device)
+    fast = bench.PreparedSetup(next(b for b in bench.SETUPS if b.name == "fast"), model, cuda_device, "default")
     x, t = _inputs(model.config, 4, cuda_device)
 
     def step():
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_fast_step: needs a CUDA GPU; skipped")
         return 0
-    backends = tuple(b for b in STEP_BACKENDS if not (args.no_compile and b == "compile"))
+    backends = tuple(b for b in STEP_SETUPS if not (args.no_compile and b == "compile"))
     result = step_rows(args.variant, args.size, args.batch, backends, args.compile_mode)
     print(format_table(result))
     if args.json:

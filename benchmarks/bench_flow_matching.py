@@ -205,7 +205,7 @@ def run(variant: str = VARIANT, size: int = SIZE, batch: int = 1, steps: int = S
             row["status"] = "ok"
             row["peak_memory_gib"] = bench.peak_memory_gib(device)
         except Exception as err:  # one failing row must not hide the rest
-            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench._fmt_error(err)}"
+            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench.error_line(err)}"
         result[kind].append(row)
         if spec.compiled:
             torch.compiler.reset()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from prdit_fast import bench
 from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
+from prdit_fast.testing import randomized_model
 
 SCHEMA = "prdit-fast-fp8/1"
 GPU_TIMING = {"warmup": 3, "min_reps": 5, "max_reps": 50, "budget_s": 0.5}
@@ -100,7 +101,7 @@ def fp8_rows(variant: str = "PRDiT-B/12/4", size: int = 128, batch: int = 4, ste
 
         model = load_checkpoint(checkpoint, map_location=device, input_size=size).eval()
     else:
-        model = bench.randomized_model(bench.variant_name(variant), size).to(device)
+        model = randomized_model(bench.variant_name(variant), size).to(device)
     cfg = model.config
     impl = "torch" if cpu else "auto"
     result: dict[str, Any] = {

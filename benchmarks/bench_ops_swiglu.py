@@ -24,34 +24,12 @@ import sys
 import torch
 
 from prdit_fast.atomic import atomic_path
+from prdit_fast.bench import time_call
+from prdit_fast.testing import randomize_, rel_rms
 
 
-def _time_ms(fn, warmup: int = 5, rep: int = 30) -> float:
-    """Median milliseconds per call, CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    # A fresh PRDiT is zero in places (spec section 12); timings should see real data.
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, p.shape[1] ** -0.5 if p.dim() == 2 else 0.1)
-    return module
-
-
-def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+def _median_ms(fn) -> float:
+    return time_call(fn, torch.device("cuda"), warmup=5, min_reps=30, max_reps=30).median_ms
 
 
 def run(batch: int, tokens: int, dim: int) -> dict:
@@ -81,15 +59,15 @@ def run(batch: int, tokens: int, dim: int) -> dict:
     big = 8192
     a = torch.randn(big, big, device=dev, dtype=torch.bfloat16)
     b = torch.randn(big, big, device=dev, dtype=torch.bfloat16)
-    record("cuBLAS bf16 matmul 8192^3 (peak)", _time_ms(lambda: a @ b), 2 * big**3)
+    record("cuBLAS bf16 matmul 8192^3 (peak)", _median_ms(lambda: a @ b), 2 * big**3)
     a = torch.randn(M, dim, device=dev, dtype=torch.bfloat16)
     w = torch.randn(dim, dim, device=dev, dtype=torch.bfloat16)
-    record(f"cuBLAS bf16 matmul {M}x{dim}x{dim}", _time_ms(lambda: a @ w.t()), 2 * M * dim * dim)
+    record(f"cuBLAS bf16 matmul {M}x{dim}x{dim}", _median_ms(lambda: a @ w.t()), 2 * M * dim * dim)
     peak = max(rows[0]["tflops"], rows[1]["tflops"])
     del a, b, w
 
     swiglu_flops = 3 * 2 * M * dim * dim
-    block = _randomize_(SwiGLU(dim)).to(dev)
+    block = randomize_(SwiGLU(dim)).to(dev)
     x = torch.randn(batch, tokens, dim, device=dev)
     shift, scale = 0.5 * torch.randn(batch, dim, device=dev), 0.5 * torch.randn(batch, dim, device=dev)
     block16 = SwiGLU(dim).to(dev).bfloat16()
@@ -97,56 +75,56 @@ def run(batch: int, tokens: int, dim: int) -> dict:
     x16, shift16, scale16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
     compiled = torch.compile(reference_adaptive_swiglu)
     with torch.no_grad():
-        record("adaptive SwiGLU eager fp32", _time_ms(lambda: reference_adaptive_swiglu(x, shift, scale, block)),
+        record("adaptive SwiGLU eager fp32", _median_ms(lambda: reference_adaptive_swiglu(x, shift, scale, block)),
                swiglu_flops)
         record("adaptive SwiGLU eager bf16",
-               _time_ms(lambda: reference_adaptive_swiglu(x16, shift16, scale16, block16)), swiglu_flops)
+               _median_ms(lambda: reference_adaptive_swiglu(x16, shift16, scale16, block16)), swiglu_flops)
         record("adaptive SwiGLU torch.compile bf16",
-               _time_ms(lambda: compiled(x16, shift16, scale16, block16)), swiglu_flops)
+               _median_ms(lambda: compiled(x16, shift16, scale16, block16)), swiglu_flops)
         record("adaptive SwiGLU fused fp32",
-               _time_ms(lambda: adaptive_swiglu(x, shift, scale, block, impl="triton")), swiglu_flops)
+               _median_ms(lambda: adaptive_swiglu(x, shift, scale, block, impl="triton")), swiglu_flops)
         record("adaptive SwiGLU fused bf16",
-               _time_ms(lambda: adaptive_swiglu(x16, shift16, scale16, block16, impl="triton")), swiglu_flops)
+               _median_ms(lambda: adaptive_swiglu(x16, shift16, scale16, block16, impl="triton")), swiglu_flops)
         fused_swiglu = rows[-1]["tflops"]
         rows16, params16 = x16.view(M, dim), swiglu_params(block16)
         stats16 = chunk_moments(rows16)
         for fold in (True, False) if tiles_within_samples(tokens, torch.bfloat16) else (False,):
             form = "folded" if fold else "prologue"
-            record(f"adaptive SwiGLU fused bf16, fc1 {form}", _time_ms(lambda fold=fold: fused_adaptive_swiglu_rows(
+            record(f"adaptive SwiGLU fused bf16, fc1 {form}", _median_ms(lambda fold=fold: fused_adaptive_swiglu_rows(
                 rows16, stats16, tokens, shift16, scale16, params16, 1e-6, block16.norm.eps,
                 fold_modulation=fold)), swiglu_flops)
         wg, bg, wx, bx = params16[:4]
         gain = 1.0 + scale16.float()
-        fold_ms = _time_ms(lambda: (folded_norm_linear(wg, bg, gain, shift16), folded_norm_linear(wx, bx, gain, shift16)))
+        fold_ms = _median_ms(lambda: (folded_norm_linear(wg, bg, gain, shift16), folded_norm_linear(wx, bx, gain, shift16)))
         fold_bytes = 2 * (batch + 1) * dim * dim * 2
         results["fc1_fold_ms"] = fold_ms
         print(f"{'per-sample fold of fc1_g + fc1_x':48s} {fold_ms:9.3f} ms {fold_bytes / fold_ms / 1e6:8.1f} GB/s")
         truth = reference_adaptive_swiglu(x, shift, scale, block)
         results["swiglu_bf16_rel_err_vs_fp32"] = {
-            "fused": _rel_err(adaptive_swiglu(x16, shift16, scale16, block16, impl="triton"), truth),
-            "eager": _rel_err(reference_adaptive_swiglu(x16, shift16, scale16, block16), truth),
+            "fused": rel_rms(adaptive_swiglu(x16, shift16, scale16, block16, impl="triton"), truth),
+            "eager": rel_rms(reference_adaptive_swiglu(x16, shift16, scale16, block16), truth),
         }
     results["swiglu_fraction_of_peak"] = fused_swiglu / peak
     print(f"bf16 relative error vs fp32 eager: {results['swiglu_bf16_rel_err_vs_fp32']}")
 
     out_dim = 8**3 * 2
-    module = _randomize_(LocalDenoiser(dim, out_dim)).to(dev).bfloat16()
+    module = randomize_(LocalDenoiser(dim, out_dim)).to(dev).bfloat16()
     c16 = torch.randn(batch, dim, device=dev, dtype=torch.bfloat16)
     denoiser_flops = 6 * 2 * M * dim * dim + 2 * M * dim * out_dim
     compiled_module = torch.compile(module)
     with torch.no_grad():
-        record("local denoiser eager bf16", _time_ms(lambda: module(x16, c16)), denoiser_flops)
-        compiled_ms = _time_ms(lambda: compiled_module(x16, c16))
+        record("local denoiser eager bf16", _median_ms(lambda: module(x16, c16)), denoiser_flops)
+        compiled_ms = _median_ms(lambda: compiled_module(x16, c16))
         record("local denoiser torch.compile bf16", compiled_ms, denoiser_flops)
-        fused_ms = _time_ms(lambda: local_denoiser(x16, c16, module, impl="triton"))
+        fused_ms = _median_ms(lambda: local_denoiser(x16, c16, module, impl="triton"))
         record("local denoiser fused bf16", fused_ms, denoiser_flops)
-        gemm_ms = _time_ms(lambda: local_denoiser(x16, c16, module, impl="gemm"))
+        gemm_ms = _median_ms(lambda: local_denoiser(x16, c16, module, impl="gemm"))
         record("local denoiser gemm-path bf16", gemm_ms, denoiser_flops)
         truth = module.float()(x16.float(), c16.float())
         module.bfloat16()
         results["denoiser_bf16_rel_err_vs_fp32"] = {
-            impl: _rel_err(local_denoiser(x16, c16, module, impl="triton", impl=impl), truth)
-            for impl in ("fused", "gemm")
+            impl: rel_rms(local_denoiser(x16, c16, module, impl=impl), truth)
+            for impl in ("triton", "gemm")
         }
     print(f"local denoiser bf16 relative error vs fp32: {results['denoiser_bf16_rel_err_vs_fp32']}")
     results["denoiser_speedup_vs_compile"] = compiled_ms / fused_ms

@@ -61,6 +61,7 @@ from benchmarks import profile_step as _profile_step  # its kernel categories
 from prdit_fast import bench
 from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
+from prdit_fast.testing import randomized_model
 
 SCHEMA = "prdit-fast-baselines/1"
 STEP_COUNTS = (100, 1000)
@@ -213,7 +214,7 @@ def baseline_rows(
     cpu = device.type != "cuda"
     variant = bench.variant_name(variant)
     peak = bench.measure_matmul_peak(device, peak_matmul_edge or (256 if cpu else 8192), torch.bfloat16)
-    model = bench.randomized_model(variant, size)
+    model = randomized_model(variant, size)
     if sr_size is not None:
         model = randomized_sr_model(model, sr_size)
         size = sr_size
@@ -261,7 +262,7 @@ def baseline_rows(
             row["mfu"] = row["tflops"] / peak["tflops"]
             row["peak_memory_gib"] = bench.peak_memory_gib(device)
         except Exception as err:  # one failing row (OOM, compile error) must not hide the rest
-            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench._fmt_error(err)}"
+            row["status"] = "OOM" if bench.is_out_of_memory(err) else f"error: {bench.error_line(err)}"
         result["rows"].append(row)
         _add_ratios(result["rows"])
         if on_row is not None:

@@ -3,7 +3,7 @@
     python -m benchmarks.profile_step --out $OUT                 # PRDiT-B/12/4, 128^3, batch 4, bf16 (GPU)
     python -m benchmarks.profile_step --variant B/12/12 --batch 1 --steps 3 --out $OUT --trace
 
-Builds ``bench.randomized_model(variant, size)`` on the device, wraps it with
+Builds ``randomized_model(variant, size)`` on the device, wraps it with
 ``accelerate(model, dtype)`` and drives it with the sampling engine
 (``engine.Sampler(fast, batch, steps, cuda_graph=False)``): one step is exactly what the
 engine's CUDA graph captures (``forward_tokens`` + the fused predictor-corrector update),
@@ -190,6 +190,7 @@ def profile_step(
     from prdit_fast.flops import flops_breakdown, flops_per_step
     from prdit_fast.models import variant_config
     from prdit_fast.ops.attention_backends import last_backend
+    from prdit_fast.testing import randomized_model
 
     try:
         device = resolve_device(device)
@@ -211,7 +212,7 @@ def profile_step(
 
     env = bench.environment(device, argv)
     peak = bench.measure_matmul_peak(device, MATMUL_PEAK_N, torch.bfloat16) if device.type == "cuda" else None
-    model = bench.randomized_model(variant, size).to(device)
+    model = randomized_model(variant, size).to(device)
     fast = accelerate(model, dtype=DTYPES[dtype], impl=impl)
     sampler = Sampler(fast, batch, steps, "pc", k=2, cuda_graph=False)
     sampler.sample(keys_for(0, range(batch)))  # x_T and the sampler's buffers; runs `steps` steps

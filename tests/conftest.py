@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prdit_fast.testing import interpret_without_gpu
+from prdit_fast.testing import interpret_without_gpu, randomize_, rel_rms  # noqa: F401 (tests import these from here)
 
 interpret_without_gpu()  # before Triton is first imported
 
@@ -26,25 +26,6 @@ def _restore_tf32():
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter random, scaled to keep activations O(1): a fresh PRDiT is zero in
-    places (spec section 12), so implementations must be compared on randomized weights."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return module
-
-
-def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative RMS error ||a - ref|| / ||ref||, in float64."""
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def meta_shadow(module: torch.nn.Module, *init_args) -> torch.nn.Module:

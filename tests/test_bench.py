@@ -17,6 +17,7 @@ from conftest import requires_cuda
 
 from prdit_fast import bench
 from prdit_fast.cli import main
+from prdit_fast.testing import randomized_model
 
 # --------------------------------------------------------------------------- #
 # End to end on the CPU
@@ -63,7 +64,7 @@ def test_quick_cpu_json_is_labelled_cpu_with_required_keys(quick_run):
     assert result["peaks"]["matmul"]["tflops"] > 0 and result["peaks"]["copy"]["gbps"] > 0
 
     status = {b["name"]: b for b in result["backends"]}
-    assert set(status) == set(bench.BACKEND_NAMES)
+    assert set(status) == set(bench.SETUP_NAMES)
     assert status["eager-fp32"]["status"] == status["bf16-autocast"]["status"] == "run"
     for skipped in ("tf32", "compile", "fast", "fast-cudagraph"):
         assert status[skipped]["status"] == "skipped" and status[skipped]["reason"]
@@ -212,25 +213,25 @@ def test_an_oom_is_recorded_per_cell_and_the_run_goes_on(monkeypatch):
     def oom(self, batch, steps):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 GiB")
 
-    monkeypatch.setattr(bench.PreparedBackend, "sampling_run", oom)
-    base = bench.randomized_model("XS/12/0", 16)
+    monkeypatch.setattr(bench.PreparedSetup, "sampling_run", oom)
+    base = randomized_model("XS/12/0", 16)
     timing = {"warmup": 1, "min_reps": 1, "max_reps": 1, "budget_s": 0.0}
-    row = bench.bench_cell(base, bench.BACKENDS[0], 1, torch.device("cpu"), _cpu_options(train=False), timing)
+    row = bench.bench_cell(base, bench.SETUPS[0], 1, torch.device("cpu"), _cpu_options(train=False), timing)
     assert row["sample_status"] == "OOM" and "sample_step_ms" not in row
     assert row["train_status"] == "skipped (--no-train)"
 
     def broken(self, batch, steps):
         raise ValueError("kernel exploded")
 
-    monkeypatch.setattr(bench.PreparedBackend, "sampling_run", broken)
-    row = bench.bench_cell(base, bench.BACKENDS[0], 1, torch.device("cpu"), _cpu_options(), timing)
+    monkeypatch.setattr(bench.PreparedSetup, "sampling_run", broken)
+    row = bench.bench_cell(base, bench.SETUPS[0], 1, torch.device("cpu"), _cpu_options(), timing)
     assert row["sample_status"] == "ValueError: kernel exploded"
     assert row["train_status"] == "ok" and row["train_samples_per_s"] > 0  # training still measured
 
 
 def test_capacity_search_runs_real_trials_within_its_time_bound():
-    base = bench.randomized_model("XS/12/0", 16)
-    c = bench.capacity_search(base, bench.BACKENDS[0], torch.device("cpu"), budget_s=-1)
+    base = randomized_model("XS/12/0", 16)
+    c = bench.capacity_search(base, bench.SETUPS[0], torch.device("cpu"), budget_s=-1)
     # one real trial at batch 1 fits, then the (negative) time bound stops the search
     assert c["max_batch"] == 1 and c["tried"] == {"1": True}
     assert c["status"] == "ok" and c["bounded_by"].startswith("time")
@@ -286,5 +287,5 @@ def test_default_output_is_outside_the_source_tree(tmp_path, monkeypatch):
     assert main(["bench", "--quick", "--device", "cpu"]) == 0
     assert seen["out"] == str(tmp_path / "data" / "prdit_fast" / "bench")
     monkeypatch.delenv("XDG_DATA_HOME")
-    repo = Path(bench.__file__).resolve().parent.parent
+    repo = Path(bench.__file__).resolve().parents[2]
     assert repo not in Path(bench_cmd.default_out()).resolve().parents

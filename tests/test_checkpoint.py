@@ -15,7 +15,7 @@ from prdit_fast.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from prdit_fast.bench import randomized_model
+from prdit_fast.testing import randomized_model
 from prdit_fast.models import create_model
 from conftest import requires_cuda
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from prdit_fast.bench import randomized_model
+from prdit_fast.testing import randomized_model
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import Sampler, keys_for, volume_to_tokens
 from prdit_fast.models import unpatchify

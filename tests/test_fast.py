@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from conftest import requires_cuda
 
-from prdit_fast.bench import randomized_model
+from prdit_fast.testing import randomized_model, rel_max, rel_rms
 from prdit_fast.fast import FastPRDiT, accelerate
 from prdit_fast.models import unpatchify
 
@@ -23,14 +23,6 @@ FP32_TOL = 1e-4
 
 # the reference LocalDenoiser inside FastPRDiT (the fused one has its own tests), every other op "auto"
 REFERENCE_DENOISER = {"local_denoiser": "torch"}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
-def rms_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12)).item()
 
 
 def outputs_and_grads(model: nn.Module, trainable: list[nn.Parameter], x: torch.Tensor, t: torch.Tensor):
@@ -51,10 +43,10 @@ def assert_matches_reference(variant: str, size: int, batch: int = 2, impl: str 
     out_f, grads_f = outputs_and_grads(fst, trainable, x, t)
     assert out_f.dtype == torch.float32 and out_f.shape == (batch, 2, size, size, size)
     assert out_r.abs().max() > 1e-3  # randomized weights: a non-trivial output
-    assert rel_err(out_f, out_r) < FP32_TOL
+    assert rel_max(out_f, out_r) < FP32_TOL
     names = ["x"] + [n for n, p in ref.named_parameters() if p.requires_grad]
     for name, gf, gr in zip(names, grads_f, grads_r):
-        assert rel_err(gf, gr) < FP32_TOL, name
+        assert rel_max(gf, gr) < FP32_TOL, name
 
 
 @pytest.mark.parametrize(
@@ -84,7 +76,7 @@ def test_state_dict_and_shared_parameters():
     fst.load_state_dict(other.state_dict(), strict=True)
     x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([500])
     with torch.no_grad():
-        assert rel_err(fst(x, t), other(x, t)) < FP32_TOL
+        assert rel_max(fst(x, t), other(x, t)) < FP32_TOL
         assert torch.equal(ref(x, t), other(x, t))  # it loaded into the shared parameters
 
 
@@ -146,7 +138,7 @@ def test_accelerate_foreign_module_shares_parameters():
     assert all(a is b for a, b in zip(fst.parameters(), ref.parameters()))
     x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([300])
     with torch.no_grad():
-        assert rel_err(fst(x, t), ref(x, t)) < FP32_TOL
+        assert rel_max(fst(x, t), ref(x, t)) < FP32_TOL
     again = accelerate(fst, dtype=torch.float32, attention="math", impl=REFERENCE_DENOISER)  # re-wrapping keeps the sharing
     assert again.attention == "math" and all(a is b for a, b in zip(again.parameters(), ref.parameters()))
 
@@ -183,11 +175,11 @@ def test_bf16_matches_fp32_reference_on_gpu(variant, size):
     out_r, grads_r = outputs_and_grads(ref, trainable, x, t)
     out_f, grads_f = outputs_and_grads(fst, trainable, x, t)
     assert out_f.dtype == torch.float32
-    assert rms_err(out_f, out_r) < 3e-2
+    assert rel_rms(out_f, out_r) < 3e-2
     for gf, gr in zip(grads_f, grads_r):
-        assert rms_err(gf, gr) < 5e-2
+        assert rel_rms(gf, gr) < 5e-2
     with torch.no_grad():  # inference path (cached bf16 weights) gives the same output
-        assert rms_err(fst(x, t), out_f) < 1e-2
+        assert rel_rms(fst(x, t), out_f) < 1e-2
 
 
 @requires_cuda

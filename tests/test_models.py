@@ -20,14 +20,7 @@ from prdit_fast.models import (
     unpatchify,
     variant_config,
 )
-
-
-def randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Spec 12: a fresh model is exactly zero, so comparisons need random weights."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
+from prdit_fast.testing import randomize_
 
 
 # --------------------------------------------------------------------------- sizes
@@ -215,7 +208,7 @@ def reference_forward(sd: dict, cfg: PRDiTConfig, x: torch.Tensor, t: torch.Tens
 
 @pytest.mark.parametrize("name, channels", [("XS/10/0", 1), ("XS/10/2", 1), ("XS/10/1", 2)])
 def test_forward_matches_the_spec_transcription(name, channels):
-    model = randomize(create_model(name, 16, in_channels=channels))
+    model = randomize_(create_model(name, 16, in_channels=channels), std=0.05)
     x = torch.randn(2, channels, 16, 16, 16)
     t = torch.tensor([3, 870])
     with torch.no_grad():

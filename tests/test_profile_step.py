@@ -15,7 +15,6 @@ import torch
 from conftest import requires_cuda
 
 from benchmarks import profile_step
-from prdit_fast import bench
 from prdit_fast.flops import flops_per_step
 from prdit_fast.models import variant_config
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from prdit_fast.bench import BACKEND_NAMES, BenchOptions, run_benchmark
+from prdit_fast.bench import SETUP_NAMES, BenchOptions, run_benchmark
 
 
 def default_out() -> str:
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", type=int, metavar="S", help="volume edges (default: 64 128 256)")
     parser.add_argument("--batch", nargs="+", type=int, metavar="B",
                         help="batch sizes per cell (default: 4 at 128^3 scaled by volume, max 16; 1 at 256^3; 1 on CPU)")
-    parser.add_argument("--backends", nargs="+", metavar="NAME", choices=BACKEND_NAMES,
-                        help=f"backends to run (default: all that exist here): {', '.join(BACKEND_NAMES)}; "
+    parser.add_argument("--backends", nargs="+", metavar="NAME", choices=SETUP_NAMES,
+                        help=f"backends to run (default: all that exist here): {', '.join(SETUP_NAMES)}; "
                              f"eager-fp32 always runs as the reference")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
-
 
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:

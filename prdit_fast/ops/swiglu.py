@@ -220,6 +220,28 @@ if triton_importable():
             tl.store(s_ptrs + stride_out_plane, g_m2, mask=s_mask)
 
     @triton.jit
+    def _dot_k_step(a, w, w2_ptrs, k_mask, acc, acc2, GATED: tl.constexpr, EVEN_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+        """One K step: acc += a w, and with GATED acc2 += a w2 on the same A tile (w2 loaded here)."""
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            if EVEN_K:
+                w2 = tl.load(w2_ptrs)
+            else:
+                w2 = tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
+            acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+        return acc, acc2
+
+    @triton.jit
+    def _bias_and_gate(acc, acc2, bias_ptr, bias2_ptr, offs_n, GATED: tl.constexpr):
+        """acc + bias, or with GATED the SwiGLU gate SiLU(acc + bias) * (acc2 + bias2), in fp32."""
+        y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        if GATED:
+            up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
+            y = y * tl.sigmoid(y) * up
+        return y
+
+    @triton.jit
     def _normalize_on_load_gemm_kernel(
         a_ptr, stats_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, w2_ptr, bias2_ptr, out_ptr, out_stats_ptr,
         M, N, K, n_tokens, n_samples, eps,
@@ -271,21 +293,12 @@ if triton_importable():
                                      n_tokens, n_samples, stride_cb, MOD_MODE)
                 a = a * scale + shift
             a = a.to(w.dtype)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            if GATED:
-                if EVEN_K:
-                    w2 = tl.load(w2_ptrs)
-                else:
-                    w2 = tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
-                acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
-                w2_ptrs += BLOCK_K
+            acc, acc2 = _dot_k_step(a, w, w2_ptrs, k_mask, acc, acc2, GATED, EVEN_K, DOT_PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
 
-        y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        if GATED:
-            up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
-            y = y * tl.sigmoid(y) * up
+        y = _bias_and_gate(acc, acc2, bias_ptr, bias2_ptr, offs_n, GATED)
         _store_tile(y, out_ptr, out_stats_ptr, pid_m, pid_n, M, N, stride_om, stride_out_plane, stride_out_sm,
                     EMIT_STATS, GROUP, BLOCK_M, BLOCK_N)
 
@@ -333,16 +346,10 @@ if triton_importable():
             else:
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            if GATED:
-                if EVEN_K:
-                    w2 = tl.load(w2_ptrs)
-                else:
-                    w2 = tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
-                acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
-                w2_ptrs += BLOCK_K
+            acc, acc2 = _dot_k_step(a, w, w2_ptrs, k_mask, acc, acc2, GATED, EVEN_K, DOT_PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
 
         if SAMPLE_WEIGHTS:
             # Offset here rather than before the K loop, where it would hold registers.
@@ -354,12 +361,9 @@ if triton_importable():
         if NORMALIZE:
             mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
             acc = _fold_row_mean(acc, mean, rstd, colsum_ptr, offs_n)
-        y = acc + tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        if GATED:
-            if NORMALIZE:
-                acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
-            up = acc2 + tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
-            y = y * tl.sigmoid(y) * up
+        if GATED and NORMALIZE:
+            acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
+        y = _bias_and_gate(acc, acc2, bias_ptr, bias2_ptr, offs_n, GATED)
         if RESIDUAL:
             # the wrapped (always valid) rows and columns of the tile, as in the main loop
             y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]).to(tl.float32)
