@@ -13,14 +13,22 @@ Three kinds of file load with ``load_checkpoint``:
   ``t_embedder_sr.*``, ``sr.mlp_denoise.*``;
 * our own format, written by ``save_checkpoint``: a torch file holding
   ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "process":
-  "ian" | "flow_matching", "model": ..., "ema": ... (optional), "extra": ... (optional)}``,
-  or a ``.safetensors`` file with the same config and process as metadata and the EMA
-  weights under an ``ema.`` prefix.
+  "ian" | "flow_matching", "diffusion": {"noise_std": ...} (IaN), "model": ..., "ema": ...
+  (optional), "extra": ... (optional)}``, or a ``.safetensors`` file with the same config,
+  process and diffusion as metadata and the EMA weights under an ``ema.`` prefix.
 
 The process follows the network's head, as in the official code: ``out_channels`` = 2C
 is IaN, = C flow matching (spec section 14); an official config gives it as
 ``config["model"]["out_channels"]`` (absent: 2C), a bare state dict by the shape of
 ``linear_final``. The loaded model's ``config.process`` says which.
+
+The normalization (``PRDiTConfig.norm``: "layer" PRDiT, "rms" the TF-PRDiT reconstruction
+prior of spec section 15) comes from the config: ours records it, an official config's
+``DiT-...`` name selects "rms". Both variants have the same state-dict names and shapes,
+so the weights cannot tell them apart: ``load_checkpoint`` refuses a requested variant or
+norm that contradicts the file. The IaN noise scale travels with the weights
+(``diffusion.noise_std``; files without it: 1.0 for "rms", 0.5 for "layer", as the two
+official works) and is returned as the loaded model's ``noise_std``.
 
 Files are always read with ``torch.load(..., weights_only=True)``: nothing in a
 checkpoint can run code.
@@ -39,7 +47,8 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
-from .models import PRDiT, PRDiTConfig, canonical_name, variant_config
+from .diffusion import default_noise_std
+from .models import NORMS, PRDiT, PRDiTConfig, canonical_name, variant_config
 from .sr import PRDiTSR, SRConfig, build_sr_model, config_from_official_sr, is_official_sr_config
 from .state_dict import infer_architecture, strip_wrapper_prefixes
 
@@ -49,6 +58,9 @@ FORMAT_VERSION = 1
 MODEL_BACKENDS = ("reference", "fast")
 _EMA_PREFIX = "ema."
 _LISTED = 5  # how many offending keys an error message names
+
+
+_NORM_WORDS = {"layer": "PRDiT, LayerNorm", "rms": "TF-PRDiT, RMSNorm"}
 
 
 class CheckpointError(ValueError):
@@ -114,6 +126,8 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         "config": json.loads(meta["config"]),
         "model": {k: v for k, v in tensors.items() if not k.startswith(_EMA_PREFIX)},
     }
+    if "diffusion" in meta:
+        out["diffusion"] = json.loads(meta["diffusion"])
     ema = {k[len(_EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EMA_PREFIX)}
     if ema:
         out["ema"] = ema
@@ -183,6 +197,33 @@ def _parse_config(config: Mapping[str, Any]) -> PRDiTConfig | SRConfig:
     if unknown:
         raise CheckpointError(f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}")
     return PRDiTConfig(**config)
+
+
+def checkpoint_norm(ckpt: Mapping[str, Any]) -> str | None:
+    """The normalization a checkpoint's config declares ("layer" or "rms"), or None when
+    it has no config (a bare state dict: the weights alone cannot tell)."""
+    if ckpt.get("format") == FORMAT:
+        return _network_config(_parse_config(ckpt["config"])).norm
+    if isinstance(ckpt.get("model"), Mapping) and isinstance(ckpt.get("config"), Mapping):
+        return _network_config(_official_config(ckpt["config"])).norm
+    return None
+
+
+def _network_config(cfg: PRDiTConfig | SRConfig) -> PRDiTConfig:
+    """The PRDiT config that fixes the normalization: the config itself, or an SR wrapper's base."""
+    return cfg.base if isinstance(cfg, SRConfig) else cfg
+
+
+def _noise_std(ckpt: Mapping[str, Any], cfg: PRDiTConfig | SRConfig, path: Path) -> float:
+    """The IaN noise scale the weights were trained with: recorded in our format, else the
+    official default of the variant's work."""
+    recorded = ckpt.get("diffusion")
+    if isinstance(recorded, Mapping) and "noise_std" in recorded:
+        value = recorded["noise_std"]
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise CheckpointError(f"{path} records diffusion.noise_std {value!r}; it must be a positive number")
+        return float(value)
+    return default_noise_std(_network_config(cfg).norm)
 
 
 def _weights_and_config(
@@ -281,35 +322,50 @@ def load_checkpoint(
     variant: str | None = None,
     input_size: int | None = None,
     backend: str = "reference",
+    norm: str | None = None,
     **backend_kwargs: Any,
 ) -> nn.Module:
     """Build the network a checkpoint describes and load its weights (``strict=True``).
 
     ema: use the EMA weights when the file has them (what sampling wants), else ``model``.
     map_location: device of the returned model.
-    variant: e.g. 'PRDiT-B/12/4'; required for a bare state dict, otherwise a check
-        (CheckpointError when the file holds another variant).
+    variant: e.g. 'PRDiT-B/12/4' (or the TF-PRDiT 'DiT-B/12/12'); required for a bare
+        state dict, otherwise a check (CheckpointError when the file holds another variant,
+        including the same shapes with the other normalization).
     input_size: volume edge S; required for a bare state dict, otherwise it overrides the
         size the checkpoint was trained at (the weights do not depend on S).
         For a PRDiT-SR checkpoint (spec section 8) ``variant`` names the BASE variant and
         ``input_size`` the target edge; the result is a ``prdit_fast.sr.PRDiTSR``.
     backend: 'reference' returns the PRDiT module (eval mode); 'fast' returns
         ``prdit_fast.fast.accelerate(model, **backend_kwargs)``.
+    norm: "layer" or "rms"; for a bare state dict it overrides what ``variant``'s name
+        implies, otherwise a check (CheckpointError when the file's config says the other).
 
     The returned PRDiT's ``checkpoint_weights`` says which tensors were loaded:
-    'ema', 'model' or 'state dict'.
+    'ema', 'model' or 'state dict'; its ``noise_std`` is the IaN noise scale the weights
+    were trained with (``IaNDiffusion(noise_std=model.noise_std)`` samples them).
     """
     if backend not in MODEL_BACKENDS:
         raise ValueError(f"backend must be one of {MODEL_BACKENDS}, got {backend!r}")
     if backend_kwargs and backend != "fast":
         raise ValueError(f"options {sorted(backend_kwargs)} apply to backend='fast' only")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} ('layer': PRDiT, 'rms': TF-PRDiT), got {norm!r}")
     path = Path(path)
-    requested = canonical_name(variant) if variant is not None else None
-    state, cfg, which = _weights_and_config(read_checkpoint(path, map_location), ema, path)
+    requested = canonical_name(variant, norm) if variant is not None else None
+    ckpt = read_checkpoint(path, map_location)
+    state, cfg, which = _weights_and_config(ckpt, ema, path)
     state = strip_wrapper_prefixes(state)
+    if cfg is not None and norm is not None and _network_config(cfg).norm != norm:
+        raise CheckpointError(
+            f"{path} holds a {cfg.name} checkpoint with norm={_network_config(cfg).norm!r} "
+            f"({_NORM_WORDS[_network_config(cfg).norm]}, per its config), but norm={norm!r} was requested: the same "
+            f"weights under the other normalization compute something else; drop norm= or pass the file's"
+        )
     if isinstance(cfg, SRConfig) or (cfg is None and _SR_MARKER in state):
         model = _load_sr(state, cfg, path, map_location, requested, input_size)
         model.checkpoint_weights = which
+        model.noise_std = _noise_std(ckpt, model.config, path)
         if backend == "fast":
             from .fast import accelerate
 
@@ -342,6 +398,7 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True)
     model.eval()
     model.checkpoint_weights = which
+    model.noise_std = _noise_std(ckpt, cfg, path)
     if backend == "fast":
         from .fast import accelerate  # here: the fast backend imports Triton, slow to start
 
@@ -468,6 +525,7 @@ def save_checkpoint(
     model: nn.Module,
     ema_model: nn.Module | Mapping[str, torch.Tensor] | None = None,
     extra: Mapping[str, Any] | None = None,
+    noise_std: float | None = None,
 ) -> Path:
     """Write ``model`` (a PRDiT, possibly wrapped by DDP / torch.compile) atomically.
 
@@ -476,6 +534,8 @@ def save_checkpoint(
     JSON-serializable. Any other name: a torch file ``{"format", "version", "config",
     "model", "ema"?, "extra"?}`` where ``extra`` may hold tensors (optimizer state, RNG
     states) as long as it loads with ``weights_only=True`` (checked before writing).
+    ``noise_std``: the IaN noise scale the weights were trained with (None: the model's
+    ``noise_std`` from ``load_checkpoint``, else ``default_noise_std`` of its norm).
     Returns the path written.
     """
     path = Path(path)
@@ -486,6 +546,12 @@ def save_checkpoint(
             f"save_checkpoint needs a PRDiT or PRDiT-SR model (with a PRDiTConfig / SRConfig .config), "
             f"got {type(net).__name__}"
         )
+    if noise_std is None:
+        noise_std = getattr(net, "noise_std", None) or default_noise_std(_network_config(cfg).norm)
+    if not noise_std > 0:
+        raise ValueError(f"noise_std must be positive, got {noise_std!r}")
+    # the IaN noise scale; flow matching's noise is N(0, I) by definition
+    diffusion = {"noise_std": float(noise_std)} if cfg.process == "ian" else None
     weights = _cpu_state(net)
     ema_weights = None if ema_model is None else _cpu_state(_unwrap(ema_model) if isinstance(ema_model, nn.Module) else ema_model)
     if ema_weights is not None and set(ema_weights) != set(weights):
@@ -496,6 +562,7 @@ def save_checkpoint(
 
         meta = {
             "format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict()), "process": cfg.process,
+            **({"diffusion": json.dumps(diffusion)} if diffusion else {}),
         }
         if extra is not None:
             try:
@@ -514,7 +581,8 @@ def save_checkpoint(
         return path
 
     payload: dict[str, Any] = {
-        "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "process": cfg.process, "model": weights,
+        "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "process": cfg.process,
+        **({"diffusion": diffusion} if diffusion else {}), "model": weights,
     }
     if ema_weights is not None:
         payload["ema"] = ema_weights

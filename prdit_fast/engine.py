@@ -23,6 +23,10 @@ inside the one captured graph; pc / pc_heun draw their noise at counter n + 1
 
 Where graphs are unavailable (CPU, ``cuda_graph=False``, or a failed capture) the same
 step runs eagerly; the reason is logged to ``logging.getLogger("prdit_fast")``.
+
+``GuidedSampler`` runs the measurement-guided sampler of spec section 15 the same way: the
+guidance gradient (through the loss and its operator only, never the network) and its
+update join the step, inside the same graph when the operator is capturable.
 """
 from __future__ import annotations
 
@@ -32,9 +36,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import NOISE_STD, IaNDiffusion, sampling_grid
+from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
 from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, nfe, solver_step, step_times
-from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise
+from .measurements import Loss, MeasurementOperator, guidance_gradient
+from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise, step_table
 
 log = logging.getLogger("prdit_fast")
 
@@ -150,7 +155,7 @@ class Sampler:
         else:
             self.x0_hat = torch.zeros(shape, device=dev, dtype=torch.float32)
             self.grid_t = torch.tensor(self.timesteps, device=dev, dtype=torch.int64)
-            self.table = build_step_table(self.diffusion, steps, sampler, k, dev)
+            self.table = self._step_table()
 
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_reason = self._prepare(cuda_graph)
@@ -162,21 +167,23 @@ class Sampler:
         # the weight-cast cache must stay off where the step is captured in a graph
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
+    def _network(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The IaN model at the current step: (tokens, residual tokens or None), summed by the update."""
+        t = self.grid_t.index_select(0, self.step).expand(self.batch_size)
+        with torch.no_grad(), self._autocast():
+            if self.uses_token_parts:
+                # the coarse + fine sum happens in the update kernel, in fp32: no pass of its own
+                return self.model.token_parts(self.x, t)
+            # autocast casts what the Linears read; the network's own input must match its weights
+            out = self.model(self.x.to(self.param_dtype), t)
+            return volume_to_tokens(out, self.config.stride), None
+
     def _step(self) -> None:
         """One denoising step on the static buffers; no host input, no host sync."""
         if self.flow:
             self._flow_step()
             return
-        B = self.batch_size
-        t = self.grid_t.index_select(0, self.step).expand(B)
-        with torch.no_grad(), self._autocast():
-            if self.uses_token_parts:
-                # the coarse + fine sum happens in the update kernel, in fp32: no pass of its own
-                tokens, residual = self.model.token_parts(self.x, t)
-            else:
-                # autocast casts what the Linears read; the network's own input must match its weights
-                out = self.model(self.x.to(self.param_dtype), t)
-                tokens, residual = volume_to_tokens(out, self.config.stride), None
+        tokens, residual = self._network()
         # in place (each voxel is read before it is written) and the counter advanced on device
         sampler_update(
             tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
@@ -207,6 +214,10 @@ class Sampler:
             )
             self.x.copy_(x_next)
             self.step.add_(1)
+
+    def _step_table(self) -> torch.Tensor:
+        """(steps, 5) fp32 scalars of the update kernel, on the device."""
+        return build_step_table(self.diffusion, self.steps, self.sampler, self.k, self.device)
 
     # ------------------------------------------------------------------ graph capture
     def _prepare(self, cuda_graph: bool) -> str:
@@ -249,8 +260,8 @@ class Sampler:
     # ------------------------------------------------------------------ sampling
     def _reset(self, keys: torch.Tensor) -> None:
         self.keys.copy_(keys)
-        # flow matching starts from N(0, I), IaN from 0.5 N(0, I)
-        std = 1.0 if self.flow else NOISE_STD
+        # flow matching starts from N(0, I), IaN from noise_std N(0, I) (0.5 PRDiT, 1.0 TF-PRDiT)
+        std = 1.0 if self.flow else self.diffusion.noise_std
         self.x.copy_(initial_noise(self.keys, self.volume_shape, std=std))
         self.step.zero_()
 
@@ -332,3 +343,123 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     if isinstance(dev, torch.device):
         return dev
     return next(model.parameters()).device
+
+
+class GuidedSampler(Sampler):
+    """Measurement-guided sampling (spec section 15, ``IaNDiffusion.sample_guided``) in the engine.
+
+    One step: the network (no gradients), the fused update ``a (x - k h f) + sigma z``, then
+    ``x -= a rho d(i) g`` with ``g = dL/dx0_hat`` through ``loss`` only (the guided update
+    ``a (x - k h f - rho d(i) g) + sigma z`` rearranged), all on static buffers. The
+    gradient is taken at every step, with weight 0 where the schedule has no guidance, so
+    one CUDA graph serves every step. The graph is tried only for a ``MeasurementOperator``
+    whose ``capturable`` is True (a plain callable loss, or an operator that says it is not
+    capturable, runs eagerly with the reason logged).
+
+    loss: a ``MeasurementOperator`` (its measurement shape is found by applying it to a
+    zero volume) or a callable ``(x0_hat, y) -> scalar or (B,)``, which then needs
+    ``observation_shape`` (the shape of one volume's y). ``noise_weight`` scales the
+    corrector noise (the start x_T is ``diffusion.noise_std`` N(0, I)).
+
+    ``sample(keys, y)`` -> (x, x0_hat), each (len(keys), C, S, S, S) fp32; x0_hat of the
+    last model call is the reconstruction.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Loss,
+        batch_size: int,
+        steps: int,
+        k: int,
+        guidance_scale: float,
+        guidance_decay: str = "none",
+        guidance_cutoff: int = 0,
+        noise_weight: float = 1.0,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool = True,
+        diffusion: IaNDiffusion | None = None,
+        observation_shape: Sequence[int] | None = None,
+    ):
+        diffusion = diffusion or IaNDiffusion()
+        # validates the guidance settings with clear errors before anything is allocated
+        self.plan: list[SamplerStep] = diffusion.guided_schedule(
+            steps, k, guidance_scale, guidance_decay, guidance_cutoff, noise_weight
+        )
+        self.loss = loss
+        self.guidance = {
+            "guidance_scale": guidance_scale, "guidance_decay": guidance_decay,
+            "guidance_cutoff": guidance_cutoff, "noise_weight": noise_weight,
+        }
+        device = _model_device(model)
+        cfg = model.config
+        volume = (batch_size, cfg.in_channels) + (cfg.input_size,) * 3
+        if isinstance(loss, MeasurementOperator):
+            loss.to(device)
+            with torch.no_grad():
+                observation_shape = tuple(loss(torch.zeros(volume, device=device)).shape[1:])
+        elif not callable(loss):
+            raise TypeError(f"loss must be a MeasurementOperator or a callable (x0_hat, y) -> scalar, got {type(loss).__name__}")
+        elif observation_shape is None:
+            raise ValueError("a callable loss needs observation_shape= (the shape of one volume's observation y)")
+        self.observation_shape = tuple(observation_shape)
+        self.y = torch.zeros((batch_size, *self.observation_shape), device=device, dtype=torch.float32)
+        # per step: a * rho d(i) where the schedule guides, else 0
+        self.guidance_weight = torch.tensor(
+            [st.a * st.guidance if st.corrector else 0.0 for st in self.plan], device=device, dtype=torch.float32
+        )
+        if cuda_graph and not (isinstance(loss, MeasurementOperator) and loss.capturable):
+            reason = (
+                f"{type(loss).__name__} is not capturable" if isinstance(loss, MeasurementOperator)
+                else "a plain callable loss is not known to be capturable"
+            )
+            log.info("guided sampling runs eagerly: %s (make it a MeasurementOperator with capturable=True)", reason)
+            self._eager_reason = reason
+            cuda_graph = False
+        else:
+            self._eager_reason = None
+        super().__init__(model, batch_size, steps, sampler="pc", k=k, dtype=dtype, cuda_graph=cuda_graph, diffusion=diffusion)
+        if self._eager_reason is not None:
+            self.graph_reason = f"{self._eager_reason}; running eagerly"
+
+    def _step_table(self) -> torch.Tensor:
+        return step_table(self.plan, self.device)
+
+    def _step(self) -> None:
+        tokens, residual = self._network()
+        sampler_update(
+            tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
+            residual=residual, x_out=self.x, x0_out=self.x0_hat, advance=False,
+        )
+        grad = guidance_gradient(self.loss, self.x0_hat, self.y)
+        weight = self.guidance_weight.index_select(0, self.step)  # (1,), read on the device
+        self.x.sub_(grad * weight)
+        self.step.add_(1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        keys: torch.Tensor | Sequence[int],
+        y: torch.Tensor | None = None,
+        callback: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct one volume per key from its observation: y (len(keys), *observation_shape)."""
+        if y is None:
+            raise ValueError("GuidedSampler.sample needs the observations y (one per key)")
+        n = torch.as_tensor(keys).numel()
+        if tuple(y.shape) != (n, *self.observation_shape):
+            raise ValueError(
+                f"y must have shape ({n}, {', '.join(map(str, self.observation_shape))}) (one observation per key), "
+                f"got {tuple(y.shape)}"
+            )
+        self.y[:n].copy_(y)
+        if n < self.batch_size:
+            self.y[n:].copy_(y[-1:].expand(self.batch_size - n, *self.observation_shape))
+        return super().sample(keys, callback)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(self.guidance)
+        out["loss"] = type(self.loss).__name__
+        out["noise_std"] = self.diffusion.noise_std
+        return out

@@ -42,8 +42,9 @@ MLP_RATIO = 4.0
 TIMESTEP_FEATURES = 256
 NUM_TIMESTEPS = 1000
 
-# 'PRDiT-{size}/{p}/{depth}', optionally '-s{stride}' (spec sections 1 and 14)
-_NAME_RE = re.compile(r"^(?:PRDiT-)?(XS|S|B|L|XL)/(\d+)/(\d+)(?:-s(\d+))?$")
+# 'PRDiT-{size}/{p}/{depth}', optionally '-s{stride}' (spec sections 1 and 14); 'DiT-...' is the
+# TF-PRDiT reconstruction prior (spec section 15)
+_NAME_RE = re.compile(r"^(PRDiT-|DiT-)?(XS|S|B|L|XL)/(\d+)/(\d+)(?:-s(\d+))?$")
 # the official registry's variants outside the standard grid: name -> (patch, stride, pad).
 # XS/4/1 is listed there but its grids do not agree; validate_tiling refuses it.
 SPECIAL_VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -52,6 +53,12 @@ SPECIAL_VARIANTS: dict[str, tuple[int, int, int]] = {
 }
 # the released 256^3 line of work (spec section 14), listed by list_models()
 STRIDE16_VARIANTS = ("PRDiT-B/16/0-s16", "PRDiT-B/16/12-s16")
+# The normalization of the four modulated norms (and of the adaLN outputs, spec section 15):
+# "layer" is PRDiT (LayerNorm, eps 1e-6); "rms" is the training-free reconstruction prior
+# TF-PRDiT, whose official registry names are DiT-{size}/{p}/{depth}.
+NORMS = ("layer", "rms")
+RMS_EPS = 1e-5
+_NAME_PREFIX = {"layer": "PRDiT-", "rms": "DiT-"}
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,12 @@ class PRDiTConfig:
     pad: int | None = None  # None: (patch - stride) / 2
     name: str | None = None
     out_channels: int | None = None  # None: 2C (IaN); C: the flow-matching velocity head
+    norm: str = "layer"  # "layer" (PRDiT) or "rms" (TF-PRDiT, spec section 15)
 
     def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS} ('layer': PRDiT, 'rms': TF-PRDiT), got {self.norm!r}")
+        _check_norm(self.norm)
         if self.pad is None:
             object.__setattr__(self, "pad", (self.patch - self.stride) // 2)
         validate_tiling(self.input_size, self.patch, self.stride, self.pad)
@@ -136,25 +147,28 @@ def validate_tiling(input_size: int, patch: int, stride: int, pad: int) -> None:
 
 
 class Variant(NamedTuple):
-    """A parsed variant name: size (XS..XL), patch p, depth, stride s, reflect pad."""
+    """A parsed variant name: size (XS..XL), patch p, depth, stride s, reflect pad, and the
+    norm the name implies ("rms" for the TF-PRDiT names DiT-..., else "layer")."""
 
     size: str
     patch: int
     depth: int
     stride: int
     pad: int
+    norm: str = "layer"
 
     @property
     def name(self) -> str:
-        """The canonical name: 'PRDiT-B/12/4', 'PRDiT-B/16/12-s16', 'PRDiT-XS/4/0'."""
-        base = f"PRDiT-{self.size}/{self.patch}/{self.depth}"
+        """The canonical name: 'PRDiT-B/12/4', 'PRDiT-B/16/12-s16', 'PRDiT-XS/4/0', 'DiT-B/12/12'."""
+        base = f"{_NAME_PREFIX[self.norm]}{self.size}/{self.patch}/{self.depth}"
         special = SPECIAL_VARIANTS.get(f"{self.size}/{self.patch}/{self.depth}")
         official_stride = special[1] if special is not None else STRIDE
         return base if self.stride == official_stride else f"{base}-s{self.stride}"
 
 
 def parse_variant(name: str) -> Variant:
-    """'PRDiT-B/12/4' (or 'B/12/4') -> Variant('B', 12, 4, stride 8, pad 2).
+    """'PRDiT-B/12/4' (or 'B/12/4') -> Variant('B', 12, 4, stride 8, pad 2, norm "layer");
+    'DiT-B/12/12' is the TF-PRDiT RMSNorm variant (norm "rms").
 
     'PRDiT-{size}/{p}/{depth}-s{stride}' sets the stride (pad (p - s) / 2), e.g.
     'PRDiT-B/16/12-s16' (p 16, s 16, pad 0); the official special 'PRDiT-XS/4/0' is p 4,
@@ -162,36 +176,57 @@ def parse_variant(name: str) -> Variant:
     by ``validate_tiling`` when a config is built."""
     m = _NAME_RE.match(name.strip()) if isinstance(name, str) else None
     if m is not None:
-        size, patch, depth = m.group(1), int(m.group(2)), int(m.group(3))
+        norm = "rms" if m.group(1) == "DiT-" else "layer"
+        size, patch, depth = m.group(2), int(m.group(3)), int(m.group(4))
         special = SPECIAL_VARIANTS.get(f"{size}/{patch}/{depth}")
-        if special is not None and (m.group(4) is None or int(m.group(4)) == special[1]):
-            return Variant(size, patch, depth, special[1], special[2])
+        if special is not None and (m.group(5) is None or int(m.group(5)) == special[1]):
+            return Variant(size, patch, depth, special[1], special[2], norm)
         if patch in PATCHES and depth in DEPTHS:
-            stride = int(m.group(4)) if m.group(4) is not None else STRIDE
+            stride = int(m.group(5)) if m.group(5) is not None else STRIDE
             if 1 <= stride <= patch and (patch - stride) % 2 == 0:
-                return Variant(size, patch, depth, stride, (patch - stride) // 2)
+                return Variant(size, patch, depth, stride, (patch - stride) // 2, norm)
     raise ValueError(
         f"unknown PRDiT variant {name!r}. Valid names are PRDiT-{{size}}/{{p}}/{{depth}} with size in "
         f"{list(SIZES)}, p in {list(PATCHES)}, depth in {list(DEPTHS)}, e.g. 'PRDiT-B/12/4' (stride "
         f"{STRIDE}), optionally with '-s{{stride}}' for a stride s <= p with p - s even, e.g. "
-        f"'PRDiT-B/16/12-s16', and the official 'PRDiT-XS/4/0'; see prdit_fast.list_models()"
+        f"'PRDiT-B/16/12-s16', and the official 'PRDiT-XS/4/0' (DiT-... for the TF-PRDiT reconstruction "
+        f"prior); see prdit_fast.list_models()"
     )
 
 
-def canonical_name(name: str) -> str:
-    """'B/16/12-s16' -> 'PRDiT-B/16/12-s16'; 'B/12/4-s8' -> 'PRDiT-B/12/4'."""
-    return parse_variant(name).name
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} ('layer': PRDiT, 'rms': TF-PRDiT), got {norm!r}")
 
 
-def variant_config(name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None) -> PRDiTConfig:
-    """The config of a named variant at volume edge ``input_size``; ``out_channels`` None
-    is 2C (IaN), C the flow-matching velocity head."""
+def named_variant(name: str, norm: str | None = None) -> Variant:
+    """``parse_variant`` with the norm the name implies, or ``norm`` when given (it wins)."""
     v = parse_variant(name)
+    if norm is None:
+        return v
+    _check_norm(norm)
+    return v._replace(norm=norm)
+
+
+def canonical_name(name: str, norm: str | None = None) -> str:
+    """'B/16/12-s16' -> 'PRDiT-B/16/12-s16'; 'B/12/4-s8' -> 'PRDiT-B/12/4'; ('B/12/12', 'rms')
+    -> 'DiT-B/12/12' (``norm`` as for ``named_variant``)."""
+    return named_variant(name, norm).name
+
+
+def variant_config(
+    name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None, norm: str | None = None
+) -> PRDiTConfig:
+    """The config of a named variant at volume edge ``input_size``; ``out_channels`` None
+    is 2C (IaN), C the flow-matching velocity head; ``norm`` None follows the name
+    (DiT-... is "rms"), an explicit one wins and the config's name follows it."""
+    v = named_variant(name, norm)
     hidden, heads = SIZES[v.size]
     try:
         return PRDiTConfig(
             hidden=hidden, heads=heads, depth=v.depth, patch=v.patch, input_size=input_size,
             in_channels=in_channels, stride=v.stride, pad=v.pad, name=v.name, out_channels=out_channels,
+            norm=v.norm,
         )
     except ValueError as e:
         raise ValueError(f"{v.name} (p {v.patch}, s {v.stride}, pad {v.pad}) at {input_size}^3: {e}") from None
@@ -264,6 +299,28 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def modulated_norm(dim: int, norm: str) -> nn.Module:
+    """The parameter-free norm in front of a modulation: LayerNorm (eps 1e-6) for PRDiT,
+    RMSNorm x / sqrt(mean(x^2) + 1e-5) for TF-PRDiT (spec section 15)."""
+    if norm == "rms":
+        return nn.RMSNorm(dim, eps=RMS_EPS, elementwise_affine=False)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
+def adaln_modulation(dim: int, width: int, norm: str) -> nn.Sequential:
+    """SiLU -> Linear(dim, width) [-> RMSNorm over the whole output for TF-PRDiT]. The
+    RMSNorm has no parameters, so the state-dict names (``adaLN_modulation.1.*``) are the same."""
+    layers = [nn.SiLU(), nn.Linear(dim, width)]
+    if norm == "rms":
+        layers.append(nn.RMSNorm(width, eps=RMS_EPS, elementwise_affine=False))
+    return nn.Sequential(*layers)
+
+
+def is_rms(norm_module: nn.Module) -> bool:
+    """Whether a modulated norm of the network is TF-PRDiT's RMSNorm (else PRDiT's LayerNorm)."""
+    return isinstance(norm_module, nn.RMSNorm)
+
+
 # --------------------------------------------------------------------------- #
 # Timestep embedder (spec section 2)
 # --------------------------------------------------------------------------- #
@@ -301,14 +358,14 @@ class SwiGLU(nn.Module):
 class LocalDenoiser(nn.Module):
     """Two adaptive SwiGLU blocks on tokens of width D, conditioned per sample."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, norm: str = "layer"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1 = modulated_norm(dim, norm)
+        self.norm2 = modulated_norm(dim, norm)
         self.mlp1 = SwiGLU(dim)
         self.mlp2 = SwiGLU(dim)
         self.linear_final = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = adaln_modulation(dim, 6 * dim, norm)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, N, D) tokens, c: (B, D) -> (B, N, s^3 Cout)."""
@@ -320,9 +377,9 @@ class LocalDenoiser(nn.Module):
 
 
 class CoarsePath(nn.Module):
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, norm: str = "layer"):
         super().__init__()
-        self.mlp_denoise = LocalDenoiser(dim, out_dim)
+        self.mlp_denoise = LocalDenoiser(dim, out_dim, norm)
 
 
 # --------------------------------------------------------------------------- #
@@ -401,13 +458,13 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, norm: str = "layer"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.norm1 = modulated_norm(hidden, norm)
         self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.norm2 = modulated_norm(hidden, norm)
         self.mlp = Mlp(hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.adaLN_modulation = adaln_modulation(hidden, 6 * hidden, norm)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shm, scm, gm, shf, scf, gf = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -433,7 +490,7 @@ class GlobalDiT(nn.Module):
         super().__init__()
         self.patch_embedder = PatchEmbedder(cfg.token_dim, cfg.hidden)
         self.register_buffer("pos_embed", positional_encoding(cfg.grid, cfg.hidden)[None], persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden, cfg.heads) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden, cfg.heads, cfg.norm) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.hidden, cfg.out_token_dim)
 
     def forward(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -459,7 +516,7 @@ class PRDiT(nn.Module):
         super().__init__()
         self.config = cfg
         self.t_embedder = TimestepEmbedder(cfg.hidden, cfg.token_dim, cfg.depth)
-        self.coarse = CoarsePath(cfg.token_dim, cfg.out_token_dim)
+        self.coarse = CoarsePath(cfg.token_dim, cfg.out_token_dim, cfg.norm)
         self.fine = GlobalDiT(cfg) if cfg.depth > 0 else None
         self.initialize_weights()
         if cfg.depth > 0:
@@ -529,17 +586,22 @@ class PRDiT(nn.Module):
 def list_models() -> list[str]:
     """The named variants: the standard grid (e.g. 'PRDiT-B/12/4'), the stride-16 256^3
     models and the official special variant that tiles ('PRDiT-XS/4/0'). Other strides
-    are reachable with the '-s{stride}' suffix."""
+    are reachable with the '-s{stride}' suffix; each also exists as the TF-PRDiT RMSNorm
+    variant ('DiT-B/12/12')."""
     standard = [f"PRDiT-{s}/{p}/{d}" for s in SIZES for p in PATCHES for d in DEPTHS]
     return standard + list(STRIDE16_VARIANTS) + ["PRDiT-XS/4/0"]
 
 
-def create_model(name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None) -> PRDiT:
+def create_model(
+    name: str, input_size: int, in_channels: int = 1, out_channels: int | None = None, norm: str | None = None
+) -> PRDiT:
     """Build the reference network of a named variant for volumes of edge ``input_size``.
 
     out_channels: None or 2C for the IaN process ([eps_hat, x0_hat]), C for flow matching
-    (the velocity head of the released 256^3 models, spec section 14)."""
-    return PRDiT(variant_config(name, input_size, in_channels, out_channels))
+    (the velocity head of the released 256^3 models, spec section 14).
+    norm: "layer" (PRDiT) or "rms" (TF-PRDiT, spec section 15); None follows the name
+    (DiT-... names are the RMS variant)."""
+    return PRDiT(variant_config(name, input_size, in_channels, out_channels, norm))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -53,12 +53,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .atomic import atomic_path, remove_stale_temps
 from .checkpoint import (
     MODEL_BACKENDS,
+    checkpoint_norm,
     copy_matching_weights,
     load_checkpoint,
     read_checkpoint,
     strip_wrapper_prefixes,
 )
-from .diffusion import IaNDiffusion
+from .diffusion import IaNDiffusion, default_noise_std
 from .flow_matching import FlowMatching
 from .errors import UsageError
 from .metrics.during_training import DEFAULTS as EVALUATION_DEFAULTS
@@ -438,6 +439,13 @@ def load_pretrained(model: PRDiT, path: str | os.PathLike) -> list[str]:
     bare state dict) whose name and shape match; the rest keeps its fresh initialization.
     Raises ValueError when the coarse path is not fully covered (wrong file)."""
     ckpt = read_checkpoint(path)
+    norm = checkpoint_norm(ckpt)
+    if norm is not None and norm != model.config.norm:
+        raise ValueError(
+            f"model.pretrained_path {path} holds a norm={norm!r} network, but {model.config.name} has "
+            f"norm={model.config.norm!r}: the same weights under the other normalization compute something else; "
+            f"give a stage-1 checkpoint of the same variant family (DiT-... is the RMSNorm variant)"
+        )
     state = next((ckpt[k] for k in ("model", "ema") if isinstance(ckpt.get(k), Mapping)), ckpt)
     copied = set(copy_matching_weights(model, strip_wrapper_prefixes(state)))
     coarse = {n for n, p in model.named_parameters() if any(p is q for q in model.coarse_parameters())}
@@ -644,8 +652,13 @@ class Trainer:
                 broadcast_buffers=False, gradient_as_bucket_view=True,
             )
         self.net = net
-        # the head decides the process, as in the official code (spec section 14)
-        self.diffusion = FlowMatching() if self.model.config.process == "flow_matching" else IaNDiffusion()
+        # the head decides the process, as in the official code (spec section 14); the IaN noise
+        # scale follows the network's norm (TF-PRDiT: 1.0, spec section 15)
+        network = self.model.config.base if self.stage3 else self.model.config  # SR: its base network's
+        self.diffusion = (
+            FlowMatching() if self.model.config.process == "flow_matching"
+            else IaNDiffusion(noise_std=default_noise_std(network.norm))
+        )
         # one fused kernel on CUDA; elsewhere the multi-tensor (foreach) path, not a loop
         impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         groups = (

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from .. import models
-from ..diffusion import NOISE_STD, IaNDiffusion
+from ..diffusion import NOISE_STD, IaNDiffusion, SamplerStep
 from .common import triton_importable
 from .dispatch import TRITON, resolve
 
@@ -264,9 +264,15 @@ def build_step_table(
 ) -> torch.Tensor:
     """(steps, 5) fp32 rows [sin_i, cos_i, move, a, sigma] of ``diffusion.schedule(steps, sampler, k)``;
     rows without a corrector have a = 1, sigma = 0."""
+    return step_table(diffusion.schedule(steps, sampler, k), device)
+
+
+def step_table(plan: Sequence[SamplerStep], device: torch.device | str | None = None) -> torch.Tensor:
+    """(len(plan), 5) fp32 rows [sin_i, cos_i, move, a, sigma] of a schedule (``IaNDiffusion.schedule``
+    or ``guided_schedule``); rows without a corrector have a = 1, sigma = 0."""
     rows = [
         [st.sin_i, st.cos_i, st.move, st.a if st.corrector else 1.0, st.sigma if st.corrector else 0.0]
-        for st in diffusion.schedule(steps, sampler, k)
+        for st in plan
     ]
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
