@@ -245,7 +245,9 @@ class FastPRDiT(nn.Module):
         shadow = self._shadow_denoiser
         if shadow is None:
             with torch.device("meta"):
-                shadow = models.LocalDenoiser(module.linear_final.in_features, module.linear_final.out_features)
+                shadow = models.LocalDenoiser(
+                    module.linear_final.in_features, module.linear_final.out_features, self.config.norm
+                )
             self.__dict__["_shadow_denoiser"] = shadow
         for name, param in module.named_parameters():
             owner, _, leaf = name.rpartition(".")
@@ -259,6 +261,11 @@ class FastPRDiT(nn.Module):
         B, N, _ = tokens.shape
         h, heads = cfg.hidden, cfg.heads
         mod = F.linear(F.silu(c_fine), *self._modulation_weights())  # (B, 6 h depth + 2 h) fp32
+        rms = cfg.norm == "rms"
+        if rms:
+            # TF-PRDiT: each block's 6h modulation vector ends with an RMSNorm (the final layer's does not)
+            blocks_mod = F.rms_norm(mod[:, : 6 * h * cfg.depth].view(B, cfg.depth, 6 * h), (6 * h,), eps=models.RMS_EPS)
+            mod = torch.cat([blocks_mod.reshape(B, -1), mod[:, 6 * h * cfg.depth :]], dim=1)
 
         def vector(i: int) -> torch.Tensor:  # the i-th (B, h) modulation vector
             return mod[:, i * h : (i + 1) * h]
@@ -277,7 +284,7 @@ class FastPRDiT(nn.Module):
         adaln_impl = self._impls["gated_residual_layernorm_modulate"]
         x, y = embed_layernorm_modulate(  # x: the fp32 residual stream
             embedded.view(B, N, h), pe.norm.weight, pe.norm.bias, pe.norm.eps, fine.pos_embed,
-            vector(0), vector(1), blocks[0].norm1.eps, dt, self._impls["embed_layernorm_modulate"],
+            vector(0), vector(1), blocks[0].norm1.eps, dt, self._impls["embed_layernorm_modulate"], rms=rms,
         )
         for i, block in enumerate(blocks):
             name = f"blocks.{i}"
@@ -285,15 +292,17 @@ class FastPRDiT(nn.Module):
             attended = attention(qkv, self.attention).reshape(B, N, h)
             branch = self._gemm(name + ".proj", attended, block.attn.proj)
             x, y = gated_residual_layernorm_modulate(
-                x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, adaln_impl
+                x, vector(6 * i + 2), branch, vector(6 * i + 3), vector(6 * i + 4), block.norm2.eps, dt, adaln_impl,
+                rms=rms,
             )
             hidden = self._gemm_gelu(name + ".fc1", y, block.mlp.fc1)
             branch = self._gemm(name + ".fc2", hidden, block.mlp.fc2)
-            # the next LayerNorm is the next block's norm1, or the final layer's
+            # the next norm is the next block's norm1, or the final layer's (a LayerNorm in both variants)
             nxt = 6 * (i + 1)
-            eps = blocks[i + 1].norm1.eps if i + 1 < len(blocks) else fine.final_layer.norm_final.eps
+            last = i + 1 == len(blocks)
+            eps = fine.final_layer.norm_final.eps if last else blocks[i + 1].norm1.eps
             x, y = gated_residual_layernorm_modulate(
-                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, adaln_impl
+                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, adaln_impl, rms=rms and not last
             )
         return self._gemm("final", y, fine.final_layer.linear)
 
@@ -372,10 +381,12 @@ def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
     if heads is None:
         raise ValueError(f"hidden width {arch['hidden']} is not a PRDiT size {dict(models.SIZES)}")
     size = input_size or _input_size_of(module, state, arch["hidden"], arch["stride"])
+    norm = _foreign_norm(module)
     cfg = PRDiTConfig(
         hidden=arch["hidden"], heads=heads, depth=arch["depth"], patch=arch["patch"], input_size=size,
-        in_channels=arch["in_channels"], stride=arch["stride"], pad=arch["pad"], name=arch["name"],
-        out_channels=arch["out_channels"],
+        in_channels=arch["in_channels"], stride=arch["stride"], pad=arch["pad"],
+        name=models.canonical_name(arch["name"], norm) if arch["name"] else None,
+        out_channels=arch["out_channels"], norm=norm,
     )
     with torch.device("meta"):  # shapes only: every parameter is replaced by the module's
         reference = PRDiT(cfg)
@@ -394,6 +405,22 @@ def _reference_sharing(module: nn.Module, input_size: int | None) -> PRDiT:
     if reference.fine is not None:
         reference.fine.pos_embed = models.positional_encoding(cfg.grid, cfg.hidden)[None].to(device)
     return reference
+
+
+def _foreign_norm(module: nn.Module) -> str:
+    """The normalization of a foreign PRDiT-structured module, from its local denoiser's
+    ``norm1``: "layer" for a LayerNorm, "rms" for an RMSNorm (the TF-PRDiT code's own class
+    included, by name). The state dict cannot tell them apart, so anything else is an error."""
+    norm1 = next((m for n, m in module.named_modules() if n.endswith("coarse.mlp_denoise.norm1")), None)
+    if isinstance(norm1, nn.LayerNorm):
+        return "layer"
+    if norm1 is not None and "rms" in type(norm1).__name__.lower():
+        return "rms"
+    raise ValueError(
+        f"cannot tell the normalization of {type(module).__name__}: coarse.mlp_denoise.norm1 is "
+        f"{type(norm1).__name__ if norm1 is not None else 'absent'}, neither a LayerNorm (PRDiT) nor an RMSNorm "
+        f"(TF-PRDiT); build a prdit_fast PRDiT (create_model(..., norm=...)) and load the weights into it"
+    )
 
 
 def _input_size_of(module: nn.Module, state: dict[str, torch.Tensor], hidden: int, stride: int) -> int:

@@ -15,7 +15,11 @@ One Triton kernel covers the three fused ops; a row of the token matrix is one p
   ``x = LayerNorm_affine(e) + pos`` (fp32) and ``y = LayerNorm(x) * (1 + scale) + shift``;
   returns ``(x, y)``.
 
-Statistics (mean, then the centred variance), ``1 + scale`` and the residual stream are
+``rms=True`` gives the no-mean form of the TF-PRDiT variant (spec section 15): the
+normalisation before the modulation is the parameter-free RMSNorm ``x / sqrt(mean(x^2) + eps)``
+(a constexpr flag of the same kernel; the patch embedder's own affine LayerNorm stays one).
+
+Statistics (mean, then the centred variance; for rms the mean is 0), ``1 + scale`` and the residual stream are
 fp32 whatever the storage dtypes; ``y`` is rounded once to ``out_dtype``. Backward is a
 ``torch.autograd.Function`` whose backward uses torch ops on the saved fp32 statistics.
 impl="torch" (and "auto" without a GPU or the Triton interpreter) runs the
@@ -36,9 +40,13 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
-    def _row_stats(x, mask, cols, eps):
-        """Rows of x (fp32, zero where masked) -> (x - mean, zero where masked; mean; rstd)."""
-        mean = tl.sum(x, axis=1) / cols
+    def _row_stats(x, mask, cols, eps, RMS: tl.constexpr):
+        """Rows of x (fp32, zero where masked) -> (x - mean, zero where masked; mean; rstd).
+        RMS: the mean is taken as 0 (RMSNorm)."""
+        if RMS:
+            mean = tl.zeros_like(tl.sum(x, axis=1))
+        else:
+            mean = tl.sum(x, axis=1) / cols
         centered = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + eps)
         return centered, mean, rstd
@@ -47,7 +55,7 @@ if triton_importable():
     def _adaln_fwd_kernel(
         X, GATE, BRANCH, GAMMA, BETA, POS, SHIFT, SCALE, XOUT, Y, STATS,
         rows, cols, tokens, stride_mod, eps, embed_eps,
-        INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        INPUT: tl.constexpr, RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # INPUT says what the normalised row is: "plain": X; "gated_residual":
         # X + GATE * BRANCH, stored to XOUT; "embed": LayerNorm(X) * GAMMA + BETA + POS[token],
@@ -67,7 +75,7 @@ if triton_importable():
             x = x + gate * branch
             tl.store(XOUT + offs, x.to(XOUT.dtype.element_ty), mask=mask)
         if INPUT == "embed":
-            e_centered, e_mean, e_rstd = _row_stats(x, mask, cols, embed_eps)
+            e_centered, e_mean, e_rstd = _row_stats(x, mask, cols, embed_eps, False)
             gamma = tl.load(GAMMA + col, mask=col_ok, other=0.0).to(tl.float32)
             beta = tl.load(BETA + col, mask=col_ok, other=0.0).to(tl.float32)
             token = row - sample * tokens  # the positional encoding is shared by the samples
@@ -77,7 +85,7 @@ if triton_importable():
             tl.store(XOUT + offs, x.to(XOUT.dtype.element_ty), mask=mask)
             tl.store(STATS + 2 * rows + row, e_mean, mask=row_ok)
             tl.store(STATS + 3 * rows + row, e_rstd, mask=row_ok)
-        centered, mean, rstd = _row_stats(x, mask, cols, eps)
+        centered, mean, rstd = _row_stats(x, mask, cols, eps, RMS)
         shift = tl.load(SHIFT + mod_offs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + mod_offs, mask=mask, other=0.0).to(tl.float32)
         y = centered * rstd[:, None] * (1.0 + scale) + shift
@@ -86,7 +94,7 @@ if triton_importable():
         tl.store(STATS + rows + row, rstd, mask=row_ok)
 
 
-def _launch(x, shift, scale, eps, out_dtype, gate=None, branch=None, embed=None):
+def _launch(x, shift, scale, eps, out_dtype, gate=None, branch=None, embed=None, rms=False):
     """x, branch: (B, N, H) contiguous; gate, shift, scale: (B, H) views with unit column
     stride and one common row stride; embed: None, or (gamma (H,), beta (H,), pos (N, H),
     embed_eps) with x the embedding before its affine LayerNorm (all contiguous).
@@ -118,7 +126,7 @@ def _launch(x, shift, scale, eps, out_dtype, gate=None, branch=None, embed=None)
         pos if pos is not None else unused, shift, scale,
         x_out if x_out is not None else y, y, stats,
         rows, H, N, shift.stride(0), eps, embed_eps,
-        INPUT=mode, BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT=mode, RMS=rms, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=8 if block_m * block_n >= 4096 else 4,
     )
     return x_out, y, stats
@@ -130,16 +138,20 @@ def _normalized(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torc
     return (x.float() - mean.view(B, N, 1)) * rstd.view(B, N, 1)
 
 
-def _layernorm_input_grad(grad_xhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def _layernorm_input_grad(
+    grad_xhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, rms: bool = False
+) -> torch.Tensor:
     """Gradient into a LayerNorm's input from that into its normalised output xhat (before
-    any affine): rstd * (g - mean(g) - xhat * mean(g * xhat)). (B, N, H) fp32; rstd (B*N,)."""
+    any affine): rstd * (g - mean(g) - xhat * mean(g * xhat)); for RMSNorm (``rms``) without
+    the mean(g) term. (B, N, H) fp32; rstd (B*N,)."""
     B, N, _ = xhat.shape
-    return rstd.view(B, N, 1) * (
-        grad_xhat - grad_xhat.mean(dim=-1, keepdim=True) - xhat * (grad_xhat * xhat).mean(dim=-1, keepdim=True)
-    )
+    grad = grad_xhat - xhat * (grad_xhat * xhat).mean(dim=-1, keepdim=True)
+    if not rms:
+        grad = grad - grad_xhat.mean(dim=-1, keepdim=True)
+    return rstd.view(B, N, 1) * grad
 
 
-def _layernorm_modulate_backward(x, mean, rstd, scale, grad_y, grad_x_out):
+def _layernorm_modulate_backward(x, mean, rstd, scale, grad_y, grad_x_out, rms=False):
     """Backward of y = LayerNorm(x) * (1 + scale) + shift where x is also an output of the
     op (the residual stream) receiving ``grad_x_out`` (or None) directly.
 
@@ -148,7 +160,7 @@ def _layernorm_modulate_backward(x, mean, rstd, scale, grad_y, grad_x_out):
     grad_y = grad_y.float() if grad_y is not None else torch.zeros_like(xhat)
     grad_shift = grad_y.sum(dim=1)
     grad_scale = (grad_y * xhat).sum(dim=1)
-    grad_x = _layernorm_input_grad(grad_y * (1.0 + scale.float()).unsqueeze(1), xhat, rstd)
+    grad_x = _layernorm_input_grad(grad_y * (1.0 + scale.float()).unsqueeze(1), xhat, rstd, rms)
     if grad_x_out is not None:
         grad_x = grad_x + grad_x_out.float()
     return grad_x, grad_shift, grad_scale
@@ -156,10 +168,11 @@ def _layernorm_modulate_backward(x, mean, rstd, scale, grad_y, grad_x_out):
 
 class _AdaLNFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, branch, shift, scale, eps, out_dtype):
-        x_new, y, stats = _launch(x, shift, scale, eps, out_dtype, gate, branch)
+    def forward(ctx, x, gate, branch, shift, scale, eps, out_dtype, rms):
+        x_new, y, stats = _launch(x, shift, scale, eps, out_dtype, gate, branch, rms=rms)
         ctx.save_for_backward(x_new if x_new is not None else x, stats, scale, gate, branch)
         ctx.has_residual = branch is not None
+        ctx.rms = rms
         return (x_new, y) if x_new is not None else y
 
     @staticmethod
@@ -170,7 +183,7 @@ class _AdaLNFunction(torch.autograd.Function):
         else:
             grad_x_new, (grad_y,) = None, grads
         grad_in, grad_shift, grad_scale = _layernorm_modulate_backward(
-            x_norm_in, stats[0], stats[1], scale, grad_y, grad_x_new
+            x_norm_in, stats[0], stats[1], scale, grad_y, grad_x_new, ctx.rms
         )
         grad_gate = grad_branch = None
         if ctx.has_residual:
@@ -178,22 +191,25 @@ class _AdaLNFunction(torch.autograd.Function):
             grad_branch = (grad_in * gate.float().unsqueeze(1)).to(branch.dtype)
         return (
             grad_in.to(x_norm_in.dtype), grad_gate, grad_branch,
-            grad_shift.to(scale.dtype), grad_scale.to(scale.dtype), None, None,
+            grad_shift.to(scale.dtype), grad_scale.to(scale.dtype), None, None, None,
         )
 
 
 class _EmbedAdaLNFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, e, gamma, beta, embed_eps, pos, shift, scale, eps, out_dtype):
-        x, y, stats = _launch(e, shift, scale, eps, out_dtype, embed=(gamma, beta, pos, embed_eps))
+    def forward(ctx, e, gamma, beta, embed_eps, pos, shift, scale, eps, out_dtype, rms):
+        x, y, stats = _launch(e, shift, scale, eps, out_dtype, embed=(gamma, beta, pos, embed_eps), rms=rms)
         ctx.save_for_backward(e, x, stats, gamma, scale)
         ctx.beta_dtype = beta.dtype
+        ctx.rms = rms
         return x, y
 
     @staticmethod
     def backward(ctx, grad_x, grad_y):
         e, x, stats, gamma, scale = ctx.saved_tensors
-        grad_x, grad_shift, grad_scale = _layernorm_modulate_backward(x, stats[0], stats[1], scale, grad_y, grad_x)
+        grad_x, grad_shift, grad_scale = _layernorm_modulate_backward(
+            x, stats[0], stats[1], scale, grad_y, grad_x, ctx.rms
+        )
         ehat = _normalized(e, stats[2], stats[3])
         grad_e = _layernorm_input_grad(grad_x * gamma.float(), ehat, stats[3])
         grad_gamma = (grad_x * ehat).sum(dim=(0, 1)).to(gamma.dtype)
@@ -202,7 +218,7 @@ class _EmbedAdaLNFunction(torch.autograd.Function):
         grad_pos = grad_x.sum(dim=0) if ctx.needs_input_grad[4] else None
         return (
             grad_e.to(e.dtype), grad_gamma, grad_beta, None, grad_pos,
-            grad_shift.to(scale.dtype), grad_scale.to(scale.dtype), None, None,
+            grad_shift.to(scale.dtype), grad_scale.to(scale.dtype), None, None, None,
         )
 
 
@@ -245,17 +261,18 @@ def layernorm_modulate(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     impl: str = "auto",
+    rms: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm(x) (no affine) * (1 + scale) + shift.
+    """LayerNorm(x) (no affine) * (1 + scale) + shift; ``rms``: RMSNorm(x) instead.
 
     x: (B, N, H); shift, scale: (B, H) -> (B, N, H) in ``out_dtype`` (default x.dtype).
     impl: "auto", "triton" or "torch" (the reference); see ``prdit_fast.ops.dispatch``.
     """
     out_dtype = out_dtype or x.dtype
     if resolve("layernorm_modulate", impl, [x, shift, scale]) != TRITON:
-        return layernorm_modulate_reference(x, shift, scale, eps, out_dtype)
+        return layernorm_modulate_reference(x, shift, scale, eps, out_dtype, rms)
     x, shift, scale, _, _ = _prepare(x, shift, scale)
-    return _AdaLNFunction.apply(x, None, None, shift, scale, eps, out_dtype)
+    return _AdaLNFunction.apply(x, None, None, shift, scale, eps, out_dtype, rms)
 
 
 def gated_residual_layernorm_modulate(
@@ -267,17 +284,18 @@ def gated_residual_layernorm_modulate(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     impl: str = "auto",
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_new = x + gate * branch;  y = LayerNorm(x_new) * (1 + scale) + shift.
+    """x_new = x + gate * branch;  y = LayerNorm(x_new) * (1 + scale) + shift (``rms``: RMSNorm).
 
     x, branch: (B, N, H); gate, shift, scale: (B, H) -> (x_new in x.dtype, y in
     ``out_dtype``, default x.dtype). impl: as for ``layernorm_modulate``.
     """
     out_dtype = out_dtype or x.dtype
     if resolve("gated_residual_layernorm_modulate", impl, [x, gate, branch, shift, scale]) != TRITON:
-        return gated_residual_layernorm_modulate_reference(x, gate, branch, shift, scale, eps, out_dtype)
+        return gated_residual_layernorm_modulate_reference(x, gate, branch, shift, scale, eps, out_dtype, rms)
     x, shift, scale, gate, branch = _prepare(x, shift, scale, gate, branch)
-    return _AdaLNFunction.apply(x, gate, branch, shift, scale, eps, out_dtype)
+    return _AdaLNFunction.apply(x, gate, branch, shift, scale, eps, out_dtype, rms)
 
 
 def embed_layernorm_modulate(
@@ -291,8 +309,10 @@ def embed_layernorm_modulate(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     impl: str = "auto",
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x = LayerNorm(e) * gamma + beta + pos;  y = LayerNorm(x) * (1 + scale) + shift.
+    """x = LayerNorm(e) * gamma + beta + pos;  y = LayerNorm(x) * (1 + scale) + shift
+    (``rms``: RMSNorm(x) in y; the embedding's LayerNorm stays one).
 
     The patch embedder's affine LayerNorm (eps ``embed_eps``), the positional encoding and
     the first DiT block's adaLN in one pass over e.
@@ -303,10 +323,10 @@ def embed_layernorm_modulate(
     pos = _check_embed(e, gamma, beta, pos)
     out_dtype = out_dtype or e.dtype
     if resolve("embed_layernorm_modulate", impl, [e, gamma, beta, pos, shift, scale]) != TRITON:
-        return embed_layernorm_modulate_reference(e, gamma, beta, embed_eps, pos, shift, scale, eps, out_dtype)
+        return embed_layernorm_modulate_reference(e, gamma, beta, embed_eps, pos, shift, scale, eps, out_dtype, rms)
     e, shift, scale, _, _ = _prepare(e, shift, scale)
     return _EmbedAdaLNFunction.apply(
-        e, gamma.contiguous(), beta.contiguous(), embed_eps, pos.contiguous(), shift, scale, eps, out_dtype
+        e, gamma.contiguous(), beta.contiguous(), embed_eps, pos.contiguous(), shift, scale, eps, out_dtype, rms
     )
 
 
@@ -314,9 +334,15 @@ def embed_layernorm_modulate(
 # Plain-torch references (CPU path and test oracle)
 # --------------------------------------------------------------------------- #
 def layernorm_modulate_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+    rms: bool = False,
 ) -> torch.Tensor:
-    y = modulate(F.layer_norm(x.float(), x.shape[-1:], eps=eps), shift.float(), scale.float())
+    norm = F.rms_norm if rms else F.layer_norm
+    y = modulate(norm(x.float(), x.shape[-1:], eps=eps), shift.float(), scale.float())
     return y.to(out_dtype or x.dtype)
 
 
@@ -328,9 +354,10 @@ def gated_residual_layernorm_modulate_reference(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x_new = (x.float() + gate.float().unsqueeze(1) * branch.float()).to(x.dtype)
-    return x_new, layernorm_modulate_reference(x_new, shift, scale, eps, out_dtype or x.dtype)
+    return x_new, layernorm_modulate_reference(x_new, shift, scale, eps, out_dtype or x.dtype, rms)
 
 
 def embed_layernorm_modulate_reference(
@@ -343,7 +370,8 @@ def embed_layernorm_modulate_reference(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pos = _check_embed(e, gamma, beta, pos)
     x = F.layer_norm(e.float(), e.shape[-1:], gamma.float(), beta.float(), embed_eps) + pos.float()
-    return x, layernorm_modulate_reference(x, shift, scale, eps, out_dtype or e.dtype)
+    return x, layernorm_modulate_reference(x, shift, scale, eps, out_dtype or e.dtype, rms)

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from prdit_fast.models import LocalDenoiser, SwiGLU
+from prdit_fast.models import LocalDenoiser, SwiGLU, is_rms
 from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.derived import derived_for, recompute_backward
 from prdit_fast.ops.dispatch import GEMM, TORCH, resolve
@@ -78,11 +78,12 @@ def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDen
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     B, N, D = tokens.shape
     x = tokens.contiguous()
-    m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, impl="triton")
+    rms = is_rms(module.norm1)
+    m = layernorm_modulate(x, sh1, sc1, eps=module.norm1.eps, impl="triton", rms=rms)
     mlp1, mlp2 = module.mlp1, module.mlp2
     gemm = linear or F.linear
     h = gemm(_gemm_swiglu_hidden(m, mlp1, gemm), mlp1.fc2.weight, mlp1.fc2.bias)
-    m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, impl="triton")
+    m = layernorm_modulate(h, sh2, sc2, eps=module.norm2.eps, impl="triton", rms=rms)
     # fc2 of mlp2 takes the residual as its GEMM's accumulator input, so h2 + x costs no
     # pass of its own; fc2's bias joins the shift: (u + b2)(1 + sc3) + sh3, u = x + hid W2^T
     hidden = _gemm_swiglu_hidden(m, mlp2, gemm).view(B * N, D)
@@ -99,14 +100,15 @@ def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDe
     B, N, D = tokens.shape
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     x = tokens.reshape(B * N, D)
+    rms = is_rms(module.norm1)
     h, h_stats = fused_adaptive_swiglu_rows(
         x, chunk_moments(x), N, sh1, sc1, swiglu_params(module.mlp1),
-        module.norm1.eps, module.mlp1.norm.eps, emit_stats=True,
+        module.norm1.eps, module.mlp1.norm.eps, emit_stats=True, rms=rms,
     )
     # the residual joins mlp2's fc2 epilogue, so linear_final reads one tensor, u = h2 + x
     u, _ = fused_adaptive_swiglu_rows(
         h, h_stats, N, sh2, sc2, swiglu_params(module.mlp2), module.norm2.eps, module.mlp2.norm.eps,
-        out_residual=x,
+        out_residual=x, rms=rms,
     )
     final = module.linear_final
     gain = 1.0 + sc3.float()

@@ -29,6 +29,12 @@ Two kernels, named for where the LayerNorm happens:
   reference's own rounding, would dominate the error of an fp32 one (and under TF32 the
   A operand itself is rounded to 10 bits).
 
+The TF-PRDiT variant (spec section 15) normalises the modulated input with the
+parameter-free RMSNorm instead (``rms=True``): a constexpr flag (NORM_RMS) of the GEMM
+that consumes the statistics, which merges the same partial moments into the mean square
+(the sum of M2 + count mean^2 over the groups: no cancellation) and takes the mean as 0;
+everything else is unchanged, and the SwiGLU's inner affine LayerNorm stays a LayerNorm.
+
 Row statistics travel as per-64-column partial moments (mean, M2) in a small fp32
 buffer of shape (2, M, ceil(D / 64)): the input's by a cheap stats kernel, the
 hidden ``h``'s by GEMM 1's epilogue (each N-tile writes its own groups, so no
@@ -143,16 +149,21 @@ if triton_importable():
 
     @triton.jit
     def _row_mean_rstd(stats_ptr, rows, K, eps, stride_plane, stride_sm,
-                       GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr):
-        """Merge the per-group (mean, M2) of each row (Chan et al.) into mean, rstd."""
+                       GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, NORM_RMS: tl.constexpr):
+        """Merge the per-group (mean, M2) of each row (Chan et al.) into mean, rstd; NORM_RMS:
+        mean 0 and rstd = 1 / sqrt(mean(x^2) + eps), the sum of squares being M2 + count mean^2."""
         groups = tl.arange(0, GROUPS_POW2)
         count = tl.minimum(tl.maximum(K - groups * GROUP, 0), GROUP).to(tl.float32)
         mask = (count > 0)[None, :] & (rows >= 0)[:, None]
         ptrs = stats_ptr + rows[:, None] * stride_sm + groups[None, :]
         g_mean = tl.load(ptrs, mask=mask, other=0.0)
         g_m2 = tl.load(ptrs + stride_plane, mask=mask, other=0.0)
-        mean = tl.sum(g_mean * count[None, :], axis=1) / K
-        dev = g_mean - mean[:, None]
+        if NORM_RMS:
+            mean = tl.zeros_like(tl.sum(g_mean, axis=1))
+            dev = g_mean
+        else:
+            mean = tl.sum(g_mean * count[None, :], axis=1) / K
+            dev = g_mean - mean[:, None]
         m2 = tl.sum(g_m2 + count[None, :] * dev * dev, axis=1)
         rstd = 1.0 / tl.sqrt(m2 / K + eps)
         return mean, rstd
@@ -247,7 +258,8 @@ if triton_importable():
         M, N, K, n_tokens, n_samples, eps,
         stride_am, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
         stride_om, stride_out_plane, stride_out_sm,
-        NORMALIZE: tl.constexpr, MOD_KIND: tl.constexpr, GATED: tl.constexpr, EMIT_STATS: tl.constexpr,
+        NORMALIZE: tl.constexpr, NORM_RMS: tl.constexpr, MOD_KIND: tl.constexpr, GATED: tl.constexpr,
+        EMIT_STATS: tl.constexpr,
         GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
@@ -266,7 +278,8 @@ if triton_importable():
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
         w2_ptrs = w2_ptr + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_k[:, None]
         if NORMALIZE:
-            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
+            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP,
+                                        NORM_RMS)
         b_first = (pid_m * BLOCK_M) // n_tokens
         b_second = tl.minimum(b_first + 1, n_samples - 1)
         in_first = (offs_m // n_tokens) == b_first
@@ -309,7 +322,8 @@ if triton_importable():
         M, N, K, n_tokens, eps,
         stride_am, stride_plane, stride_sm, stride_wn, stride_w2n, stride_wb, stride_vb, stride_rm,
         stride_om, stride_out_plane, stride_out_sm,
-        NORMALIZE: tl.constexpr, GATED: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr, RESIDUAL: tl.constexpr,
+        NORMALIZE: tl.constexpr, NORM_RMS: tl.constexpr, GATED: tl.constexpr, SAMPLE_WEIGHTS: tl.constexpr,
+        RESIDUAL: tl.constexpr,
         EMIT_STATS: tl.constexpr, GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
@@ -359,7 +373,8 @@ if triton_importable():
             bias_ptr += v_offset
             bias2_ptr += v_offset
         if NORMALIZE:
-            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP)
+            mean, rstd = _row_mean_rstd(stats_ptr, offs_m, K, eps, stride_plane, stride_sm, GROUPS_POW2, GROUP,
+                                        NORM_RMS)
             acc = _fold_row_mean(acc, mean, rstd, colsum_ptr, offs_n)
         if GATED and NORMALIZE:
             acc2 = _fold_row_mean(acc2, mean, rstd, colsum2_ptr, offs_n)
@@ -390,10 +405,10 @@ if triton_importable():
             "16bit_gated": triton.autotune(_CONFIGS_16BIT_GATED, key=key)(derived(kernel)),
         }
 
-    _NORMALIZE_ON_LOAD = _autotuned(_normalize_on_load_gemm_kernel, ["M", "N", "K", "GATED", "NORMALIZE", "MOD_KIND"],
+    _NORMALIZE_ON_LOAD = _autotuned(_normalize_on_load_gemm_kernel, ["M", "N", "K", "GATED", "NORMALIZE", "NORM_RMS", "MOD_KIND"],
                                     {"MOD_MODE": _mod_mode})
     _LAYERNORM_EPILOGUE = _autotuned(_layernorm_epilogue_gemm_kernel,
-                                     ["M", "N", "K", "GATED", "NORMALIZE", "RESIDUAL", "SAMPLE_WEIGHTS"], {})
+                                     ["M", "N", "K", "GATED", "NORMALIZE", "NORM_RMS", "RESIDUAL", "SAMPLE_WEIGHTS"], {})
 
 
 def _num_groups(width: int) -> int:
@@ -481,12 +496,13 @@ def normalize_on_load_gemm(
     up_weight: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     emit_stats: bool = False,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One GEMM launch whose A tile is normalised and modulated as it is loaded:
     out = epilogue((LN(a) * scale + shift) @ weight^T).
 
-    a: (M, K). LN (no affine, ``eps``) is applied when ``stats`` (from ``chunk_moments``
-    or a previous ``emit_stats``) is given. scale/shift: None, (K,) shared by all rows, or
+    a: (M, K). LN (no affine, ``eps``; the RMSNorm when ``rms``) is applied when ``stats``
+    (from ``chunk_moments`` or a previous ``emit_stats``) is given. scale/shift: None, (K,) shared by all rows, or
     (B, K) per sample with row r in sample r // tokens_per_sample. weight: (N, K), bias:
     (N,). With ``up_weight``/``up_bias`` (N, K)/(N,) the epilogue is the SwiGLU gate
     SiLU(a' W^T + b) * (a' Wu^T + bu). Returns out (M, N) in the weight dtype and, if
@@ -522,7 +538,7 @@ def normalize_on_load_gemm(
         M, N, K, n_tokens, n_samples, float(eps),
         a.stride(0), stats_t.stride(0), stats_t.stride(1), stride_cb, weight.stride(0),
         up_weight.stride(0) if gated else 0, out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
-        NORMALIZE=stats is not None, MOD_KIND=mod_kind, GATED=gated, EMIT_STATS=emit_stats,
+        NORMALIZE=stats is not None, NORM_RMS=rms, MOD_KIND=mod_kind, GATED=gated, EMIT_STATS=emit_stats,
         GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
     )
@@ -543,9 +559,11 @@ def layernorm_epilogue_gemm(
     up_colsum: torch.Tensor | None = None,
     out_residual: torch.Tensor | None = None,
     emit_stats: bool = False,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One GEMM launch whose K loop is a pure GEMM, the rows' LayerNorm applied in the
-    epilogue: out = rstd * (a W^T - mean * colsum) + bias [gate] [+ out_residual].
+    epilogue: out = rstd * (a W^T - mean * colsum) + bias [gate] [+ out_residual]
+    (``rms``: the RMSNorm, mean 0).
 
     a: (M, K) as stored. With ``stats`` (a's partial moments) and ``colsum`` (N,) fp32 =
     weight.sum(1) of the stored weights, LN(a) @ W^T (no affine, ``eps``); without them
@@ -602,7 +620,8 @@ def layernorm_epilogue_gemm(
         up_weight.stride(-2) if gated else 0, stride_wb, stride_vb,
         out_residual.stride(0) if out_residual is not None else 0,
         out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
-        NORMALIZE=stats is not None, GATED=gated, SAMPLE_WEIGHTS=sample_weights, RESIDUAL=out_residual is not None,
+        NORMALIZE=stats is not None, NORM_RMS=rms, GATED=gated, SAMPLE_WEIGHTS=sample_weights,
+        RESIDUAL=out_residual is not None,
         EMIT_STATS=emit_stats, GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
     )
@@ -659,6 +678,7 @@ def fused_adaptive_swiglu_rows(
     emit_stats: bool = False,
     fold_modulation: bool | None = None,
     out_residual: torch.Tensor | None = None,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two fused launches of one adaptive SwiGLU on flattened tokens.
 
@@ -668,6 +688,7 @@ def fused_adaptive_swiglu_rows(
     docstring) instead of normalising and modulating its A tile on load; None chooses it
     for 16-bit weights when ``tiles_within_samples``, True forces it (also in fp32, which
     is how the CPU tests check it). ``out_residual`` (M, D) is added to y in fc2's epilogue.
+    ``rms``: the modulated norm (eps ``norm_eps``) is TF-PRDiT's RMSNorm, not a LayerNorm.
     Returns y (M, D) and, if ``emit_stats``, y's partial moments for a following LN.
     """
     wg, bg, wx, bx, gamma, beta, w2, b2 = params
@@ -680,12 +701,12 @@ def fused_adaptive_swiglu_rows(
         h, h_stats = layernorm_epilogue_gemm(
             x, wg_folded, bg_folded, stats=x_stats, eps=norm_eps, colsum=colsum_g,
             tokens_per_sample=tokens_per_sample, up_weight=wx_folded, up_bias=bx_folded,
-            up_colsum=colsum_x, emit_stats=True,
+            up_colsum=colsum_x, emit_stats=True, rms=rms,
         )
     else:
         h, h_stats = normalize_on_load_gemm(
             x, wg, bg, stats=x_stats, eps=norm_eps, scale=gain, shift=shift,
-            tokens_per_sample=tokens_per_sample, up_weight=wx, up_bias=bx, emit_stats=True,
+            tokens_per_sample=tokens_per_sample, up_weight=wx, up_bias=bx, emit_stats=True, rms=rms,
         )
     # h is stored exactly as the reference's LN reads it, so its LN folds into fc2.
     w2_folded, b2_folded, colsum = folded_norm_linear(w2, b2, gamma, beta)
@@ -694,20 +715,25 @@ def fused_adaptive_swiglu_rows(
 
 
 def reference_adaptive_swiglu(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: SwiGLU, norm_eps: float = 1e-6
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: SwiGLU, norm_eps: float = 1e-6,
+    rms: bool = False,
 ) -> torch.Tensor:
-    """The plain-torch composition: block(modulate(LN(x), shift, scale)); (B, N, D) -> (B, N, D)."""
-    return block(modulate(F.layer_norm(x, x.shape[-1:], eps=norm_eps), shift, scale))
+    """The plain-torch composition: block(modulate(LN(x), shift, scale)) (``rms``: RMSNorm(x));
+    (B, N, D) -> (B, N, D)."""
+    norm = F.rms_norm if rms else F.layer_norm
+    return block(modulate(norm(x, x.shape[-1:], eps=norm_eps), shift, scale))
 
 
 class _AdaptiveSwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, shift, scale, block, norm_eps, *params):
-        ctx.block, ctx.norm_eps = block, norm_eps
+    def forward(ctx, x, shift, scale, block, norm_eps, rms, *params):
+        ctx.block, ctx.norm_eps, ctx.rms = block, norm_eps, rms
         ctx.save_for_backward(x, shift, scale, *params)
         B, N, D = x.shape
         x2d = x.reshape(B * N, D)
-        y, _ = fused_adaptive_swiglu_rows(x2d, chunk_moments(x2d), N, shift, scale, params, norm_eps, block.norm.eps)
+        y, _ = fused_adaptive_swiglu_rows(
+            x2d, chunk_moments(x2d), N, shift, scale, params, norm_eps, block.norm.eps, rms=rms
+        )
         return y.view(B, N, D)
 
     @staticmethod
@@ -716,12 +742,13 @@ class _AdaptiveSwiGLUFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
 
         def reference(x, shift, scale, *params):
-            m = modulate(F.layer_norm(x, x.shape[-1:], eps=ctx.norm_eps), shift, scale)
+            norm = F.rms_norm if ctx.rms else F.layer_norm
+            m = modulate(norm(x, x.shape[-1:], eps=ctx.norm_eps), shift, scale)
             return torch.func.functional_call(ctx.block, dict(zip(SWIGLU_PARAMS, params)), (m,))
 
-        wants = [needs[0], needs[1], needs[2], *needs[5:]]
+        wants = [needs[0], needs[1], needs[2], *needs[6:]]
         grads = recompute_backward(reference, [x, shift, scale, *params], wants, grad_out)
-        return (*grads[:3], None, None, *grads[3:])
+        return (*grads[:3], None, None, None, *grads[3:])
 
 
 def dtype_refusal(tensors: list[torch.Tensor]) -> str | None:
@@ -740,8 +767,10 @@ def adaptive_swiglu(
     block: SwiGLU,
     norm_eps: float = 1e-6,
     impl: str = "auto",
+    rms: bool = False,
 ) -> torch.Tensor:
-    """block(modulate(LN(x), shift, scale)) = fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))).
+    """block(modulate(LN(x), shift, scale)) = fc2(norm(SiLU(fc1_g(m)) * fc1_x(m))); ``rms``:
+    RMSNorm(x) instead of LN(x) (TF-PRDiT).
 
     x: (B, N, D) tokens; shift, scale: (B, D) per-sample modulation; block: the
     reference ``SwiGLU`` whose live parameters are used; LN has no affine and eps
@@ -759,5 +788,5 @@ def adaptive_swiglu(
     params = swiglu_params(block)
     tensors = [x, *params]
     if N == 0 or resolve("adaptive_swiglu", impl, tensors, dtype_refusal(tensors)) != TRITON:
-        return reference_adaptive_swiglu(x, shift, scale, block, norm_eps)
-    return _AdaptiveSwiGLUFunction.apply(x, shift, scale, block, norm_eps, *params)
+        return reference_adaptive_swiglu(x, shift, scale, block, norm_eps, rms)
+    return _AdaptiveSwiGLUFunction.apply(x, shift, scale, block, norm_eps, rms, *params)
