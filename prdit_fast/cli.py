@@ -22,6 +22,7 @@ COMMANDS = {
     "plot": "loss and throughput curves (PNG) of a training run from its log",
     "evaluate": "3D FID, MMD and MS-SSIM of sampled volumes against real ones (MedicalNet features)",
     "bench": "end-to-end benchmark: GPU-hours and memory for every backend",
+    "reconstruct": "a CT volume from a measurement (super-resolution, infill, deblur, X-rays), prior-guided",
 }
 
 

@@ -276,5 +276,6 @@ TASK_SETTINGS: dict[str, dict] = {
     "infill": {"k": 2, "guidance_scale": 20.0, "guidance_decay": "none", "guidance_cutoff": 100, "noise_weight": 0.9},
     "deblur": {"k": 2, "guidance_scale": 20.0, "guidance_decay": "none", "guidance_cutoff": 100, "noise_weight": 0.9},
 }
+GUIDANCE_TASKS = tuple(TASK_SETTINGS)
 SR_SCALE = 4  # the official super-resolution factor
 BLUR_KERNEL, BLUR_SIGMA = 5, 2.0  # the official deblurring blur
