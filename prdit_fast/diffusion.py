@@ -130,6 +130,18 @@ class IaNDiffusion:
             raise ValueError(f"sampler must be 'cold' or 'pc', got {sampler!r}")
         if sampler == "pc" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"the predictor step k must be an integer >= 1, got {k!r}")
+        return self._plan(steps, k, lambda i, t_pred: sampler == "pc" and t_pred > 0, self.noise_std)
+
+    def _plan(
+        self,
+        steps: int,
+        k: int,
+        predicts: Callable[[int, int], bool],
+        noise_scale: float,
+        guidance: Callable[[int], float] = lambda i: 0.0,
+    ) -> list[SamplerStep]:
+        """The steps on the section 7 grid: where ``predicts(i, t_pred)`` the predictor-corrector
+        step (corrector noise ``noise_scale``, guidance weight ``guidance(i)``), else Euler."""
         grid = sampling_grid(steps, self.num_timesteps)
         out = []
         for n, i in enumerate(grid):
@@ -137,10 +149,10 @@ class IaNDiffusion:
             h = (j - i) * (math.pi / 2) / self.num_timesteps
             b_i = self.beta(i)
             t_pred = i - k * (i - j)
-            if sampler == "pc" and t_pred > 0:
+            if predicts(i, t_pred):
                 a = math.cos(self.beta(j)) / math.cos(self.beta(t_pred))
-                sigma = math.sqrt(max(0.0, 1.0 - a * a)) * self.noise_std
-                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), k * h, a, sigma, True))
+                sigma = math.sqrt(max(0.0, 1.0 - a * a)) * noise_scale
+                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), k * h, a, sigma, True, guidance(i)))
             else:
                 out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), h, 1.0, 0.0, False))
         return out
@@ -219,21 +231,11 @@ class IaNDiffusion:
             raise ValueError(f"noise_weight must be a number >= 0, got {noise_weight!r}")
         if not isinstance(guidance_cutoff, int) or guidance_cutoff < 0:
             raise ValueError(f"guidance_cutoff must be an integer step >= 0, got {guidance_cutoff!r}")
-        grid = sampling_grid(steps, self.num_timesteps)
-        out = []
-        for n, i in enumerate(grid):
-            j = grid[n + 1] if n + 1 < len(grid) else 0
-            h = (j - i) * (math.pi / 2) / self.num_timesteps
-            b_i = self.beta(i)
-            t_pred = i - k * (i - j)
-            if t_pred >= 0 and i != 0:
-                a = math.cos(self.beta(j)) / math.cos(self.beta(t_pred))
-                sigma = math.sqrt(max(0.0, 1.0 - a * a)) * noise_weight
-                guidance = guidance_scale * self.guidance_decay(i, guidance_decay) if i > guidance_cutoff else 0.0
-                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), k * h, a, sigma, True, guidance))
-            else:
-                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), h, 1.0, 0.0, False))
-        return out
+
+        def guidance(i: int) -> float:
+            return guidance_scale * self.guidance_decay(i, guidance_decay) if i > guidance_cutoff else 0.0
+
+        return self._plan(steps, k, lambda i, t_pred: t_pred >= 0 and i != 0, noise_weight, guidance)
 
     def sample_guided(
         self,
