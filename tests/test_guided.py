@@ -235,3 +235,18 @@ def test_task_settings_are_the_official_ones():
                                      "guidance_cutoff": 20, "noise_weight": 0.95}
     assert TASK_SETTINGS["super-resolution"] == {"k": 2, "guidance_scale": 20.0, "guidance_decay": "none",
                                                  "guidance_cutoff": 100, "noise_weight": 0.9}
+
+
+def test_bench_guided_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_guided.py (the GPU measurement of guided vs unguided steps) at a tiny size."""
+    from prdit_fast import bench
+
+    guided_bench = bench._benchmarks_module("bench_guided")
+    out = tmp_path / "guided.json"
+    assert guided_bench.main(["--variant", "DiT-XS/10/1", "--size", "16", "--steps", "2", "--device", "cpu",
+                              "--json", str(out)]) == 0
+    import json
+
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"unguided", "guided-sr", "official-sr"}
+    assert rows["unguided"]["x_unguided"] == 1.0 and all(row["step_ms"] > 0 for row in rows.values())
