@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = bench.randomized_model(args.variant, args.size).to(device)
     from prdit_fast.fast import accelerate
 
-    fast = accelerate(reference, dtype=dtype, kernels="auto" if device.type == "cuda" else "torch")
+    fast = accelerate(reference, dtype=dtype, impl="auto" if device.type == "cuda" else "torch")
     diffusion = IaNDiffusion(noise_std=1.0)
     sr = Downsample(4)
     y = torch.randn(1, 1, *(args.size // 4,) * 3, device=device)

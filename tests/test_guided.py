@@ -20,7 +20,7 @@ from prdit_fast.measurements import (
     view_angles,
     view_poses,
 )
-from prdit_fast.ops.sampler_update import philox_normal
+from prdit_fast.ops.sampling import philox_normal
 
 T = 1000
 # engine vs reference, fp32: the same ops batched differently; the guidance gradient is

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import randomize_
 
-import prdit_fast.fast as fast_module
 from prdit_fast.bench import randomized_model
 from prdit_fast.fast import accelerate
 from prdit_fast.models import RMS_EPS, LocalDenoiser, SwiGLU
@@ -25,9 +24,9 @@ from prdit_fast.ops.adaln import (
     layernorm_modulate,
     layernorm_modulate_reference,
 )
-from prdit_fast.ops.adaptive_swiglu import adaptive_swiglu, reference_adaptive_swiglu
-from prdit_fast.ops.common import triton_runs_on
-from prdit_fast.ops.local_denoiser import local_denoiser
+from prdit_fast.ops.denoiser import local_denoiser
+from prdit_fast.ops.dispatch import triton_runs_on
+from prdit_fast.ops.swiglu import adaptive_swiglu, reference_adaptive_swiglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GEMM_TOL = 1e-4
@@ -62,7 +61,7 @@ def test_adaln_kernels_in_rms_form(B, N, H):
 
     leaves = [t.clone().requires_grad_(True) for t in (x, shift, scale)]
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, shift, scale)]
-    y = layernorm_modulate(*leaves, eps=RMS_EPS, backend="triton", rms=True)
+    y = layernorm_modulate(*leaves, eps=RMS_EPS, impl="triton", rms=True)
     y_ref = layernorm_modulate_reference(*ref_leaves, eps=RMS_EPS, rms=True)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=2e-5)
     grads_match([y], [y_ref], leaves, ref_leaves, atol=1e-4)
@@ -70,7 +69,7 @@ def test_adaln_kernels_in_rms_form(B, N, H):
     inputs = (x, gate, branch, shift, scale)
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     ref_leaves = [t.clone().requires_grad_(True) for t in inputs]
-    out = gated_residual_layernorm_modulate(*leaves, eps=RMS_EPS, backend="triton", rms=True)
+    out = gated_residual_layernorm_modulate(*leaves, eps=RMS_EPS, impl="triton", rms=True)
     ref = gated_residual_layernorm_modulate_reference(*ref_leaves, eps=RMS_EPS, rms=True)
     torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[1], ref[1], rtol=0, atol=2e-5)
@@ -85,7 +84,7 @@ def test_adaln_kernels_in_rms_form(B, N, H):
 
     def embed(fn, e, gamma, beta, pos, shift, scale):
         return fn(e, gamma, beta, 1e-5, pos, shift, scale, eps=RMS_EPS, rms=True, **(
-            {"backend": "triton"} if fn is embed_layernorm_modulate else {}))
+            {"impl": "triton"} if fn is embed_layernorm_modulate else {}))
 
     out = embed(embed_layernorm_modulate, *leaves)
     ref = embed(embed_layernorm_modulate_reference, *ref_leaves)
@@ -116,14 +115,14 @@ def test_adaptive_swiglu_rms_form_forward_and_backward(B, N, D):
     want = block((rms_norm(x) * (1 + scale[:, None]) + shift[:, None]))
     ref = reference_adaptive_swiglu(x, shift, scale, block, RMS_EPS, rms=True)
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
-    got = adaptive_swiglu(x, shift, scale, block, norm_eps=RMS_EPS, backend="triton", rms=True)
+    got = adaptive_swiglu(x, shift, scale, block, norm_eps=RMS_EPS, impl="triton", rms=True)
     assert_close_scaled(got, ref)
     inputs = [x, shift, scale, *block.parameters()]
     grad_out = torch.randn_like(ref)
     assert_grads_close(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out))
 
 
-@pytest.mark.parametrize("impl, N", [("fused", 33), ("fused", 32), ("gemm", 7)])
+@pytest.mark.parametrize("impl, N", [("triton", 33), ("triton", 32), ("gemm", 7)])
 def test_local_denoiser_rms_form(impl, N):
     """The whole local denoiser on an RMS LocalDenoiser (its adaLN output RMSNorm included),
     both implementations; N = 32 is the per-sample tile form under the interpreter."""
@@ -131,7 +130,7 @@ def test_local_denoiser_rms_form(impl, N):
     module = randomize_(LocalDenoiser(D, 128, norm="rms")).to(DEVICE)
     tokens = (torch.randn(B, N, D, device=DEVICE) + 0.5).requires_grad_(True)
     c = torch.randn(B, D, device=DEVICE, requires_grad=True)
-    out = local_denoiser(tokens, c, module, backend="triton", impl=impl)
+    out = local_denoiser(tokens, c, module, impl=impl)
     ref = module(tokens, c)
     assert_close_scaled(out, ref)
     inputs = [tokens, c, *module.parameters()]
@@ -139,17 +138,13 @@ def test_local_denoiser_rms_form(impl, N):
     assert_grads_close(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out))
 
 
-def test_fast_tf_prdit_matches_reference_fp32(monkeypatch):
+def test_fast_tf_prdit_matches_reference_fp32():
     """accelerate() of a DiT- (RMS) model: the adaLN kernels in their RMS form, the blocks'
     modulation RMSNorm on the concatenated adaLN GEMM, fp32 outputs and gradients. The
     fused local denoiser (tested above in its RMS form) is slow under the interpreter at
     D = 1000: the reference module runs in its place, as in test_fast.py."""
-    real = fast_module._optional_op
-    monkeypatch.setattr(
-        fast_module, "_optional_op", lambda module, name: None if module == "local_denoiser" else real(module, name)
-    )
     ref = randomized_model("DiT-XS/10/2", 16).train()
-    fast = accelerate(ref, dtype=torch.float32)
+    fast = accelerate(ref, dtype=torch.float32, impl={"local_denoiser": "torch"})
     x = torch.randn(2, 1, 16, 16, 16)
     t = torch.tensor([900, 13])
     trainable = [p for p in ref.parameters() if p.requires_grad]
