@@ -35,8 +35,9 @@ def test_parameter_counts_of_the_paper_models(name, params):
 
 
 def test_parse_variant_accepts_short_and_long_names():
-    assert parse_variant("PRDiT-B/12/4") == ("B", 12, 4, 8, 2)
-    assert parse_variant("XS/10/0") == ("XS", 10, 0, 8, 1)
+    assert parse_variant("PRDiT-B/12/4") == ("B", 12, 4, 8, 2, "layer")
+    assert parse_variant("XS/10/0") == ("XS", 10, 0, 8, 1, "layer")
+    assert parse_variant("DiT-B/12/12") == ("B", 12, 12, 8, 2, "rms")  # TF-PRDiT (spec section 15)
     cfg = variant_config("B/12/4", 128)
     assert (cfg.hidden, cfg.heads, cfg.depth, cfg.patch, cfg.pad, cfg.stride) == (768, 12, 4, 12, 2, 8)
     assert (cfg.token_dim, cfg.num_tokens, cfg.out_token_dim) == (1728, 4096, 1024)
