@@ -29,6 +29,17 @@ def default_noise_std(norm: str) -> float:
     return NOISE_STD_TF if norm == "rms" else NOISE_STD
 
 
+def diffusion_for(model: torch.nn.Module) -> "IaNDiffusion":
+    """The IaN process a network was trained with: the ``noise_std`` ``load_checkpoint`` gave
+    it (a fast backend: its reference's), else the default of its norm."""
+    network = getattr(model, "reference", model)  # FastPRDiT wraps the loaded PRDiT
+    noise_std = getattr(network, "noise_std", None)
+    if noise_std is None:
+        config = network.config
+        noise_std = default_noise_std(getattr(config, "base", config).norm)  # PRDiT-SR: its base network's
+    return IaNDiffusion(noise_std=noise_std)
+
+
 def sampling_grid(steps: int, num_timesteps: int) -> list[int]:
     """Descending evaluation points floor(n T / steps), n = steps-1 .. 0.
 

@@ -330,6 +330,7 @@ class Sampler:
             "eta": self.eta if self.flow else None,
             "err_target": self.err_target if self.sampler == "pc_heun" else None,
             "nfe": self.nfe,
+            "noise_std": 1.0 if self.flow else self.diffusion.noise_std,
         }
 
     @property
@@ -461,5 +462,4 @@ class GuidedSampler(Sampler):
         out = super().describe()
         out.update(self.guidance)
         out["loss"] = type(self.loss).__name__
-        out["noise_std"] = self.diffusion.noise_std
         return out

@@ -169,6 +169,19 @@ def test_noise_std_is_recorded_and_restored(tmp_path):
     assert load_checkpoint(layer).noise_std == 0.5
 
 
+def test_diffusion_for_a_loaded_model_uses_its_noise_std(tmp_path):
+    from prdit_fast.diffusion import diffusion_for
+    from prdit_fast.engine import Sampler
+    from prdit_fast.fast import accelerate
+
+    path = save_checkpoint(tmp_path / "p.pt", randomized(create_model(VARIANT, SIZE)), noise_std=0.8)
+    model = load_checkpoint(path)
+    assert diffusion_for(model).noise_std == 0.8
+    assert diffusion_for(accelerate(model, dtype=torch.float32)).noise_std == 0.8
+    assert diffusion_for(create_model("PRDiT-XS/10/0", SIZE)).noise_std == 0.5  # no checkpoint: the norm's default
+    assert Sampler(model, 1, 2, diffusion=diffusion_for(model)).describe()["noise_std"] == 0.8
+
+
 def test_noise_std_scales_the_process():
     diffusion = IaNDiffusion(noise_std=1.0)
     noise = diffusion.initial_noise((4, 1, 16, 16, 16), generator=torch.Generator().manual_seed(0))

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     from prdit_fast.commands.sample import build_model
     from prdit_fast.devices import resolve_device
-    from prdit_fast.diffusion import IaNDiffusion
+    from prdit_fast.diffusion import IaNDiffusion, diffusion_for
     from prdit_fast.engine import GuidedSampler, keys_for
     from prdit_fast.measurements import data_consistency
     from prdit_fast.phantom import unit_to_hu
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, dtype, backend = build_model(args, device)
-    reference = getattr(model, "reference", model)
-    diffusion = IaNDiffusion(noise_std=reference.noise_std)
+    diffusion = diffusion_for(model)
     cfg = model.config
     op, y = build_task(args, cfg.input_size)
     truth = _load_hu(args.truth, "--truth") if args.truth else None

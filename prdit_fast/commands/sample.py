@@ -44,7 +44,7 @@ import torch
 from prdit_fast.atomic import remove_stale_temps
 from prdit_fast.data.recipes import OutputUnits, output_units
 from prdit_fast.devices import resolve_device
-from prdit_fast.diffusion import IaNDiffusion
+from prdit_fast.diffusion import IaNDiffusion, diffusion_for
 from prdit_fast.checkpoint import checkpoint_process
 from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
@@ -265,6 +265,8 @@ def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None 
         engine = Sampler(
             model, batch_size=batch_size, steps=args.steps, sampler=options["sampler"], k=options["k"] or 2,
             dtype=None if backend == "fast" else dtype, cuda_graph=not args.no_cuda_graph, **flow,
+            # IaN: the checkpoint's noise scale (1.0 for a TF-PRDiT prior)
+            diffusion=None if flow else diffusion_for(model),
         )
         summary.update(engine.describe())
         summary["variant"] = model.config.name

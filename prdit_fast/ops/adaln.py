@@ -19,8 +19,8 @@ One Triton kernel covers the three fused ops; a row of the token matrix is one p
 normalisation before the modulation is the parameter-free RMSNorm ``x / sqrt(mean(x^2) + eps)``
 (a constexpr flag of the same kernel; the patch embedder's own affine LayerNorm stays one).
 
-Statistics (mean, then the centred variance; for rms the mean is 0), ``1 + scale`` and the residual stream are
-fp32 whatever the storage dtypes; ``y`` is rounded once to ``out_dtype``. Backward is a
+Statistics (mean, then the centred variance; for rms the mean is 0), ``1 + scale`` and
+the residual stream are fp32 whatever the storage dtypes; ``y`` is rounded once to ``out_dtype``. Backward is a
 ``torch.autograd.Function`` whose backward uses torch ops on the saved fp32 statistics.
 impl="torch" (and "auto" without a GPU or the Triton interpreter) runs the
 plain-torch references below, which the tests compare the kernel against: fp32 agreement
