@@ -239,9 +239,7 @@ def test_task_settings_are_the_official_ones():
 
 def test_bench_guided_runs_on_the_cpu(tmp_path):
     """benchmarks/bench_guided.py (the GPU measurement of guided vs unguided steps) at a tiny size."""
-    from prdit_fast import bench
-
-    guided_bench = bench._benchmarks_module("bench_guided")
+    from benchmarks import bench_guided as guided_bench
     out = tmp_path / "guided.json"
     assert guided_bench.main(["--variant", "DiT-XS/10/1", "--size", "16", "--steps", "2", "--device", "cpu",
                               "--json", str(out)]) == 0
