@@ -16,7 +16,7 @@ Rows, all at batch 1 on one TF-PRDiT prior (random weights: the cost does not de
                  ``XrayProjection(N)``, and with ``--whole-steps`` a whole reconstruction
                  timed end to end.
 
-``step_ms`` is the median of ``prdit_fast.bench.time_call``; ``x_unguided`` the step-time
+``step_ms`` is the median of ``prdit_fast.bench.timing.time_call``; ``x_unguided`` the step-time
 ratio to ``unguided`` in this run. On the CPU (``--device cpu``, tiny sizes: the tests)
 the fast rows compute in fp32 with the plain-torch kernels and run eagerly.
 """
@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
-from prdit_fast import bench
+from prdit_fast.bench.timing import time_call
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import GuidedSampler, Sampler, keys_for
 from prdit_fast.measurements import TASK_SETTINGS, Downsample, guidance_gradient
+from prdit_fast.testing import randomized_model
 
 
 def _engine_row(name: str, engine: Sampler, device: torch.device, y: torch.Tensor | None) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def _engine_row(name: str, engine: Sampler, device: torch.device, y: torch.Tenso
         engine.step.zero_()  # stay inside the step table however many reps run
         engine.advance()
 
-    timing = bench.time_call(step, device)
+    timing = time_call(step, device)
     return {"row": name, "step_ms": timing.median_ms, "reps": timing.reps, "cuda_graph": engine.cuda_graph,
             "cuda_graph_reason": engine.graph_reason or None}
 
@@ -68,14 +69,14 @@ def _official_row(model: torch.nn.Module, op: torch.nn.Module, y: torch.Tensor, 
         nxt = x - st.move * (st.sin_i * x0_hat - st.cos_i * eps_hat) - st.guidance * guidance_gradient(op, x0_hat, y)
         return st.a * nxt + st.sigma * torch.randn_like(nxt)
 
-    timing = bench.time_call(step, device)
+    timing = time_call(step, device)
     return {"row": "official-sr", "step_ms": timing.median_ms, "reps": timing.reps, "cuda_graph": False}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reference = bench.randomized_model(args.variant, args.size).to(device)
+    reference = randomized_model(args.variant, args.size).to(device)
     from prdit_fast.fast import accelerate
 
     fast = accelerate(reference, dtype=dtype, impl="auto" if device.type == "cuda" else "torch")
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                **TASK_SETTINGS["xray"])
         rows.append(_engine_row("guided-xray", engine, device, y_xray))
         if args.whole_steps:
-            timing = bench.time_call(lambda: engine.sample(keys_for(0, [0]), y_xray), device, warmup=1,
+            timing = time_call(lambda: engine.sample(keys_for(0, [0]), y_xray), device, warmup=1,
                                      min_reps=1, max_reps=3)
             rows[-1][f"whole_s_{args.whole_steps}"] = timing.median_ms / 1e3
     base = rows[0]["step_ms"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prdit_fast.bench import randomized_model
+from prdit_fast.testing import randomized_model
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import GuidedSampler, keys_for
 from prdit_fast.measurements import (

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-from prdit_fast.bench import randomized_model
+from prdit_fast.testing import randomized_model
 from prdit_fast.fast import accelerate
 from prdit_fast.models import RMS_EPS, LocalDenoiser, SwiGLU
 from prdit_fast.ops.adaln import (
