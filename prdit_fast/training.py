@@ -375,13 +375,16 @@ def _check_stage3(config: dict) -> None:
 
 def _run_identity(config: Mapping[str, Any]) -> tuple:
     """What a checkpoint's config must share with this run's to resume it: the network
-    (for stage 3 also the base, both sizes and the stage), the volume edge, the channels."""
+    (for stage 3 also the base, both sizes and the stage), the volume edge, the channels and
+    the process."""
     if is_official_sr_config(config):
         cfg = config_from_official_sr(config)
         stage = "3b" if config["base_model"].get("finetune") else "3a"
         return (cfg.name, f"{cfg.base.input_size}^3 -> {cfg.input_size}^3", cfg.in_channels, f"stage {stage}")
     model, data = config.get("model") or {}, config.get("data") or {}
-    return (_canonical_name(model.get("name")), data.get("image_size"), model.get("in_channels", 1))
+    channels = model.get("in_channels", 1)
+    process = "flow matching" if model.get("out_channels") == channels else "IaN"  # the head (spec section 14)
+    return (_canonical_name(model.get("name")), data.get("image_size"), channels, process)
 
 
 # --------------------------------------------------------------------------- #
@@ -760,7 +763,7 @@ class Trainer:
         mine, theirs = _run_identity(self.config), _run_identity(ckpt.get("config", {}))
         if mine != theirs:
             raise ValueError(
-                f"cannot resume from {path}: it trains {', '.join(map(str, theirs))} (network, volume edge, channels), "
+                f"cannot resume from {path}: it trains {', '.join(map(str, theirs))}; "
                 f"the config asks for {', '.join(map(str, mine))}; use another output.results_dir"
             )
         self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))

@@ -102,6 +102,10 @@ def test_fm_resume_with_accumulation_is_bit_exact(tmp_path):
     weight = a["model.fine.final_layer.linear.weight"]
     assert weight.shape[0] == 8**3 and not torch.equal(weight, torch.zeros_like(weight))  # velocity head, trained
 
+    ian = tiny_config(tmp_path / "b", "PRDiT-XS/10/1", 6, **sections)  # same network, the IaN head
+    with pytest.raises(ValueError, match="cannot resume .*flow matching.*IaN"):
+        Trainer(ian, resume=True)
+
 
 def test_accumulated_step_equals_one_step_on_the_whole_batch(tmp_path):
     """Two micro-batches of 2 with accumulation give the gradient of one batch of 4 when
