@@ -158,3 +158,15 @@ def test_gpu_engine_graph_runs_every_solver_as_eager(solver):
     assert rel_rms(x_graph, x_eager) < 1e-3
     alone = Sampler(fast, batch_size=1, steps=4, sampler=solver, eta=ETA[solver], err_target=0.5).sample(keys[1:])[0]
     assert rel_rms(alone[0], x_graph[1]) < 1e-2  # bf16 GEMMs of another batch size round differently
+
+
+@requires_cuda
+def test_gpu_fused_local_denoiser_at_token_width_4096():
+    """The all-Triton fused adaptive-SwiGLU GEMMs (impl "triton", what fp32 CUDA runs) at
+    D = 4096, against the reference in fp32 (too slow for the CPU interpreter)."""
+    model = fm_model("PRDiT-XS/16/1-s16", 32).cuda()
+    x, t = torch.randn(2, 1, 32, 32, 32, device="cuda"), torch.tensor([130.5, 870.25], device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = model(x, t)
+    out = accelerate(model, dtype=torch.float32, impl={"local_denoiser": "triton"})(x, t)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
