@@ -37,6 +37,7 @@ import torch
 from benchmarks.bench_sampling import _CompiledStep, skip_reason, tf32
 from benchmarks.bench_sampling import RowSpec as _RowSpec
 from prdit_fast import bench
+from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 
 SCHEMA = "prdit-fast-flow-matching/1"
@@ -236,13 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.variant, args.size, args.batch_size, args.steps, args.train_batch, args.accum, args.device,
                  training=not args.no_training)
-    text = json.dumps(result, indent=2, default=str)
     if args.json:
-        from prdit_fast.atomic import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(text + "\n")
-    print(text)
+        write_json(args.json, result)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
