@@ -68,7 +68,7 @@ def _gemm_cases() -> list[Case]:
 
     def on_load_constants(cx: dict) -> dict:
         return {"EVEN_K": D % cx["BLOCK_K"] == 0,
-                "MOD_MODE": sw._mod_mode({"MOD_KIND": cx["MOD_KIND"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
+                "TILE_MODULATION": sw._tile_modulation({"MODULATION": cx["MODULATION"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
 
     def epilogue_constants(cx: dict) -> dict:
         return {"EVEN_K": D % cx["BLOCK_K"] == 0}
@@ -90,13 +90,13 @@ def _gemm_cases() -> list[Case]:
         epilogue("swiglu fc1, folded weights", gated, D, dict(GATED=True, NORMALIZE=True, SAMPLE_WEIGHTS=True,
                  EMIT_STATS=True), wb=D * D, vb=D),
         on_load("swiglu fc1, normalize on load", gated, D, dict(GATED=True, NORMALIZE=True,
-                MOD_KIND=sw.MOD_KIND_PER_SAMPLE, EMIT_STATS=True)),
+                MODULATION=sw.MODULATION_PER_SAMPLE, EMIT_STATS=True)),
         epilogue("swiglu fc2", single, D, dict(NORMALIZE=True, EMIT_STATS=True)),
         epilogue("swiglu fc2 + residual", single, D, dict(NORMALIZE=True, RESIDUAL=True)),
         epilogue("linear_final, folded weights", single, out, dict(NORMALIZE=False, SAMPLE_WEIGHTS=True),
                  wb=out * D, vb=out),
         on_load("linear_final, modulate on load", single, out, dict(NORMALIZE=False,
-                MOD_KIND=sw.MOD_KIND_PER_SAMPLE)),
+                MODULATION=sw.MODULATION_PER_SAMPLE)),
     ]
 
 

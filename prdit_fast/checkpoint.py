@@ -367,7 +367,7 @@ def load_checkpoint(
         model.checkpoint_weights = which
         model.noise_std = _noise_std(ckpt, model.config, path)
         if backend == "fast":
-            from .fast import accelerate
+            from .fast import accelerate  # here: the fast backend imports Triton, slow to start
 
             return accelerate(model, **backend_kwargs)
         return model

@@ -39,6 +39,7 @@ import torch
 from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
 from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, nfe, solver_step, step_times
 from .measurements import Loss, MeasurementOperator, guidance_gradient
+from .ops.attention_backends import last_backend
 from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise, step_table
 
 log = logging.getLogger("prdit_fast")
@@ -308,8 +309,6 @@ class Sampler:
             return "reference"
         chosen = getattr(self.model, "attention", None)
         if chosen == "auto":  # resolved at the first call (the warm-up, or the first step)
-            from .ops.attention_backends import last_backend
-
             return last_backend() or chosen
         return chosen
 

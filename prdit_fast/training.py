@@ -644,7 +644,7 @@ class Trainer:
             else:
                 self._info(f"activation checkpointing on {enable_activation_checkpointing(self.model)} blocks")
         if cfg_model["backend"] == "fast":
-            from .fast import accelerate
+            from .fast import accelerate  # here: the fast backend imports Triton, slow to start
 
             net = accelerate(self.model, dtype=torch.bfloat16 if tr["amp"] else torch.float32)
         if self.distributed:

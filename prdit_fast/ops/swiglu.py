@@ -63,8 +63,9 @@ SWIGLU_PARAMS = (
     "norm.weight", "norm.bias", "fc2.weight", "fc2.bias",
 )
 # What the normalize-on-load GEMM modulates its A tile with: nothing, (K,) vectors shared
-# by all rows, (B, K) per sample (the kernel's MOD_MODE then says how a tile finds its rows).
-MOD_KIND_NONE, MOD_KIND_SHARED, MOD_KIND_PER_SAMPLE = 0, 1, 2
+# by all rows, (B, K) per sample. The kernel's TILE_MODULATION then says how one row tile
+# finds its rows' vectors.
+MODULATION_NONE, MODULATION_SHARED, MODULATION_PER_SAMPLE = 0, 1, 2
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if triton_importable():
@@ -175,11 +176,11 @@ if triton_importable():
 
     @triton.jit
     def _load_affine(ptr, rows, k, k_mask, b_first, b_second, in_first, n_tokens, n_samples, stride_cb,
-                     MOD_MODE: tl.constexpr):
+                     TILE_MODULATION: tl.constexpr):
         """Per-column multiplier/offset for the A tile rows, as fp32 broadcastable to (BM, BK)."""
-        if MOD_MODE == 1:
+        if TILE_MODULATION == 1:
             v = tl.load(ptr + b_first * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        elif MOD_MODE == 2:
+        elif TILE_MODULATION == 2:
             # The tile spans at most two samples: two vector loads and a select.
             v1 = tl.load(ptr + b_first * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)
             v2 = tl.load(ptr + b_second * stride_cb + k, mask=k_mask, other=0.0).to(tl.float32)
@@ -258,15 +259,15 @@ if triton_importable():
         M, N, K, n_tokens, n_samples, eps,
         stride_am, stride_plane, stride_sm, stride_cb, stride_wn, stride_w2n,
         stride_om, stride_out_plane, stride_out_sm,
-        NORMALIZE: tl.constexpr, NORM_RMS: tl.constexpr, MOD_KIND: tl.constexpr, GATED: tl.constexpr,
+        NORMALIZE: tl.constexpr, NORM_RMS: tl.constexpr, MODULATION: tl.constexpr, GATED: tl.constexpr,
         EMIT_STATS: tl.constexpr,
         GROUPS_POW2: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        EVEN_K: tl.constexpr, MOD_MODE: tl.constexpr,
+        EVEN_K: tl.constexpr, TILE_MODULATION: tl.constexpr,
     ):
         """out = epilogue(modulate(LN(A)) @ W^T), the A tile normalised and modulated as it is
         loaded, in fp32 registers: LN(A) = (A - mean) * rstd per row when NORMALIZE (from the
-        partial moments at stats_ptr), modulate = * scale + shift with MOD_MODE (0 none,
+        partial moments at stats_ptr), modulate = * scale + shift with TILE_MODULATION (0 none,
         1 one vector per tile, 2 a tile across two samples, 3 a gather per row). Epilogue:
         + bias, or with GATED the SwiGLU gate SiLU(. + bias) * (A' @ W2^T + bias2)."""
         pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -299,11 +300,11 @@ if triton_importable():
             a = a.to(tl.float32)
             if NORMALIZE:
                 a = (a - mean[:, None]) * rstd[:, None]
-            if MOD_MODE != 0:
+            if TILE_MODULATION != 0:
                 scale = _load_affine(scale_ptr, offs_m, k, k_mask, b_first, b_second, in_first,
-                                     n_tokens, n_samples, stride_cb, MOD_MODE)
+                                     n_tokens, n_samples, stride_cb, TILE_MODULATION)
                 shift = _load_affine(shift_ptr, offs_m, k, k_mask, b_first, b_second, in_first,
-                                     n_tokens, n_samples, stride_cb, MOD_MODE)
+                                     n_tokens, n_samples, stride_cb, TILE_MODULATION)
                 a = a * scale + shift
             a = a.to(w.dtype)
             acc, acc2 = _dot_k_step(a, w, w2_ptrs, k_mask, acc, acc2, GATED, EVEN_K, DOT_PRECISION)
@@ -385,14 +386,14 @@ if triton_importable():
         _store_tile(y, out_ptr, out_stats_ptr, pid_m, pid_n, M, N, stride_om, stride_out_plane, stride_out_sm,
                     EMIT_STATS, GROUP, BLOCK_M, BLOCK_N)
 
-    def _mod_mode(args) -> int:
+    def _tile_modulation(args) -> int:
         """How a tile of the normalize-on-load GEMM finds its modulation rows: 0 none, 1 one
         vector (shared, or the tile lies in one sample), 2 the tile straddles two samples,
         3 gather per row."""
-        kind, tokens, block_m = args["MOD_KIND"], args["n_tokens"], args["BLOCK_M"]
-        if kind == MOD_KIND_NONE:
+        kind, tokens, block_m = args["MODULATION"], args["n_tokens"], args["BLOCK_M"]
+        if kind == MODULATION_NONE:
             return 0
-        if kind == MOD_KIND_SHARED or tokens % block_m == 0:
+        if kind == MODULATION_SHARED or tokens % block_m == 0:
             return 1
         return 2 if tokens >= block_m else 3
 
@@ -405,8 +406,9 @@ if triton_importable():
             "16bit_gated": triton.autotune(_CONFIGS_16BIT_GATED, key=key)(derived(kernel)),
         }
 
-    _NORMALIZE_ON_LOAD = _autotuned(_normalize_on_load_gemm_kernel, ["M", "N", "K", "GATED", "NORMALIZE", "NORM_RMS", "MOD_KIND"],
-                                    {"MOD_MODE": _mod_mode})
+    _NORMALIZE_ON_LOAD = _autotuned(_normalize_on_load_gemm_kernel,
+                                    ["M", "N", "K", "GATED", "NORMALIZE", "NORM_RMS", "MODULATION"],
+                                    {"TILE_MODULATION": _tile_modulation})
     _LAYERNORM_EPILOGUE = _autotuned(_layernorm_epilogue_gemm_kernel,
                                      ["M", "N", "K", "GATED", "NORMALIZE", "NORM_RMS", "RESIDUAL", "SAMPLE_WEIGHTS"], {})
 
@@ -517,15 +519,15 @@ def normalize_on_load_gemm(
         up_weight = _rowwise(up_weight)
     n_tokens, n_samples = (tokens_per_sample or M), 1
     if scale is None:
-        mod_kind, stride_cb = MOD_KIND_NONE, 0
+        modulation, stride_cb = MODULATION_NONE, 0
     elif scale.dim() == 1:
-        mod_kind, stride_cb = MOD_KIND_SHARED, 0
+        modulation, stride_cb = MODULATION_SHARED, 0
     else:
         # (B, K) vectors are tiny: contiguous copies give scale and shift one batch stride.
         if tokens_per_sample is None:
             raise ValueError("per-sample scale/shift (B, K) need tokens_per_sample")
         scale, shift = scale.contiguous(), shift.contiguous()
-        n_samples, stride_cb, mod_kind = scale.shape[0], scale.stride(0), MOD_KIND_PER_SAMPLE
+        n_samples, stride_cb, modulation = scale.shape[0], scale.stride(0), MODULATION_PER_SAMPLE
     out, out_stats = _output(a, N, weight.dtype, emit_stats)
     unused = out  # stands in for absent pointers; never dereferenced (constexpr-disabled)
     stats_t = stats if stats is not None else out_stats if out_stats is not None else torch.empty(
@@ -538,7 +540,7 @@ def normalize_on_load_gemm(
         M, N, K, n_tokens, n_samples, float(eps),
         a.stride(0), stats_t.stride(0), stats_t.stride(1), stride_cb, weight.stride(0),
         up_weight.stride(0) if gated else 0, out.stride(0), out_stats_t.stride(0), out_stats_t.stride(1),
-        NORMALIZE=stats is not None, NORM_RMS=rms, MOD_KIND=mod_kind, GATED=gated, EMIT_STATS=emit_stats,
+        NORMALIZE=stats is not None, NORM_RMS=rms, MODULATION=modulation, GATED=gated, EMIT_STATS=emit_stats,
         GROUPS_POW2=triton.next_power_of_2(_num_groups(K)), GROUP=STATS_GROUP,
         DOT_PRECISION=_dot_precision(weight.dtype),
     )

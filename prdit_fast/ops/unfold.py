@@ -59,11 +59,10 @@ if triton_importable():
     # row, P consecutive voxels along w land on P consecutive token entries. The index math
     # of a token (its window origin, the mirrored w coordinates) is done once, outside the
     # loop, and a row's reflect in d and h once per row; what remains per element is an
-    # address add, the load and the store. Compiled for sm_90a this is ~15 SASS
-    # instructions per copied element, against 29-58 for a tile of flat token columns
-    # (index = (c, kd, kh, kw) recovered from the column by division per element), which
-    # made the copy instruction-bound. Under the interpreter, which pays per operation, the
-    # same kernel with the largest token block.
+    # address add, the load and the store: a tile of flat token columns, recovering
+    # (c, kd, kh, kw) from the column by division per element, made the copy
+    # instruction-bound (SASS counts: benchmarks/results/design-notes.md). Under the
+    # interpreter, which pays per operation, the same kernel with the largest token block.
     @triton.autotune(
         configs=autotune_configs(interpreted=[triton.Config({"BLOCK_T": 128}, num_warps=4)], tuned=[
             triton.Config({"BLOCK_T": 64}, num_warps=4),
@@ -140,9 +139,9 @@ if triton_importable():
     # Contributions are separable per axis: d's are scalars of the program, h's are
     # vectors over the tile's rows and w's over its columns, and every table is computed
     # once, before the loops; the w slots are unrolled (at most _FOLD_W_SLOTS per voxel), so
-    # the loop body is address adds, masked loads and fp32 adds. sm_90a SASS: ~125
-    # instructions per output voxel at p = 12, s = 8, against ~230 when each loop step
-    # recomputed its w slot from the per-voxel source lists.
+    # the loop body is address adds, masked loads and fp32 adds, instead of each loop step
+    # recomputing its w slot from the per-voxel source lists (SASS counts:
+    # benchmarks/results/design-notes.md).
     @triton.autotune(
         configs=autotune_configs(interpreted=[triton.Config({"BLOCK_H": 64}, num_warps=4)], tuned=[
             triton.Config({"BLOCK_H": 8}, num_warps=4),
