@@ -76,12 +76,13 @@ def _gemm_cases() -> list[Case]:
     def on_load(name, configs, n_out, flags):
         ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, n_samples=BATCH, **strides)
         return Case(name, _jit(sw._normalize_on_load_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
-                    {**common, "GATED": False, "EMIT_STATS": False, **flags}, on_load_constants)
+                    {**common, "GATED": False, "EMIT_STATS": False, "NORM_RMS": False, **flags}, on_load_constants)
 
     def epilogue(name, configs, n_out, flags, wb=0, vb=0):
         ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, stride_wb=wb, stride_vb=vb, **strides)
         return Case(name, _jit(sw._layernorm_epilogue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
-                    {**common, "GATED": False, "EMIT_STATS": False, "SAMPLE_WEIGHTS": False, "RESIDUAL": False, **flags},
+                    {**common, "GATED": False, "EMIT_STATS": False, "NORM_RMS": False, "SAMPLE_WEIGHTS": False, "RESIDUAL": False,
+                     **flags},
                     epilogue_constants)
 
     gated, single = sw._LAYERNORM_EPILOGUE["16bit_gated"].configs, sw._LAYERNORM_EPILOGUE["16bit"].configs
