@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, requires_cuda
 
-from prdit_fast.testing import randomized_model
+from prdit_fast.testing import randomized_model, rel_rms
 from prdit_fast.fast import accelerate
-from prdit_fast.models import RMS_EPS, LocalDenoiser, SwiGLU
+from prdit_fast.models import RMS_EPS, LocalDenoiser, SwiGLU, create_model
 from prdit_fast.ops.adaln import (
     embed_layernorm_modulate,
     embed_layernorm_modulate_reference,
@@ -177,3 +177,35 @@ def test_accelerate_foreign_module_takes_its_norm():
     rms_model.coarse.mlp_denoise.norm1 = torch.nn.Identity()
     with pytest.raises(ValueError, match="cannot tell the normalization"):
         accelerate(Wrapper(rms_model), dtype=torch.float32, input_size=16)
+
+
+# --------------------------------------------------------------------------- GPU only (bf16)
+@requires_cuda
+@pytest.mark.parametrize("impl", ["triton", "gemm"])
+def test_local_denoiser_rms_bf16_cuda(impl):
+    """DiT-B/12/0's local denoiser at S = 64 (N = 512: the per-sample folded form) in bf16
+    against the fp32 reference: relative RMS error < 2e-2 and within 1.5x of eager bf16's."""
+    model = randomize_(create_model("DiT-B/12/0", 64)).cuda()
+    module = model.coarse.mlp_denoise
+    tokens = model.tokens(torch.randn(2, 1, 64, 64, 64, device="cuda") + 0.3)
+    c = torch.randn(2, 1728, device="cuda")
+    truth = module(tokens, c)
+    module16 = create_model("DiT-B/12/0", 64).coarse.mlp_denoise.cuda().bfloat16()
+    module16.load_state_dict(module.state_dict())
+    fused = local_denoiser(tokens.bfloat16(), c.bfloat16(), module16, impl=impl)
+    eager = module16(tokens.bfloat16(), c.bfloat16())
+    err, eager_err = rel_rms(fused, truth), rel_rms(eager, truth)
+    assert err < 2e-2 and err < 1.5 * eager_err + 1e-3, (err, eager_err)
+
+
+@requires_cuda
+def test_fast_tf_prdit_bf16_cuda():
+    """The whole TF-PRDiT fast backend in bf16 against the fp32 reference (TF32 off), as
+    test_fast.py's bound for PRDiT: output relative RMS error < 3e-2."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = randomized_model("DiT-B/12/2", 32).cuda().eval()
+    fast = accelerate(ref, dtype=torch.bfloat16)
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda")
+    t = torch.tensor([17, 803], device="cuda")
+    with torch.no_grad():
+        assert rel_rms(fast(x, t), ref(x, t)) < 3e-2
