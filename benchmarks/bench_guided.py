@@ -23,13 +23,12 @@ the fast rows compute in fp32 with the plain-torch kernels and run eagerly.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from prdit_fast.atomic import write_json
 from prdit_fast.bench.timing import time_call
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rows"]:
         print(f"{row['row']:<12} {row['step_ms']:10.3f} ms/step  x{row['x_unguided']:.3f}  graph={row['cuda_graph']}")
     if args.json:
-        from prdit_fast.atomic import atomic_path
-
-        with atomic_path(Path(args.json)) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

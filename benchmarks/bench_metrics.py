@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prdit_fast.data.preprocess import write_json_atomic
+from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 from prdit_fast.metrics import MedicalNetResNet50, load_medicalnet, ms_ssim_diversity
 from prdit_fast.metrics.distances import bootstrap_intervals, fid, fid_via_factors, mmd
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     })
     print(json.dumps(result, indent=2))
     if args.out is not None:
-        write_json_atomic(args.out, result)
+        write_json(args.out, result)
     return result
 
 

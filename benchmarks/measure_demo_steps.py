@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from prdit_fast.data.preprocess import write_json_atomic
+from prdit_fast.atomic import write_json
 from prdit_fast.checkpoint import copy_matching_weights
 from prdit_fast.commands import demo
 from prdit_fast.diffusion import IaNDiffusion
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"demo ({demo_steps}): {projection['cpu_s']:.0f} CPU-s with {args.threads} thread(s), "
           f"{projection['wall_here_s']:.0f} s wall at this machine's load")
     if args.out is not None:
-        write_json_atomic(args.out, result)
+        write_json(args.out, result)
     return result
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from prdit_fast.checkpoint import copy_matching_weights, save_checkpoint
-from prdit_fast.data.preprocess import write_json_atomic
+from prdit_fast.atomic import write_json
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.errors import UsageError
 from prdit_fast.models import PRDiT, count_parameters, create_model
@@ -195,7 +195,7 @@ def demo(args: argparse.Namespace) -> list[Path]:
     quality = phantom_quality(np.stack(samples_hu), reference_hu, period=ema2.config.stride)
     quality.update({"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "sampler_steps": args.steps,
                     "size": args.size, "seed": args.seed})
-    write_json_atomic(out / "quality.json", quality)
+    write_json(out / "quality.json", quality)
     written.append(out / "quality.json")
     _say(format_quality(quality))
     _say(f"total {time.perf_counter() - total_start:.0f} s")

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_path, remove_stale_temps
+from ..atomic import atomic_path, remove_stale_temps, write_json
 from .readers import read_volume
 from .recipes import MANIFEST, recipe_manifest
 
@@ -88,11 +88,6 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     """np.save through a temporary file in the same folder, renamed over ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def output_names(sources: list[Path]) -> list[str]:
@@ -208,5 +203,5 @@ def preprocess_volumes(
     for name, r in previous.items():
         records.setdefault(name, r)
     manifest = {**settings, **recipe_manifest(dataset, size), "volumes": sorted(records.values(), key=lambda r: r["output"])}
-    write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..data.preprocess import write_json_atomic
+from ..atomic import write_json
 from .distances import bootstrap_intervals, fid, fid_via_factors, mmd
 from .medicalnet import FeatureSet, MedicalNetResNet50, load_medicalnet, network_digest, scan
 from .ms_ssim import min_edge, ms_ssim_diversity
@@ -295,7 +295,7 @@ def write_report(result: dict[str, Any], path: str | os.PathLike) -> tuple[Path,
     """Write ``result`` as JSON to ``path`` and as Markdown next to it (``.md``), atomically."""
     path = Path(path)
     markdown = path.with_suffix(".md")
-    write_json_atomic(path, result)
+    write_json(path, result)
     with atomic_path(markdown) as tmp:
         tmp.write_text(markdown_report(result))
     return path, markdown
