@@ -57,7 +57,10 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 # the caps below sum past the budget on purpose: later stages get what the earlier ones leave
-declare -A CAP=([native]=45 [tests]=130 [profile]=60 [baselines]=270 [fp8]=90 [swiglu]=60 [epilogue]=40 [memory]=45)
+declare -A CAP=([native]=45 [tests]=130 [profile]=60 [baselines]=270 [fp8]=90 [swiglu]=60 [epilogue]=40 [memory]=45
+              [fm]=240 [sr]=240 [guided]=120 [metrics]=240)
+# fm, sr, guided and metrics are not in the default STAGES (they do not fit one 9-minute
+# session with the rest): a later session runs them by name, e.g. STAGES="tests fm sr".
 
 stage_command() {
   case "$1" in
@@ -94,6 +97,19 @@ stage_command() {
     memory)
       if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
       python3 -m pytest -q -p no:cacheprovider benchmarks/bench_ops_memory.py --benchmark-only --benchmark-json="$WORK/memory.json" ;;
+    fm)
+      if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
+      python3 -m benchmarks.bench_flow_matching --json "$WORK/fm.json" ;;
+    sr)
+      if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
+      python3 -m benchmarks.bench_sampling --variant PRDiT-B/12/4 --size 128 --sr-size 256 --batch-size 2 \
+        --whole-budget "${BASELINE_WHOLE_BUDGET_S:-25}" --json "$WORK/sr.json" ;;
+    guided)
+      if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
+      python3 -m benchmarks.bench_guided --json "$WORK/guided.json" ;;
+    metrics)
+      if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
+      python3 -m benchmarks.bench_metrics --num "${METRICS_VOLUMES:-1000}" --size 128 --out "$WORK/metrics.json" ;;
     *) echo "unknown stage $1 (stages: ${!CAP[*]})"; return 2 ;;
   esac
 }

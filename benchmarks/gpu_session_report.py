@@ -27,7 +27,11 @@ from prdit_fast.atomic import atomic_path, write_json
 
 SCHEMA = "prdit-fast-gpu-session/1"
 STAGE_FILES = {"baselines": "baselines.json", "swiglu": "swiglu.json", "epilogue": "epilogue.json",
-               "fp8": "fp8.json", "memory": "memory.json"}
+               "fp8": "fp8.json", "memory": "memory.json", "fm": "fm.json", "sr": "sr.json",
+               "guided": "guided.json", "metrics": "metrics.json"}
+# opt-in stages whose rows results.json keeps whole; summary.md only names them
+OPT_IN_BENCHMARKS = {"fm": "benchmarks/bench_flow_matching.py", "sr": "benchmarks/bench_sampling.py --sr-size",
+                     "guided": "benchmarks/bench_guided.py", "metrics": "benchmarks/bench_metrics.py"}
 
 
 def _load(path: Path) -> Any:
@@ -114,6 +118,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         if stage in result:
             lines += ["", f"## {stage} (benchmarks/bench_{'ops_epilogue' if stage == 'epilogue' else 'fp8'}.py)", ""]
             lines += result[stage].get("summary", ["(no summary)"])
+    for stage, script in OPT_IN_BENCHMARKS.items():
+        if stage in result:
+            lines += ["", f"## {stage} ({script}): every row in results.json under \"{stage}\""]
     if "memory" in result:
         lines += ["", "## Memory-bound kernels (benchmarks/bench_ops_memory.py)", ""]
         lines += _pytest_benchmark_lines(result["memory"])

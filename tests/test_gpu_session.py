@@ -121,3 +121,19 @@ def test_dry_run_fp8_and_epilogue_stages(dry_run):
     assert 0 < volume["rmse_hu"] < 2000 and volume["psnr_hu_db"] > 0
     for row in result["epilogue"]["rows"]:  # the interpreter's fp32 epilogue GEMM agrees with the composition
         assert row["x_rel_rms"] < 1e-5 and row["y_rel_rms"] < 1e-5, row
+
+
+def test_opt_in_stages_are_named_in_the_summary(tmp_path):
+    """fm / sr / guided / metrics rows stay whole in results.json; summary.md names the stage."""
+    from benchmarks import gpu_session_report as report
+
+    for stage, name in (("fm", "fm.json"), ("metrics", "metrics.json")):
+        (tmp_path / name).write_text(json.dumps({"rows": [{"row": "ours", "ms": 1.0}]}))
+    (tmp_path / "stages.jsonl").write_text(
+        '{"stage": "fm", "status": "ok", "seconds": 3, "cap_s": 240}\n'
+        '{"stage": "metrics", "status": "ok", "seconds": 4, "cap_s": 240}\n')
+    result = report.collect(tmp_path, commit="abc", dry_run=True)
+    assert result["fm"]["rows"][0]["row"] == "ours" and "metrics" in result and "sr" not in result
+    markdown = report.to_markdown(result)
+    assert "## fm (benchmarks/bench_flow_matching.py)" in markdown
+    assert "## metrics (benchmarks/bench_metrics.py)" in markdown and "## sr " not in markdown
