@@ -14,7 +14,7 @@ into ``--out``:
 * ``checkpoint.pt``: the stage-2 EMA weights (``prdit_fast.load_checkpoint`` reads it);
 * ``quality.json``: the verdict, also printed.
 
-The default step counts take about 5 minutes on 2 free CPU cores (measured; see
+The default step counts take about 10 minutes on 2 CPU cores (a whole run is recorded in
 ``benchmarks/results/cpu-shared-2core-2026-12-01/demo_steps.md``).
 
 Every file is written atomically: Ctrl-C leaves complete files or none.
