@@ -3,9 +3,8 @@ the same bytes as an uninterrupted one.
 
 - Identity: the checkpoint's SHA-256 and every argument that changes the bytes of a
   volume (seed, sampler, steps, k, saved quantity, weights, compute dtype, backend,
-  batch size, number of volumes, world size, format) are written to ``OUT/run.json``
-  when the folder is first used; a later invocation with another identity is refused
-  (``claim_folder``), so two runs never mix in one folder.
+  batch size, number of volumes, world size, format) claim the folder atomically
+  (``prdit_fast.run_claims.claim_run_folder``), so two runs never mix in one folder.
 - Fixed groups: rank r's volumes are cut into consecutive groups of ``batch_size``
   (``batch_groups``) and a group is always sampled whole, so every volume is computed in
   the same batch whatever was already on disk when the run (re)started.
@@ -23,10 +22,6 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .atomic import atomic_path
-from .errors import UsageError
-
-RUN_FILE = "run.json"
-
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
@@ -49,28 +44,6 @@ def checkpoint_volume_metadata(path: str | os.PathLike) -> Mapping[str, Any] | N
     config = ckpt.get("config") if isinstance(ckpt, Mapping) else None
     volume = config.get("volume") if isinstance(config, Mapping) else None
     return volume if isinstance(volume, Mapping) else None
-
-
-def claim_folder(out: Path, identity: Mapping[str, Any], volume_glob: str = "sample_*") -> None:
-    """Record ``identity`` as the owner of ``out``, or raise UsageError when ``out``
-    belongs to another run (another identity, or volumes without a record)."""
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        owner = json.loads(run_file.read_text())
-        if owner != dict(identity):
-            differ = [f"{k} {owner.get(k)!r} (folder) vs {identity.get(k)!r}"
-                      for k in sorted(set(owner) | set(identity)) if owner.get(k) != identity.get(k)]
-            raise UsageError(
-                f"--out {out} holds volumes of another run ({'; '.join(differ)}); use another --out folder"
-            )
-        return
-    if any(out.glob(volume_glob)):
-        raise UsageError(
-            f"--out {out} holds volumes without a {RUN_FILE} (another run, or an older prdit_fast); "
-            f"use another --out folder"
-        )
-    with atomic_path(run_file) as tmp:
-        tmp.write_text(json.dumps(dict(identity), indent=2, sort_keys=True) + "\n")
 
 
 def batch_groups(indices: Sequence[int], batch_size: int) -> list[list[int]]:

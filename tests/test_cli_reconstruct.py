@@ -84,3 +84,18 @@ def test_usage_errors(files, capsys):
     assert "needs --mask" in capsys.readouterr().err
     assert reconstruct(root, ckpt, "bad", "--guidance-decay", "cosine", "--noise-weight", "-1") == 2
     assert "noise_weight" in capsys.readouterr().err
+
+
+def test_out_is_claimed_and_checked_before_any_work(files, capsys):
+    root, ckpt = files
+    assert reconstruct(root, ckpt, "claimed") == 0
+    before = (root / "claimed" / "reconstruction.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert reconstruct(root, ckpt, "claimed", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "another run (seed 0 (folder) vs 1)" in err and err.count("\n") == 1
+    assert (root / "claimed" / "reconstruction.nii.gz").read_bytes() == before
+    (root / "a_file").write_text("x")
+    assert reconstruct(root, ckpt, "a_file") == 2  # refused before the model runs
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err

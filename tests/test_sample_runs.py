@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -88,6 +91,27 @@ def test_nan_volume_is_an_error_and_not_written(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
     assert len(err) == 1 and "sample_000000.nii.gz" in err[0] and "NaN" in err[0]
     assert not list(out.glob("sample_*"))
+    # the failed run wrote nothing, so it does not keep the folder from a fixed run
+    good = official_checkpoint(tmp_path / "good.pt")
+    assert main(args(good, out, "--no-png")) == 0
+    assert len(list(out.glob("sample_*"))) == 2
+
+
+def test_two_runs_started_together_never_share_a_folder(plain_ckpt, tmp_path):
+    """Two real ``prdit-fast sample`` processes of different seeds, started at once, into one new folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "prdit_fast.cli", *args(plain_ckpt, out, "--seed", str(seed))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    winner = 1 if results[0][0] == 0 else 2
+    loser_err = [line for line in results[1 if winner == 1 else 0][1].splitlines() if line.startswith("error:")]
+    assert len(loser_err) == 1 and "another run" in loser_err[0], results
+    assert json.loads((out / "run.json").read_text())["seed"] == winner
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [winner] and sorted(p.name for p in out.glob("sample_*")) == [
+        "sample_000000.nii.gz", "sample_000001.nii.gz"]
 
 
 def test_default_saves_the_clean_prediction(plain_ckpt, tmp_path):

@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from prdit_fast.errors import UsageError
+from prdit_fast.run_claims import check_out_folder, claim_run_folder
 from prdit_fast.measurements import BLUR_KERNEL, BLUR_SIGMA, GUIDANCE_TASKS, SR_SCALE, TASK_SETTINGS
 
 _DTYPES = ("auto", "bf16", "fp16", "fp32")
+_OUTPUTS = ("reconstruction.*", "summary.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,15 +143,7 @@ def _summary_line(name: str, value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from prdit_fast.commands.sample import build_model
-    from prdit_fast.devices import resolve_device
-    from prdit_fast.diffusion import IaNDiffusion, diffusion_for
-    from prdit_fast.engine import GuidedSampler, keys_for
-    from prdit_fast.measurements import data_consistency
-    from prdit_fast.phantom import unit_to_hu
-    from prdit_fast.volumes import save_nifti, save_slices_png
+    from prdit_fast.diffusion import IaNDiffusion
 
     if not Path(args.ckpt).is_file():
         raise UsageError(f"--ckpt {args.ckpt!r} is not a file")
@@ -162,6 +156,36 @@ def run(args: argparse.Namespace) -> int:
         IaNDiffusion().guided_schedule(args.steps, **settings)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    out = check_out_folder(args.out)
+    with claim_run_folder(out, _run_identity(args, settings), outputs=_OUTPUTS):
+        return _reconstruct(args, out, settings)
+
+
+def _run_identity(args: argparse.Namespace, settings: dict) -> dict:
+    """What decides the reconstruction's bytes (``prdit_fast.run_claims``)."""
+    from prdit_fast.sample_runs import file_sha256
+
+    files = {name: file_sha256(path) for name, path in (("checkpoint", args.ckpt), ("input", args.input),
+                                                         ("mask", args.mask), ("truth", args.truth))
+             if path is not None and Path(path).is_file()}
+    return {"command": "reconstruct", **{f"{k}_sha256": v for k, v in files.items()}, "task": args.task,
+            "seed": args.seed, "steps": args.steps, **settings, "views": args.views, "scale": args.scale,
+            "blur_kernel": args.blur_kernel, "blur_sigma": args.blur_sigma, "ema": not args.no_ema,
+            "dtype": args.dtype, "backend": args.backend, "variant": args.variant, "size": args.size,
+            "spacing": args.spacing}
+
+
+def _reconstruct(args: argparse.Namespace, out: Path, settings: dict) -> int:
+    """The claimed part of ``run``."""
+    from tqdm.auto import tqdm
+
+    from prdit_fast.commands.sample import build_model
+    from prdit_fast.devices import resolve_device
+    from prdit_fast.diffusion import diffusion_for
+    from prdit_fast.engine import GuidedSampler, keys_for
+    from prdit_fast.measurements import data_consistency
+    from prdit_fast.phantom import unit_to_hu
+    from prdit_fast.volumes import save_nifti, save_slices_png
 
     device = resolve_device(args.device)
     model, dtype, backend = build_model(args, device)
@@ -187,8 +211,6 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         residual = data_consistency(op, x0_hat, y).item()
         y_norm = torch.linalg.vector_norm(y).item()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     volume_hu = np.asarray(unit_to_hu(x0_hat[0, 0].cpu()), dtype=np.float32)
     spacing = (args.spacing,) * 3
     save_slices_png(out / "reconstruction.png", volume_hu)

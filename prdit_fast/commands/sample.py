@@ -48,7 +48,8 @@ from prdit_fast.diffusion import IaNDiffusion, diffusion_for
 from prdit_fast.checkpoint import checkpoint_process
 from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
-from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, claim_folder, file_sha256
+from prdit_fast.run_claims import check_out_folder, claim_run_folder
+from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, file_sha256
 
 log = logging.getLogger("prdit_fast")
 
@@ -229,21 +230,28 @@ def _run_identity(args: argparse.Namespace, options: dict, world: int, batch_siz
 def run(args: argparse.Namespace, on_volume: Callable[[int, Path], None] | None = None) -> int:
     """Sample the missing volumes of this rank, then print and write the summary.
 
-    ``on_volume(index, path)`` runs after each volume is on disk."""
-    from tqdm.auto import tqdm
-
-    from prdit_fast.engine import Sampler, keys_for
-
+    ``on_volume(index, path)`` runs after each volume is on disk. The folder is claimed
+    (``prdit_fast.run_claims``) for the whole run."""
     _validate(args)
+    out = check_out_folder(args.out)
     options = sampling_options(args, checkpoint_process(args.ckpt))
     rank, world, local_rank = _distributed()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = args.png if args.png is not None else args.format == "nii.gz"
     mine = list(range(rank, args.num, world))
     batch_size = min(args.batch_size, len(mine))
     identity = _run_identity(args, options, world, batch_size)
-    claim_folder(out, identity)
+    with claim_run_folder(out, identity, outputs=("sample_*",), member=f"rank{rank}"):
+        return _sample(args, out, options, identity, rank, world, local_rank, mine, batch_size, png, on_volume)
+
+
+def _sample(args: argparse.Namespace, out: Path, options: dict, identity: dict, rank: int, world: int,
+            local_rank: int, mine: list[int], batch_size: int, png: bool,
+            on_volume: Callable[[int, Path], None] | None) -> int:
+    """The claimed part of ``run``."""
+    from tqdm.auto import tqdm
+
+    from prdit_fast.engine import Sampler, keys_for
+
     remove_stale_temps(out, owned=lambda name: name.startswith("sample_") and int(name[7:13]) % world == rank)
     groups = [g for g in batch_groups(mine, batch_size)
               if not all(volume_path(out, i, args.format).exists() for i in g)]

@@ -1,0 +1,163 @@
+"""Run folders are claimed atomically (``prdit_fast.run_claims``): of runs started at the
+same moment exactly one gets a folder; a live run refuses everyone else; a killed run's
+claim is released; a finished run's outputs refuse another identity; a failed run that
+wrote nothing gives the folder up. Concurrency is tested with real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import prdit_fast
+
+from prdit_fast.errors import UsageError
+from prdit_fast.run_claims import check_out_folder, claim_run_folder
+
+# A child process: for each round r, wait for the start signal GO.r, claim OUT.r for
+# seed SEED (writing its file), hold it HOLD seconds; one line per round on stdout.
+_CHILD = textwrap.dedent("""
+    import sys, time, types
+    from pathlib import Path
+    # the package's __init__ imports torch (seconds per process); run_claims needs none of it
+    package = types.ModuleType("prdit_fast")
+    package.__path__ = [PACKAGE_DIR]
+    sys.modules["prdit_fast"] = package
+    from prdit_fast.errors import UsageError
+    from prdit_fast.run_claims import claim_run_folder
+    out, seed, go, hold, rounds = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+    for r in range(rounds):
+        print("ready", flush=True)
+        while not Path(f"{go}.{r}").exists():
+            time.sleep(0.0005)
+        folder = Path(f"{out}.{r}")
+        try:
+            claim = claim_run_folder(folder, {"seed": seed}, outputs=("result_*",))
+        except UsageError as e:
+            print(f"refused: {e}", flush=True)
+            continue
+        (folder / f"result_{seed}.txt").write_text(str(seed))
+        print("claimed", flush=True)
+        time.sleep(hold)
+        claim.release()
+""")
+
+
+def _children(out, go, seeds, hold=0.0, rounds=1):
+    child = _CHILD.replace("PACKAGE_DIR", repr(os.path.dirname(prdit_fast.__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(out), str(s), str(go), str(hold), str(rounds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in seeds]
+    return procs
+
+
+def _all_ready(procs):
+    for p in procs:  # every child is spinning on the start signal
+        assert p.stdout.readline().strip() == "ready"
+
+
+def test_runs_started_together_one_wins(tmp_path):
+    out, go, rounds = tmp_path / "out", tmp_path / "go", 5
+    procs = _children(out, go, seeds=range(4), hold=0.05, rounds=rounds)
+    for r in range(rounds):  # several races, each between 4 processes started at the same moment
+        _all_ready(procs)
+        (tmp_path / f"go.{r}").touch()
+        lines = [p.stdout.readline().strip() for p in procs]
+        winners = [i for i, line in enumerate(lines) if line == "claimed"]
+        assert len(winners) == 1, lines
+        for i, line in enumerate(lines):
+            if i != winners[0]:
+                assert line.startswith("refused: --out") and "another run" in line
+        folder = tmp_path / f"out.{r}"
+        assert sorted(p.name for p in folder.glob("result_*")) == [f"result_{winners[0]}.txt"]
+        assert json.loads((folder / "run.json").read_text()) == {"seed": winners[0]}
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+
+
+def test_a_live_run_refuses_others_and_a_killed_run_is_released(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    (tmp_path / "go.0").touch()
+    (holder,) = _children(out, go, seeds=[7], hold=60)
+    _all_ready([holder])
+    out = tmp_path / "out.0"
+    assert holder.stdout.readline().strip() == "claimed"
+    # while it lives: another identity, and the same identity, are refused with its pid
+    with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid} "):
+        claim_run_folder(out, {"seed": 8})
+    with pytest.raises(UsageError, match=f"in use by the same run \\(pid {holder.pid} "):
+        claim_run_folder(out, {"seed": 7})
+    os.kill(holder.pid, signal.SIGKILL)  # a crash: no release, the member file stays
+    holder.wait(timeout=30)
+    assert list(out.glob(".claim-rank0"))
+    # the killed run's claim is released: the same run resumes; its output still refuses another
+    with claim_run_folder(out, {"seed": 7}, outputs=("result_*",)) as claim:
+        assert claim.resumed
+    with pytest.raises(UsageError, match=r"holds 1 file\(s\) of another run \(seed 7 \(folder\) vs 8\)"):
+        claim_run_folder(out, {"seed": 8}, outputs=("result_*",))
+
+
+def test_a_killed_run_without_outputs_leaves_the_folder_free(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    (tmp_path / "go.0").touch()
+    (holder,) = _children(out, go, seeds=[1], hold=60)
+    _all_ready([holder])
+    out = tmp_path / "out.0"
+    assert holder.stdout.readline().strip() == "claimed"
+    (out / "result_1.txt").unlink()  # as if killed before its first output
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    with claim_run_folder(out, {"seed": 2}, outputs=("result_*",)) as claim:
+        assert not claim.resumed
+    assert json.loads((out / "run.json").read_text()) == {"seed": 2}
+
+
+def test_finished_and_failed_runs(tmp_path):
+    out = tmp_path / "out"
+    with claim_run_folder(out, {"seed": 1, "steps": [2, 3]}):
+        (out / "volume.npy").write_bytes(b"x")
+    assert not list(out.glob(".claim-*"))  # released
+    with pytest.raises(UsageError, match="seed 1 \\(folder\\) vs 2"):
+        claim_run_folder(out, {"seed": 2, "steps": [2, 3]})
+    with claim_run_folder(out, {"seed": 1, "steps": (2, 3)}) as claim:  # the same run (tuples as JSON lists)
+        assert claim.resumed
+    # a failed run that wrote nothing gives the folder up ...
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError):
+        with claim_run_folder(failed, {"seed": 1}):
+            raise RuntimeError("NaN")
+    assert not (failed / "run.json").exists()
+    claim_run_folder(failed, {"seed": 2}).release()
+    # ... one that wrote outputs keeps them and its identity
+    with pytest.raises(RuntimeError):
+        with claim_run_folder(tmp_path / "partial", {"seed": 1}, outputs=("sample_*",)):
+            (tmp_path / "partial" / "sample_000000.npy").write_bytes(b"x")
+            raise RuntimeError("NaN")
+    with pytest.raises(UsageError, match="sample_000000.npy"):
+        claim_run_folder(tmp_path / "partial", {"seed": 2}, outputs=("sample_*",))
+
+
+def test_ranks_of_one_run_share_the_folder(tmp_path):
+    out = tmp_path / "out"
+    identity = {"seed": 0, "world_size": 2}
+    rank0 = claim_run_folder(out, identity, member="rank0")
+    rank1 = claim_run_folder(out, identity, member="rank1")
+    with pytest.raises(UsageError, match="same run"):
+        claim_run_folder(out, identity, member="rank1")
+    with pytest.raises(UsageError, match="another run"):
+        claim_run_folder(out, {"seed": 1, "world_size": 2}, member="rank0")
+    rank0.release()
+    rank1.release()
+
+
+def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="--out .*file is a file"):
+        check_out_folder(tmp_path / "file")
+    with pytest.raises(UsageError, match="cannot be created"):
+        check_out_folder(tmp_path / "file" / "sub")
+    assert check_out_folder(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert not (tmp_path / "new").exists()
