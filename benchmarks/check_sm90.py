@@ -133,6 +133,20 @@ def _copy_cases() -> list[Case]:
     ]
 
 
+def _update_cases() -> list[Case]:
+    """The sampler's per-step updates, with B/16/12-s16's geometry (256^3, stride 16, C = 1)."""
+    import importlib
+
+    fu = importlib.import_module("prdit_fast.ops.flow_update")  # the package exports a function of that name
+    pointers = {name: "*fp32" for name in ("X", "OUT", "ACC", "ACC_OUT", "COEF")}
+    pointers.update(TOK="*bf16", RES="*bf16", STEP="*i64", KEYS="*i64")
+    flags = dict(C=1, S=256, STRIDE=16, HAS_RESIDUAL=True, BLOCK_M=1024)
+    config = triton.Config({}, num_warps=4)  # the launcher's fixed configuration
+    return [Case(f"flow_update {name}", _jit(fu._flow_update_kernel), [config], pointers, {"num_steps": 100},
+                 constexprs=dict(flags, HAS_ACC=acc, HAS_NOISE=noise))
+            for name, acc, noise in (("euler", False, False), ("heun/rk4 acc", True, False), ("pc noise", False, True))]
+
+
 def _tools() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -200,7 +214,7 @@ def _config_text(config) -> str:
 def check(first_only: bool = False, log=print) -> list[dict]:
     """One row per (case, config): resources and a verdict ("ok", "spills", "over shared memory")."""
     rows = []
-    for case in _gemm_cases() + _epilogue_cases() + _copy_cases():
+    for case in _gemm_cases() + _epilogue_cases() + _copy_cases() + _update_cases():
         for rank, config in enumerate(case.configs[:1] if first_only else case.configs):
             row = {"kernel": case.name, "config": _config_text(config), "first": rank == 0}
             row.update(resources(compile_for_sm90(case, config)))

@@ -16,10 +16,12 @@ or its position in the batch (up to the float rounding of batched GEMMs).
 
 A flow-matching model (velocity head, spec section 14) runs the same way with one of
 the solvers of ``prdit_fast.flow_matching``: x starts as N(0, I) (counter 0), the table
-holds (t_i, t_{i+1}) per step, and a step is ``solver_step`` with the network evaluated
-at those device times, every evaluation of a multi-evaluation step (heun, rk4, pc_heun)
-inside the one captured graph; pc / pc_heun draw their noise at counter n + 1
-(``prdit_fast.ops.sampling.step_noise``).
+holds (t_i, t_i + dt/2, t_{i+1}) per step, and a step is the solver's ``fused_stages``: per
+network evaluation, one fused update (``prdit_fast.ops.flow_update``) reads the velocity
+tokens and writes the next state (and heun / rk4's probe and accumulator buffers), every
+evaluation of a multi-evaluation step inside the one captured graph; pc draws its noise at
+counter n + 1 inside the update. pc_heun with eta > 0 has no fused form: its step is
+``solver_step`` on velocity volumes with ``step_noise``.
 
 Where graphs are unavailable (CPU, ``cuda_graph=False``, or a failed capture) the same
 step runs eagerly; the reason is logged to ``logging.getLogger("prdit_fast")``.
@@ -37,9 +39,10 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
-from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, nfe, solver_step, step_times
+from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, fused_stages, nfe, solver_step, stage_times
 from .measurements import Loss, MeasurementOperator, guidance_gradient
 from .ops.attention_backends import last_backend
+from .ops.flow_update import flow_update
 from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise, step_table
 
 log = logging.getLogger("prdit_fast")
@@ -151,8 +154,13 @@ class Sampler:
         if self.flow:
             self.x0_hat = None
             self.grid_t = None
-            # (steps, 2) fp32 rows (t_i, t_{i+1}), read at the device step counter
-            self.table = torch.tensor(step_times(steps), device=dev, dtype=torch.float32)
+            # (steps, 3) fp32 rows (t_i, t_i + dt/2, t_{i+1}), read at the device step counter
+            self.table = torch.tensor(stage_times(steps), device=dev, dtype=torch.float32)
+            self.stages = fused_stages(steps, sampler, eta, err_target)  # None: solver_step, unfused
+            self.coefs = [torch.tensor(st.coef, device=dev, dtype=torch.float32) for st in self.stages or ()]
+            used = {name for st in self.stages or () for name in (st.source, st.target, st.accumulate)}
+            self.probe = torch.zeros(shape, device=dev, dtype=torch.float32) if "probe" in used else None
+            self.acc = torch.zeros(shape, device=dev, dtype=torch.float32) if self.stages and len(self.stages) > 1 else None
         else:
             self.x0_hat = torch.zeros(shape, device=dev, dtype=torch.float32)
             self.grid_t = torch.tensor(self.timesteps, device=dev, dtype=torch.int64)
@@ -201,10 +209,36 @@ class Sampler:
                 out = self.model(x.to(self.param_dtype), time)
         return out.float()
 
+    def _velocity_tokens(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's velocity at x and device time t (1,) as (tokens, residual tokens or
+        None), each (B, N, s^3 C), summed in fp32 by the fused update."""
+        time = (TIME_SCALE * t).expand(self.batch_size)
+        with torch.no_grad(), self._autocast():
+            if self.uses_token_parts:
+                return self.model.token_parts(x, time)
+            out = self.model(x.to(self.param_dtype), time)
+            return volume_to_tokens(out, self.config.stride), None
+
     def _flow_step(self) -> None:
         """One flow-matching solver step (all its network evaluations) on the static buffers."""
-        times = self.table.index_select(0, self.step)  # (1, 2): no host read
-        t, t_next = times[:, 0], times[:, 1]  # (1,) each: broadcast against the volumes
+        if self.stages is None:
+            self._unfused_flow_step()
+            return
+        states = {"x": self.x, "probe": self.probe, "acc": self.acc}
+        times = self.table.index_select(0, self.step)  # (1, 3): no host read
+        for stage, coef in zip(self.stages, self.coefs):
+            tokens, residual = self._velocity_tokens(states[stage.source], times[:, stage.time])
+            flow_update(
+                tokens, states[stage.base], coef, self.step, stride=self.config.stride, residual=residual,
+                out=states[stage.target], acc=states.get(stage.accumulate),
+                acc_out=self.acc if stage.accumulate else None, keys=self.keys if stage.noisy else None,
+            )
+        self.step.add_(1)
+
+    def _unfused_flow_step(self) -> None:
+        """``solver_step`` on velocity volumes: pc_heun with eta > 0 (its per-sample gate)."""
+        times = self.table.index_select(0, self.step)  # (1, 3): no host read
+        t, t_next = times[:, 0], times[:, 2]  # (1,) each: broadcast against the volumes
 
         def noise() -> torch.Tensor:
             return step_noise(self.keys, self.step, self.volume_shape)

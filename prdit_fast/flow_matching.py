@@ -16,13 +16,17 @@ steps of dt = 1/steps, t_i = i dt, with one of five solvers:
                    the Heun/Euler disagreement relative to dt^2 err_target (eta = 0: Heun)
 
 ``solver_step`` is the one place these formulas live: the reference loop here
-(``FlowMatching.sample``) and the CUDA-graph engine (``prdit_fast.engine.Sampler``) both
-call it, the loop with Python-float times and ``torch.randn`` noise, the engine with
-device-tensor times read at a device step counter and per-volume Philox noise.
+(``FlowMatching.sample``) calls it with Python-float times and ``torch.randn`` noise.
+``fused_stages`` writes the same formulas as the linear stages of the fused update
+(``prdit_fast.ops.flow_update``), which the CUDA-graph engine (``prdit_fast.engine.Sampler``)
+runs with device-tensor times read at a device step counter and per-volume Philox noise;
+pc_heun with eta > 0 (a per-sample gate from two reductions) has no fused form and the
+engine runs ``solver_step`` for it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -67,6 +71,65 @@ def step_times(steps: int) -> list[tuple[float, float]]:
     """(t_i, t_{i+1}) of each step: t_i = i dt, t_{i+1} = min(t_i + dt, 1), dt = 1 / steps."""
     dt = 1.0 / steps
     return [(i * dt, min(i * dt + dt, 1.0)) for i in range(steps)]
+
+
+def stage_times(steps: int) -> list[tuple[float, float, float]]:
+    """(t_i, t_i + dt/2, t_{i+1}) of each step: the times a ``FusedStage`` evaluates at (column ``time``)."""
+    dt = 1.0 / steps
+    return [(t, t + dt / 2, t_next) for t, t_next in step_times(steps)]
+
+
+@dataclass(frozen=True)
+class FusedStage:
+    """One network evaluation of a solver step, as ``ops.flow_update`` runs it on three states:
+    x (the sampler state), ``probe`` (the state a later evaluation reads) and ``acc`` (the
+    accumulated update of heun / rk4).
+
+    source: the state the network evaluates ("x" or "probe"), at ``stage_times`` column
+    ``time``; then ``target = c_x base + c_v v + c_z z`` and, where ``accumulate`` names
+    a state, ``acc = accumulate + c_acc v``; ``coef``: per step [c_x, c_v, c_z, c_acc];
+    ``noisy``: c_z is nonzero somewhere (Philox noise at counter n + 1).
+    """
+
+    source: str
+    time: int
+    base: str
+    target: str
+    accumulate: str | None
+    noisy: bool
+    coef: tuple[tuple[float, float, float, float], ...]
+
+
+def fused_stages(steps: int, solver: str, eta: float = 0.0, err_target: float = 1.0) -> list[FusedStage] | None:
+    """``solver_step`` as fused stages (``FusedStage``), or None where it has none (pc_heun
+    with eta > 0). Every stage's result equals ``solver_step``'s up to float rounding."""
+    check_solver(steps, solver, eta, err_target)
+    dt = 1.0 / steps
+
+    def rows(c_x: float, c_v: float, c_acc: float = 0.0) -> tuple:
+        return ((c_x, c_v, 0.0, c_acc),) * steps
+
+    if solver == "pc_heun":
+        if eta != 0.0:
+            return None
+        solver = "heun"  # eta = 0: Heun, as solver_step
+    if solver == "euler" or (solver == "pc" and eta == 0.0):
+        return [FusedStage("x", 0, "x", "x", None, False, rows(1.0, dt))]
+    if solver == "pc":
+        # t' x_data + (1 - t') (keep x_noise + eta z), x_data = x + (1 - t) v, x_noise = x - t v
+        keep = math.sqrt(1.0 - eta * eta)
+        coef = tuple((t_next + (1 - t_next) * keep, t_next * (1 - t) - (1 - t_next) * keep * t, (1 - t_next) * eta, 0.0)
+                     for t, t_next in step_times(steps))
+        return [FusedStage("x", 0, "x", "x", None, True, coef)]
+    if solver == "heun":
+        # probe = x + dt v; acc = x + dt/2 v; x = acc + dt/2 v'
+        return [FusedStage("x", 0, "x", "probe", "x", False, rows(1.0, dt, dt / 2)),
+                FusedStage("probe", 2, "acc", "x", None, False, rows(1.0, dt / 2))]
+    # rk4: probes x + dt/2 k1, x + dt/2 k2, x + dt k3; acc = x + dt/6 k1 + dt/3 k2 + dt/3 k3; x = acc + dt/6 k4
+    return [FusedStage("x", 0, "x", "probe", "x", False, rows(1.0, dt / 2, dt / 6)),
+            FusedStage("probe", 1, "x", "probe", "acc", False, rows(1.0, dt / 2, dt / 3)),
+            FusedStage("probe", 1, "x", "probe", "acc", False, rows(1.0, dt, dt / 3)),
+            FusedStage("probe", 2, "acc", "x", None, False, rows(1.0, dt / 6))]
 
 
 def _per_sample_rms(x: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dataset": None,  # "phantom": the synthetic phantom; None: the files named above
         "task": None,  # the official configs' dataset name ("lidc", "rad_chestct"); recorded
         "num_workers": 4,
-        "cache_dir": None,  # training cache folder (prdit_fast.data.cache); None: ~/.cache/prdit_fast/training
-        "cache_dtype": "auto",  # "auto" | "float16" | "float32" (auto: float16 for the known CT recipes)
         "phantom_length": 64,  # number of phantom volumes when no data is named
     },
     "model": {
@@ -918,8 +916,7 @@ class Trainer:
             self._write_run_config()
         from .monitor import RunMonitor
 
-        # W&B fails here, not later; a run resumed from a checkpoint continues its W&B run
-        self.monitor = RunMonitor(self.run_dir, self.config, enabled=self.rank == 0, resumed=self.step > 0)
+        self.monitor = RunMonitor(self.run_dir, self.config, enabled=self.rank == 0)  # W&B fails here, not later
         if self.step >= self.total_steps:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
             return self.last_checkpoint or self.save()

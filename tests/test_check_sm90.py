@@ -16,7 +16,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "check_sm90.py"
 KINDS = {"swiglu fc1, folded weights", "swiglu fc1, normalize on load", "swiglu fc2", "swiglu fc2 + residual",
          "linear_final, folded weights", "linear_final, modulate on load", "unfold3d fp32 -> bf16", "fold3d bf16 -> fp32",
-         "gated residual attn.proj", "gated residual mlp.fc2"}
+         "gated residual attn.proj", "gated residual mlp.fc2",
+         "flow_update euler", "flow_update heun/rk4 acc", "flow_update pc noise"}
 
 
 def test_first_configs_fit_an_h100(tmp_path):
@@ -31,4 +32,5 @@ def test_first_configs_fit_an_h100(tmp_path):
     assert {r["kernel"] for r in rows} == KINDS and all(r["first"] for r in rows)
     for r in rows:
         assert r["verdict"] == "ok" and r["stack_bytes"] == 0 and 0 <= r["shared_bytes"] <= 232448, r
-        assert 0 < r["registers"] <= 255 and r["largest_loop_sass"] > 0, r
+        elementwise = r["kernel"].startswith(("flow_update", "sampler_update"))  # no loop to measure
+        assert 0 < r["registers"] <= 255 and (r["largest_loop_sass"] > 0 or elementwise), r

@@ -12,12 +12,14 @@ implementation runs (``impl="auto" | "torch" | "triton"``, and "gemm" for the lo
     gated_residual_linear      gated_residual_gemm.py  x + gate * (a W^T + b) in one GEMM's epilogue
     attention                  attention_backends.py   flash-attn / cuDNN / SDPA / xformers / math
     sampler_update, initial_noise, step_noise   sampling.py   the sampler step with Philox noise
+    flow_update                flow_update.py     the flow-matching solver stage from velocity tokens
     sr_assemble                sr_assemble.py     PRDiT-SR: upsampled base prediction + head tokens
 """
 from .adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate, layernorm_modulate
 from .attention_backends import attention
 from .denoiser import local_denoiser
 from .dispatch import ImplUnavailable, default_impl, resolve
+from .flow_update import flow_update
 from .gated_residual_gemm import gated_residual_linear
 from .sampling import initial_noise, sampler_update, step_noise
 from .sr_assemble import sr_assemble
@@ -41,6 +43,7 @@ __all__ = [
     "sampler_update",
     "initial_noise",
     "step_noise",
+    "flow_update",
     "sr_assemble",
     "resolve",
     "default_impl",

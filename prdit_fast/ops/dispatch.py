@@ -50,6 +50,7 @@ OP_IMPLS: dict[str, tuple[str, ...]] = {
     "adaptive_swiglu": (TORCH, TRITON),
     "local_denoiser": (TORCH, TRITON, GEMM),
     "sampler_update": (TORCH, TRITON),
+    "flow_update": (TORCH, TRITON),
     "initial_noise": (TORCH, TRITON),
     "step_noise": (TORCH, TRITON),
     "fp8_linear": (TORCH, GEMM),

@@ -67,6 +67,15 @@ if triton_importable():
     from .token_cubes import cube_token_offset
 
     @triton.jit
+    def step_row(TABLE, STEP, num_steps, WIDTH: tl.constexpr):
+        """(the device step counter n, a pointer to row n of a (num_steps, WIDTH) table, n is
+        in range): outside [0, num_steps) the pointer is row 0 and the caller loads it with
+        mask=valid, other=NaN, so a bad counter writes NaN instead of reading past the table."""
+        step = tl.load(STEP).to(tl.int64)
+        valid = (step >= 0) & (step < num_steps)
+        return step, TABLE + tl.where(valid, step, 0) * WIDTH, valid
+
+    @triton.jit
     def _sampler_update_kernel(
         TOK, RES, X, X_OUT, X0_OUT, TABLE, STEP, KEYS, num_steps,
         C: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr,
@@ -76,9 +85,7 @@ if triton_importable():
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         b = tl.program_id(1).to(tl.int64)
         ok = m < VOLUME
-        step = tl.load(STEP).to(tl.int64)
-        valid = (step >= 0) & (step < num_steps)
-        row = TABLE + tl.where(valid, step, 0) * 5
+        step, row, valid = step_row(TABLE, STEP, num_steps, 5)
         nan = float("nan")
         sin_i = tl.load(row + 0, mask=valid, other=nan)
         cos_i = tl.load(row + 1, mask=valid, other=nan)
@@ -280,12 +287,22 @@ def step_table(plan: Sequence[SamplerStep], device: torch.device | str | None = 
 # --------------------------------------------------------------------------- #
 # The update
 # --------------------------------------------------------------------------- #
-def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out):
-    """Validate shapes, dtypes and devices (nothing is read from the device)."""
+def check_state(x: torch.Tensor, stride: int, step_index: torch.Tensor) -> None:
+    """ValueError unless x is an fp32 (B, C, S, S, S) volume that ``stride`` tiles and
+    step_index a one-element integer counter: what every per-step update takes."""
     if x.dim() != 5 or x.dtype != torch.float32 or not (x.shape[2] == x.shape[3] == x.shape[4]):
         raise ValueError(f"x must be an fp32 volume (B, C, S, S, S), got {x.dtype} {tuple(x.shape)}")
+    models.validate_tiling(x.shape[2], stride, stride, 0)
+    if step_index.numel() != 1 or step_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"step_index must be a one-element int32/int64 tensor, got {step_index.dtype} {tuple(step_index.shape)}"
+        )
+
+
+def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out):
+    """Validate shapes, dtypes and devices (nothing is read from the device)."""
+    check_state(x, stride, step_index)
     B, C, S = x.shape[:3]
-    models.validate_tiling(S, stride, stride, 0)
     expected = (B, (S // stride) ** 3, stride**3 * 2 * C)
     if tokens.dim() != 3 or tuple(tokens.shape) != expected:
         raise ValueError(
@@ -296,10 +313,6 @@ def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out):
         raise ValueError(f"residual must have the tokens' shape {tuple(tokens.shape)}, got {tuple(residual.shape)}")
     if table.dim() != 2 or table.shape[1] != _TABLE_COLUMNS or table.dtype != torch.float32 or table.shape[0] < 1:
         raise ValueError(f"table must be (steps, 5) fp32 from build_step_table, got {table.dtype} {tuple(table.shape)}")
-    if step_index.numel() != 1 or step_index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"step_index must be a one-element int32/int64 tensor, got {step_index.dtype} {tuple(step_index.shape)}"
-        )
     if keys.shape != (B,) or keys.dtype != torch.int64:
         raise ValueError(f"keys must be ({B},) int64 (sample_key), got {keys.dtype} {tuple(keys.shape)}")
     for name, out in (("x_out", x_out), ("x0_out", x0_out)):
