@@ -50,30 +50,56 @@ def axcodes_of(affine: np.ndarray) -> tuple[str, str, str]:
     return IDENTITY_AFFINE_AXCODES if not has_geometry(affine) else tuple(nib.aff2axcodes(affine))
 
 
-def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reorient(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An array (i, j, k) with a voxel -> RAS+ mm ``affine`` -> (canonical ``v[d, h, w]``,
-    voxel spacing (3,) in mm along (d, h, w)). An identity affine is read as
-    ``IDENTITY_AFFINE_AXCODES`` with 1 mm voxels."""
+    its affine: voxel (d, h, w) -> RAS+ mm). Only axes are permuted and flipped, so the
+    returned affine keeps the file's exact geometry (origin, obliquity). An identity
+    affine is read as ``IDENTITY_AFFINE_AXCODES`` with 1 mm voxels."""
     from nibabel import orientations as ornt
 
-    source = ornt.axcodes2ornt(axcodes_of(affine))
-    transform = ornt.ornt_transform(source, ornt.axcodes2ornt(CANONICAL_AXCODES))
+    affine = np.asarray(affine, dtype=np.float64)
+    if not has_geometry(affine):
+        affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS, origin 0: the layout of such files (module docstring)
+    transform = ornt.ornt_transform(ornt.axcodes2ornt(axcodes_of(affine)), ornt.axcodes2ornt(CANONICAL_AXCODES))
     volume = np.ascontiguousarray(ornt.apply_orientation(data, transform))
-    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    spacing = np.empty(3)
-    for source_axis, (target_axis, _) in enumerate(transform):
-        spacing[int(target_axis)] = zooms[source_axis]
-    return volume, spacing
+    return volume, affine @ ornt.inv_ornt_aff(transform, data.shape)
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """The voxel size (3,) in mm along the array axes of ``affine`` (its column norms)."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An array (i, j, k) with a voxel -> RAS+ mm ``affine`` -> (canonical ``v[d, h, w]``,
+    voxel spacing (3,) in mm along (d, h, w)); ``reorient`` also gives the affine."""
+    volume, canonical = reorient(data, affine)
+    return volume, voxel_sizes(canonical)
+
+
+def canonical_affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """The affine (voxel (d, h, w) -> RAS+ mm) of a canonical array with voxel size
+    ``spacing`` along (d, h, w) and voxel (0, 0, 0) at the origin."""
+    sd, sh, sw = (float(s) for s in spacing)
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = -sd, -sh, -sw, 1.0  # I, P, L: negative RAS
+    return affine
 
 
 def nifti_affine(spacing: tuple[float, float, float]) -> np.ndarray:
     """The affine of ``to_nifti``'s array: (x, y, z) = (w, h, d) toward L, P, I, with
     ``spacing`` the voxel size along (d, h, w)."""
-    sd, sh, sw = (float(s) for s in spacing)
-    return np.diag([-sw, -sh, -sd, 1.0])  # L, P, I are the negative RAS directions
+    return canonical_affine(spacing)[:, [2, 1, 0, 3]]
 
 
-def to_nifti(volume: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+def to_nifti(volume: np.ndarray, spacing: tuple[float, float, float] | None = None,
+             affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Canonical ``v[d, h, w]`` -> (NIfTI data array (x, y, z), affine); the inverse of
-    ``to_canonical``."""
-    return np.ascontiguousarray(volume.transpose(2, 1, 0)), nifti_affine(spacing)
+    ``to_canonical``. Geometry from ``affine`` (voxel (d, h, w) -> RAS+ mm, e.g. the one
+    ``reorient`` returned: the written file overlays the original in world space) or, when
+    None, from ``spacing`` with the origin at voxel 0."""
+    if affine is None:
+        if spacing is None:
+            raise ValueError("to_nifti needs the spacing or the affine of the volume")
+        affine = canonical_affine(spacing)
+    return np.ascontiguousarray(volume.transpose(2, 1, 0)), np.asarray(affine, dtype=np.float64)[:, [2, 1, 0, 3]]

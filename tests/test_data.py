@@ -43,11 +43,13 @@ def _stored_slices(seed: int = 0) -> np.ndarray:
 
 
 def write_dicom_series(folder, pixels: np.ndarray, series_uid: str | None = None, z_positions=None,
-                       names=None) -> list:
-    """One file per slice, named in shuffled order so reading must sort by position."""
+                       names=None, positions=None, orientation=(1, 0, 0, 0, 1, 0), pixel_mm: float = PIXEL_MM) -> list:
+    """One file per slice, named in shuffled order so reading must sort by position.
+    ``positions``: ImagePositionPatient per slice (default (-8, -8, z))."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     z_positions = list(GAP_MM * np.arange(len(pixels))) if z_positions is None else z_positions
+    positions = [[-8.0, -8.0, float(z)] for z in z_positions] if positions is None else positions
     order = list(range(len(pixels)))
     random.Random(1).shuffle(order)
     paths = []
@@ -62,9 +64,9 @@ def write_dicom_series(folder, pixels: np.ndarray, series_uid: str | None = None
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series_uid
         ds.Modality = "CT"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-8.0, -8.0, float(z_positions[k])]
-        ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = [float(v) for v in positions[k]]
+        ds.PixelSpacing = [pixel_mm, pixel_mm]
         ds.SliceThickness = GAP_MM
         ds.RescaleSlope = 1
         ds.RescaleIntercept = INTERCEPT

@@ -8,9 +8,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="DICOM series folders, NIfTI (.nii/.nii.gz) or RAD-ChestCT .npz files, "
-                             "or folders searched recursively for them")
-    parser.add_argument("--out", required=True, help="output folder: one .npy per volume + manifest.json")
+                        help="DICOM series folders (files *.dcm or of any name with the DICM mark), NIfTI "
+                             "(.nii/.nii.gz) or RAD-ChestCT .npz files, or folders searched recursively for them")
+    parser.add_argument("--out", required=True,
+                        help="output folder: one .npy per volume, its <name>.json (what undoes the preprocessing: "
+                             "source affine, crop / pad, HU range) and manifest.json")
     parser.add_argument("--dataset", required=True, choices=["lidc", "rad"],
                         help="lidc: 1 mm cubic resampling, percentile clip, min-max; rad: clip [-1000, 1000] HU")
     parser.add_argument("--size", type=int, default=256, help="output cube edge (default 256, as the paper)")

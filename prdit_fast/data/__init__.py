@@ -1,7 +1,9 @@
 """Reading, preprocessing and serving CT volumes (spec section 9)."""
 from .dataset import VolumeDataset, average_pool, build_dataset
 from .preprocess import center_crop_or_pad, preprocess_lidc, preprocess_rad, preprocess_volumes, resample_isotropic
-from .readers import VolumeReadError, find_volumes, read_dicom_series, read_npz, read_nifti, read_volume
+from .readers import (
+    VolumeReadError, find_volumes, read_dicom_series, read_npz, read_nifti, read_volume, read_volume_affine,
+)
 
 __all__ = [
     "VolumeDataset",
@@ -17,5 +19,6 @@ __all__ = [
     "read_nifti",
     "read_npz",
     "read_volume",
+    "read_volume_affine",
     "resample_isotropic",
 ]
