@@ -70,3 +70,94 @@ def test_evaluate_refuses_wrong_weights_and_mismatched_ranges(folders, tmp_path,
                      "--weights", str(folders / "resnet_50.pth"), "--no-cache", "--no-progress", "--bootstrap", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "differ by more than 0.1" in err and "Traceback" not in err
+
+
+def _fake_folder(tmp_path, volumes, name="fake", suffix=".nii.gz"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"runs": [{"units": "normalized"}]}))
+    for i, volume in enumerate(volumes):
+        path = folder / f"sample_{i:06d}{suffix}"
+        if suffix == ".npy":
+            np.save(path, volume)
+        else:
+            save_nifti(path, volume, dtype="float32")
+    return folder
+
+
+def _run(real, fake, *extra):
+    return cli.main(["evaluate", "--real", str(real), "--fake", str(fake), "--no-cache", "--no-progress",
+                     "--bootstrap", "0", "--no-ms-ssim", "--fid-method", "factors", "--batch-size", "2", *extra])
+
+
+def test_evaluate_refuses_a_folder_mixing_nifti_and_npy(folders, tmp_path, capsys):
+    fake = _fake_folder(tmp_path, [np.full((SIZE,) * 3, 0.5, np.float32)] * 2)
+    np.save(fake / "sample_000009.npy", np.full((SIZE,) * 3, 0.5, np.float32))
+    assert _run(folders / "real", fake, "--weights", str(folders / "resnet_50.pth")) == 2
+    err = capsys.readouterr().err
+    assert "mixes 2 sample_*.nii.gz and 1 sample_*.npy" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_evaluate_refuses_nan_and_inf_naming_the_file(folders, tmp_path, capsys, bad):
+    good = np.full((SIZE,) * 3, 0.5, np.float32)
+    broken = good.copy()
+    broken[3, 4, 5] = bad  # +inf was clipped to the window's top before
+    fake = _fake_folder(tmp_path, [good, broken, good], suffix=".npy")
+    out = tmp_path / "report.json"
+    assert _run(folders / "real", fake, "--weights", str(folders / "resnet_50.pth"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "sample_000001.npy holds 1 NaN or inf voxels" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_evaluate_names_the_file_of_another_shape(folders, tmp_path, capsys):
+    fake = _fake_folder(tmp_path, [np.full((SIZE,) * 3, 0.5, np.float32), np.full((SIZE, SIZE, 8), 0.5, np.float32)],
+                        suffix=".npy")
+    assert _run(folders / "real", fake, "--weights", str(folders / "resnet_50.pth")) == 2
+    assert "sample_000001.npy: expected a cubic volume, got shape (16, 16, 8)" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_nan_weights_with_a_named_tensor(folders, tmp_path, capsys):
+    state = torch.load(folders / "resnet_50.pth", weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                               for k, v in state.items()}}, tmp_path / "nan.pth")
+    assert _run(folders / "real", folders / "fake", "--weights", str(tmp_path / "nan.pth")) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or inf (bn1.bias" in err and "SVD" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("size, message", [(8, "--size 8: the generated volumes are 16^3"), (0, "--size must be >= 1")])
+def test_evaluate_refuses_a_wrong_size_before_any_work(folders, tmp_path, capsys, size, message):
+    weights = tmp_path / "not_read.pth"  # never opened: the size is checked first
+    weights.write_bytes(b"x")
+    assert _run(folders / "real", folders / "fake", "--weights", str(weights), "--size", str(size)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_range_check_names_both_ranges_and_the_cause_and_random_weights_say_first_they_compare_with_no_paper(
+        folders, tmp_path, capsys):
+    fake = _fake_folder(tmp_path, [np.full((SIZE,) * 3, 0.25, np.float32), np.full((SIZE,) * 3, 0.75, np.float32)])
+    assert _run(folders / "real", fake, "--weights", str(folders / "resnet_50.pth")) == 2
+    err = capsys.readouterr().err
+    assert "real volumes span [-1, " in err and "generated ones [-0.5, 0.5]" in err
+    assert "the generated set spans less than the real one" in err and "--range-tolerance" in err
+    out = tmp_path / "random.json"
+    assert _run(folders / "real", fake, "--weights", "random", "--range-tolerance", "2", "--out", str(out),
+                "--bootstrap", "8") == 0
+    assert capsys.readouterr().out.startswith("NOT COMPARABLE TO ANY PAPER")
+    assert out.with_suffix(".md").read_text().splitlines()[0].startswith("**NOT COMPARABLE TO ANY PAPER")
+    report = json.loads(out.read_text())
+    assert next(iter(report)) == "not_comparable" and report["weights"] == "random"
+    assert report["mmd_ci95"][0] <= report["mmd_bias_corrected"] <= report["mmd_ci95"][1]
+    assert any("only 2 volumes for 2048-d features" in w for w in report["warnings"])
+    assert "bias-corrected" in out.with_suffix(".md").read_text()
+
+
+def test_evaluate_without_weights_offline_names_the_file_to_place(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _run(folders / "real", folders / "fake") == 2
+    err = capsys.readouterr().err
+    assert "resnet_50.pth is not cached and offline" in err and str(tmp_path / "hub") in err
+    assert "--weights PATH" in err and len(err.strip().splitlines()) == 1

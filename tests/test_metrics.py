@@ -162,6 +162,24 @@ def test_bootstrap_intervals_bracket_the_estimates():
     assert ci == bootstrap_intervals(real, fake, replicates=50, seed=0)  # seeded
 
 
+def test_bootstrap_interval_brackets_the_bias_corrected_estimate_when_every_resample_is_biased_up():
+    from prdit_fast.metrics.distances import bias_corrected_interval, small_sample_warning
+
+    rng = np.random.default_rng(6)  # few volumes, wide features: resamples' repeated rows inflate MMD
+    real, fake = rng.normal(size=(6, 64)), rng.normal(size=(6, 64))
+    ci = bootstrap_intervals(real, fake, replicates=64, seed=0)
+    estimate = mmd(real, fake)[0]
+    assert ci["mmd_bias_corrected"] < estimate  # the plug-in is biased up; the correction moves down
+    assert ci["mmd"][0] <= ci["mmd_bias_corrected"] <= ci["mmd"][1]
+    assert ci["fid"][0] <= ci["fid_bias_corrected"] <= ci["fid"][1]
+    # the definition: b = median(t*) - t, corrected t - b, basic interval [2t - q_hi, 2t - q_lo], floor 0
+    corrected, interval = bias_corrected_interval(1.0, [1.5, 1.6, 1.7, 1.8, 1.9], level=0.5, floor=None)
+    assert corrected == pytest.approx(0.3) and interval == pytest.approx([0.2, 0.4])
+    assert bias_corrected_interval(1.0, [2.5, 2.6, 2.7], level=0.5) == (0.0, [0.0, 0.0])
+    assert "only 6 volumes for 2048-d" in small_sample_warning(6, 10, 2048)
+    assert small_sample_warning(3000, 2049, 2048) is None
+
+
 def _volumes(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(1, 1, size, size, size, generator=g)
@@ -254,3 +272,32 @@ def test_phantom_quality_sees_token_seams_and_histogram_shifts():
     assert histogram_distance(phantoms, phantoms + 100) == pytest.approx(100, abs=15)
     quality = phantom_quality(blocky, phantoms)
     assert quality["seam_ratio_vs_phantom"]["width"] > 10 and 0 < quality["volume_fractions"]["body"] < 1
+
+
+def _hub_snapshot(cache, content: bytes):
+    """Lay a file out as huggingface_hub caches it: models--owner--name/snapshots/<revision>/file."""
+    from prdit_fast.metrics import medicalnet
+
+    folder = cache / f"models--{medicalnet.HUB_REPO.replace('/', '--')}" / "snapshots" / medicalnet.HUB_REVISION
+    folder.mkdir(parents=True)
+    (folder / medicalnet.HUB_FILENAME).write_bytes(content)
+    return folder / medicalnet.HUB_FILENAME
+
+
+def test_medicalnet_weights_come_from_a_prepopulated_hub_cache_offline(tmp_path, monkeypatch):
+    import hashlib
+
+    from prdit_fast.metrics import medicalnet
+
+    assert (medicalnet.HUB_REPO, medicalnet.HUB_FILENAME) == ("TencentMedicalNet/MedicalNet-Resnet50", "resnet_50.pth")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MedicalNetError, match="not cached and offline .*place it at .*snapshots") as missing:
+        medicalnet.fetch_medicalnet_weights()
+    assert str(tmp_path / "hub") in str(missing.value)
+    content = b"stand-in for resnet_50.pth"
+    placed = _hub_snapshot(tmp_path / "hub", content)
+    with pytest.raises(MedicalNetError, match="has SHA-256 .* not the published 5b6189ca"):
+        medicalnet.fetch_medicalnet_weights()  # the stand-in is not the published file
+    monkeypatch.setattr(medicalnet, "HUB_SHA256", hashlib.sha256(content).hexdigest())
+    assert medicalnet.fetch_medicalnet_weights().resolve() == placed.resolve()

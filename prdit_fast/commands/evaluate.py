@@ -11,6 +11,7 @@ import torch
 from prdit_fast.errors import UsageError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RANDOM_WEIGHTS = "random"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real volumes, read as training reads them: prdit-fast preprocess output (*.npy), "
                              "the official layout (<case>/processed.nii.gz) or .npz, values in [0, 1]")
     parser.add_argument("--fake", required=True, type=Path, help="generated volumes: prdit-fast sample output")
-    parser.add_argument("--weights", required=True, type=Path,
-                        help="MedicalNet's resnet_50.pth (see the README, section Evaluation)")
+    parser.add_argument("--range-tolerance", type=float, default=None,
+                        help="largest accepted difference of the sets' minima or maxima (default 0.1, the official "
+                             "evaluation's)")
+    parser.add_argument("--weights", default=None,
+                        help="MedicalNet's resnet_50.pth; default: fetched once from the Hugging Face Hub "
+                             "(TencentMedicalNet/MedicalNet-Resnet50, SHA-256 checked) and cached; 'random': a "
+                             "seeded random network, to try the command (numbers comparable to no paper)")
     parser.add_argument("--size", type=int, default=None,
                         help="evaluated edge; real volumes are average-pooled to it (default: the generated edge)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"),
@@ -53,9 +59,42 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--ms-ssim-pairs must be >= 1, got {args.ms_ssim_pairs}")
     if args.size is not None and args.size < 1:
         raise UsageError(f"--size must be >= 1, got {args.size}")
-    if not args.weights.is_file():
-        raise UsageError(f"--weights {args.weights} is not a file; download resnet_50.pth from the MedicalNet "
-                         f"release (see the README, section Evaluation)")
+    if args.range_tolerance is not None and not args.range_tolerance >= 0:
+        raise UsageError(f"--range-tolerance must be >= 0, got {args.range_tolerance}")
+    if args.weights not in (None, RANDOM_WEIGHTS) and not Path(args.weights).is_file():
+        raise UsageError(f"--weights {args.weights} is not a file; leave --weights out to fetch resnet_50.pth from "
+                         f"the Hugging Face Hub, or see the README, section Evaluation")
+
+
+def _edges(args: argparse.Namespace):
+    """The generated files, their HU window, the evaluated edge and the real set, each
+    checked before any volume is scored: UsageError (exit 2) on a mismatch."""
+    from prdit_fast.metrics.volume_sets import generated_volume_files, generated_window, real_dataset, real_edge
+    from prdit_fast.volumes import load_volume
+
+    fake_files = generated_volume_files(args.fake)
+    hu_window = generated_window(args.fake)
+    fake_edge = int(load_volume(fake_files[0]).shape[-1])
+    size = args.size or fake_edge
+    if size != fake_edge:
+        raise UsageError(f"--size {size}: the generated volumes are {fake_edge}^3 and are scored at their own edge "
+                         f"(only real volumes are pooled); leave --size out or pass --size {fake_edge}")
+    real = real_dataset(args.real, size)
+    stored = real_edge(real)
+    if stored % size:
+        raise UsageError(f"--real volumes are {stored}^3, which average-pooling cannot bring to the generated edge "
+                         f"{size} ({size} must divide {stored})")
+    return fake_files, hu_window, size, real
+
+
+def _network(args: argparse.Namespace, device):
+    """The feature network named by --weights (a file, 'random', or the Hub's cached file)."""
+    from prdit_fast.metrics.medicalnet import fetch_medicalnet_weights, load_medicalnet, random_medicalnet
+
+    if args.weights == RANDOM_WEIGHTS:
+        return random_medicalnet(args.seed).to(device), RANDOM_WEIGHTS
+    path = Path(args.weights) if args.weights is not None else fetch_medicalnet_weights()
+    return load_medicalnet(path, map_location=device), str(path)
 
 
 def evaluate_folders(args: argparse.Namespace) -> dict:
@@ -64,20 +103,14 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from prdit_fast.devices import resolve_device
-    from prdit_fast.metrics import evaluate, load_medicalnet, write_report
-    from prdit_fast.metrics.evaluate import default_cache_dir
-    from prdit_fast.metrics.volume_sets import (
-        batches, files_key, generated_volume_files, generated_window, read_generated, real_dataset,
-    )
-    from prdit_fast.volumes import load_volume
+    from prdit_fast.metrics import evaluate, write_report
+    from prdit_fast.metrics.evaluate import RANGE_TOLERANCE, default_cache_dir
+    from prdit_fast.metrics.volume_sets import batches, files_key, read_generated
 
     _validate(args)
+    fake_files, hu_window, size, real = _edges(args)
     device = resolve_device(args.device)
-    net = load_medicalnet(args.weights, map_location=device)  # a wrong file fails before any volume is read
-    fake_files = generated_volume_files(args.fake)
-    hu_window = generated_window(args.fake)
-    size = args.size or int(load_volume(fake_files[0]).shape[-1])
-    real = real_dataset(args.real, size)
+    net, weights_name = _network(args, device)  # a wrong file fails before any volume is read
     show = not args.no_progress
 
     def real_volumes():  # a generator: the bar starts when the volumes are read, not before
@@ -86,7 +119,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
 
     def fake_volumes():
         for path in tqdm(fake_files, desc="generated volumes", unit="vol", disable=not show):
-            yield read_generated(path, hu_window)
+            yield read_generated(path, hu_window, size)
 
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     real_key = None
@@ -98,10 +131,14 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
         dtype=_DTYPES[args.dtype], ms_ssim=not args.no_ms_ssim, ms_ssim_pairs=args.ms_ssim_pairs,
         pairs_per_call=args.pairs_per_call, bootstrap=args.bootstrap, seed=args.seed, cache_dir=cache_dir,
         real_key=real_key, progress=show, log=lambda m: print(m, file=sys.stderr), fid_method=args.fid_method,
+        range_tolerance=RANGE_TOLERANCE if args.range_tolerance is None else args.range_tolerance,
+        random_weights=weights_name == RANDOM_WEIGHTS,
     )
-    result.update({"weights": str(args.weights), "real": str(args.real), "fake": str(args.fake),
+    result.update({"weights": weights_name, "real": str(args.real), "fake": str(args.fake),
                    "fake_units": "HU" if hu_window else "normalized", "fake_hu_window": hu_window})
     json_path, md_path = write_report(result, args.out)
+    if result.get("random_weights"):
+        print(result["not_comparable"])
     print(f"3D FID x10^3 {result['fid_x1e3']:.3f}  MMD {result['mmd']:.4f}  "
           + (f"MS-SSIM {result['ms_ssim']:.4f}" if result["ms_ssim"] is not None else f"MS-SSIM n/a ({result['ms_ssim_note']})")
           + f"  ({result['n_real']} real, {result['n_fake']} generated at {result['size']}^3)")

@@ -102,19 +102,49 @@ def fid_via_factors(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(diff @ diff + traces - 2.0 * trace_sqrt)
 
 
+def bias_corrected_interval(estimate: float, replicates, level: float = 0.95,
+                            floor: float | None = 0.0) -> tuple[float, list[float]]:
+    """A plug-in estimate's bootstrap bias correction and interval -> (bias-corrected
+    estimate, [low, high]).
+
+    Plug-in FID and MMD are biased upwards, and a resample (repeated rows) more so: the
+    replicates sit above the estimate, so a percentile interval can miss it entirely. The
+    bias is estimated by the replicates' median shift, b = median(t*) - t; the estimate
+    corrected for it is t - b, and the basic interval [2 t - q_high, 2 t - q_low] is the
+    interval of that corrected quantity (it always contains it). ``floor`` clips all three
+    for statistics that cannot go below it (distances: 0)."""
+    values = np.asarray(replicates, dtype=np.float64)
+    tail = (1.0 - level) / 2 * 100
+    low_q, median, high_q = np.percentile(values, [tail, 50.0, 100 - tail])
+    corrected, interval = 2 * estimate - median, [2 * estimate - high_q, 2 * estimate - low_q]
+    if floor is not None:
+        corrected, interval = max(corrected, floor), [max(v, floor) for v in interval]
+    return float(corrected), [float(v) for v in interval]
+
+
+def small_sample_warning(n_real: int, n_fake: int, dim: int) -> str | None:
+    """A warning when a set has no more volumes than the features have dimensions: its
+    covariance is then rank-deficient and FID carries a large, N-dependent bias."""
+    n = min(n_real, n_fake)
+    if n > dim:
+        return None
+    return (f"only {n} volumes for {dim}-d features: the covariances have rank < {dim}, so FID (and to a lesser "
+            f"degree MMD) is biased upward by an amount that depends on N; compare numbers only at equal N and "
+            f"prefer N > {dim}")
+
+
 def bootstrap_intervals(
     real: np.ndarray, fake: np.ndarray, replicates: int = 200, seed: int = 0, level: float = 0.95,
     device: str | torch.device = "cpu",
-) -> dict[str, list[float]]:
-    """Basic (reverse-percentile) bootstrap intervals of FID and MMD -> {"fid": [low, high],
-    "mmd": [low, high], "replicates": n, "level": level}.
+) -> dict:
+    """Bootstrap bias corrections and intervals of FID and MMD -> {"fid": [low, high],
+    "mmd": [low, high], "fid_bias_corrected": float, "mmd_bias_corrected": float,
+    "replicates": n, "level": level}.
 
     Each replicate resamples both sets' rows with replacement and recomputes the statistic
-    (FID by ``fid_via_factors``). Repeated rows shift both statistics upwards, so the plain
-    percentile interval can miss the estimate itself; the basic interval
-    [2 t - q_high, 2 t - q_low] (clipped at 0) carries that shift back. The MMD's bandwidth
-    stays the full real set's: a resample's repeated rows add zero distances that would
-    shrink its median."""
+    (FID by ``fid_via_factors``); ``bias_corrected_interval`` turns the replicates into
+    the bias-corrected estimate and its basic interval. The MMD's bandwidth stays the full
+    real set's: a resample's repeated rows add zero distances that would shrink its median."""
     if replicates < 2:
         raise ValueError(f"bootstrap replicates must be >= 2, got {replicates}")
     if not 0 < level < 1:
@@ -134,10 +164,7 @@ def bootstrap_intervals(
         fids.append(fid_via_factors(real_t[torch.as_tensor(i, device=device)], fake_t[torch.as_tensor(j, device=device)]))
         mmd2 = _mmd2_from(dxx[np.ix_(i, i)], dyy[np.ix_(j, j)], dxy[np.ix_(i, j)], gamma)
         mmds.append(np.sqrt(max(mmd2, 0.0)))
-    tail = (1.0 - level) / 2 * 100
-
-    def basic(estimate: float, values: list[float]) -> list[float]:
-        low_q, high_q = np.percentile(values, [tail, 100 - tail])
-        return [float(max(2 * estimate - high_q, 0.0)), float(max(2 * estimate - low_q, 0.0))]
-
-    return {"fid": basic(estimate_fid, fids), "mmd": basic(estimate_mmd, mmds), "replicates": replicates, "level": level}
+    out: dict = {"replicates": replicates, "level": level}
+    for name, estimate, values in (("fid", estimate_fid, fids), ("mmd", estimate_mmd, mmds)):
+        out[f"{name}_bias_corrected"], out[name] = bias_corrected_interval(estimate, values, level)
+    return out

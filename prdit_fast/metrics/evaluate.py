@@ -21,8 +21,8 @@ import torch
 
 from ..atomic import atomic_path
 from ..atomic import write_json
-from .distances import bootstrap_intervals, fid, fid_via_factors, mmd
-from .medicalnet import FeatureSet, MedicalNetResNet50, load_medicalnet, network_digest, scan
+from .distances import bootstrap_intervals, fid, fid_via_factors, mmd, small_sample_warning
+from .medicalnet import FEATURES, FeatureSet, MedicalNetResNet50, load_medicalnet, network_digest, scan
 from .ms_ssim import min_edge, ms_ssim_diversity
 
 # the official evaluation refuses two sets whose minima or maxima differ by more than this
@@ -31,6 +31,10 @@ RANGE_TOLERANCE = 0.1
 # a CPU); "factors": the same trace from the QR factors of the centred features (seconds)
 FID_METHODS = ("sqrtm", "factors")
 CACHE_VERSION = 1
+INTERVAL_METHOD = ("basic bootstrap interval of the bias-corrected estimate (bias = median bootstrap shift), "
+                   "both sets' volumes resampled")
+NOT_COMPARABLE = ("NOT COMPARABLE TO ANY PAPER: the feature network has random weights (--weights random); "
+                  "these numbers only compare runs made with the same random network.")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -43,9 +47,23 @@ class IntensityRangeError(ValueError):
     """Two sets not on the same intensity scale (the official per-set range check)."""
 
 
+def _range_cause(real: FeatureSet, fake: FeatureSet, tolerance: float) -> str:
+    """Which set is narrower, at which end, and the usual reason."""
+    narrow_real = real.low > fake.low + tolerance or real.high < fake.high - tolerance
+    narrow_fake = fake.low > real.low + tolerance or fake.high < real.high - tolerance
+    if narrow_real and not narrow_fake:
+        return ("the real set spans less than the generated one (average-pooling real volumes to a lower edge "
+                "smooths their extremes, or the generated volumes overshoot)")
+    if narrow_fake and not narrow_real:
+        return ("the generated set spans less than the real one (generated volumes dimmed or clipped, or read "
+                "with another intensity window than the real ones)")
+    return "the sets are shifted against each other (different intensity recipes)"
+
+
 def check_intensity_ranges(real: FeatureSet, fake: FeatureSet, tolerance: float = RANGE_TOLERANCE) -> None:
     """Raise IntensityRangeError when the sets' minima or maxima differ by more than
-    ``tolerance`` (the official check) or a set leaves [-1, 1] by more than it."""
+    ``tolerance`` (the official check, 0.1) or a set leaves [-1, 1] by more than it. The
+    message names both ranges and the likely cause."""
     for name, s in (("real", real), ("generated", fake)):
         if s.low < -1 - tolerance or s.high > 1 + tolerance:
             raise IntensityRangeError(
@@ -55,8 +73,9 @@ def check_intensity_ranges(real: FeatureSet, fake: FeatureSet, tolerance: float 
     if abs(real.low - fake.low) > tolerance or abs(real.high - fake.high) > tolerance:
         raise IntensityRangeError(
             f"real volumes span [{real.low:.3g}, {real.high:.3g}] and generated ones [{fake.low:.3g}, {fake.high:.3g}]: "
-            f"minima or maxima differ by more than {tolerance} (the official evaluation refuses this); map both sets "
-            f"to [-1, 1] with the same intensity recipe"
+            f"minima or maxima differ by more than {tolerance:g} (the official evaluation refuses this): "
+            f"{_range_cause(real, fake, tolerance)}; map both sets to [-1, 1] with the same intensity recipe, or "
+            f"accept the difference with a larger range tolerance (--range-tolerance)"
         )
 
 
@@ -110,6 +129,7 @@ class FeatureEvaluator:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
         fid_method: str = "sqrtm",
+        range_tolerance: float = RANGE_TOLERANCE,
     ):
         from prdit_fast.devices import resolve_device
 
@@ -118,6 +138,7 @@ class FeatureEvaluator:
         if fid_method not in FID_METHODS:
             raise ValueError(f"fid_method must be one of {FID_METHODS}, got {fid_method!r}")
         self.fid_method = fid_method
+        self.range_tolerance = range_tolerance
         self.device = resolve_device(device)
         self.batch_size, self.dtype, self.progress = batch_size, dtype, progress
         self.weights_path = None if isinstance(weights, MedicalNetResNet50) else str(weights)
@@ -152,7 +173,7 @@ class FeatureEvaluator:
         if fake_set.size != self.real.size:
             raise ValueError(f"real volumes are {self.real.size}^3, generated ones {fake_set.size}^3: evaluate at one edge")
         if check_ranges:
-            check_intensity_ranges(self.real, fake_set)
+            check_intensity_ranges(self.real, fake_set, self.range_tolerance)
         return fake_set, kept
 
     def distances(self, fake: FeatureSet) -> dict[str, float]:
@@ -204,6 +225,8 @@ def evaluate(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     fid_method: str = "sqrtm",
+    range_tolerance: float = RANGE_TOLERANCE,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """3D FID, MMD and MS-SSIM diversity of ``fake`` against ``real`` (spec section 10).
 
@@ -214,24 +237,37 @@ def evaluate(
     of all. bootstrap: replicates for the 95% intervals of FID and MMD (0: none).
     fid_method: "sqrtm" (scipy, as the official code) or "factors" (the same distance from
     QR factors; agrees to ~1e-6 relative, seconds instead of minutes on a CPU).
+    range_tolerance: the official range check's tolerance (0.1). random_weights: the
+    network has random weights; the report then says first that its numbers compare with
+    no paper.
 
     Returns a dict with ``fid``, ``fid_x1e3``, ``mmd``, ``mmd2``, ``ms_ssim`` (None when
     not computed, with ``ms_ssim_note``), ``n_real``, ``n_fake``, ``size``, the intervals,
     the weights' digest, the cache status, timings and versions."""
-    evaluator = FeatureEvaluator(real, weights, batch_size, device, dtype, cache_dir, real_key, progress, log, fid_method)
+    evaluator = FeatureEvaluator(real, weights, batch_size, device, dtype, cache_dir, real_key, progress, log, fid_method,
+                                 range_tolerance)
     started = time.perf_counter()
     fake_set, kept = evaluator.scan_fake(fake, keep=ms_ssim)
     seconds = {"real_features": evaluator.real_seconds, "fake_features": time.perf_counter() - started}
     started = time.perf_counter()
     result: dict[str, Any] = evaluator.distances(fake_set)
     seconds["fid_mmd"] = time.perf_counter() - started
-    result.update({"n_real": evaluator.real.count, "n_fake": fake_set.count, "size": fake_set.size})
+    result.update({"n_real": evaluator.real.count, "n_fake": fake_set.count, "size": fake_set.size,
+                   "random_weights": bool(random_weights), "warnings": []})
+    small = small_sample_warning(evaluator.real.count, fake_set.count, FEATURES)
+    if small is not None:
+        result["warnings"].append(small)
+        if log is not None:
+            log(f"warning: {small}")
     if bootstrap:
         started = time.perf_counter()
         ci = bootstrap_intervals(evaluator.real.features, fake_set.features, bootstrap, seed, device=evaluator.device)
         seconds["bootstrap"] = time.perf_counter() - started
         result.update({"fid_ci95": ci["fid"], "fid_x1e3_ci95": [v * 1e3 for v in ci["fid"]], "mmd_ci95": ci["mmd"],
-                       "bootstrap_replicates": bootstrap})
+                       "fid_bias_corrected": ci["fid_bias_corrected"],
+                       "fid_x1e3_bias_corrected": ci["fid_bias_corrected"] * 1e3,
+                       "mmd_bias_corrected": ci["mmd_bias_corrected"], "bootstrap_replicates": bootstrap,
+                       "interval_method": INTERVAL_METHOD})
     result["ms_ssim"], result["ms_ssim_pairs"] = None, 0
     if not ms_ssim:
         result["ms_ssim_note"] = "not requested"
@@ -257,6 +293,8 @@ def evaluate(
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "versions": versions(),
     })
+    if random_weights:  # first in the JSON too
+        result = {"not_comparable": NOT_COMPARABLE, **result}
     return result
 
 
@@ -266,26 +304,31 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def markdown_report(result: dict[str, Any], title: str = "prdit_fast evaluation") -> str:
     """The result of ``evaluate`` as a short Markdown report."""
-    def interval(key: str, digits: int) -> str:
-        ci = result.get(key)
-        return f" (95% CI {ci[0]:.{digits}f} - {ci[1]:.{digits}f})" if ci else ""
+    def interval(name: str, digits: int) -> str:
+        ci, corrected = result.get(f"{name}_ci95"), result.get(f"{name}_bias_corrected")
+        if not ci:
+            return ""
+        return f"; bias-corrected {corrected:.{digits}f}, 95% CI {ci[0]:.{digits}f} - {ci[1]:.{digits}f}"
 
     ms = _number(result.get("ms_ssim"))
     ms += f" over {result['ms_ssim_pairs']:,} pairs" if result.get("ms_ssim") is not None else f" ({result.get('ms_ssim_note')})"
-    lines = [
+    lines = ([f"**{NOT_COMPARABLE}**", ""] if result.get("random_weights") else []) + [
         f"# {title}", "",
         f"{result['n_real']} real and {result['n_fake']} generated volumes at {result['size']}^3; MedicalNet 3D "
         f"ResNet-50 features ({result['feature_dtype']}), weights sha256 `{result['weights_sha256'][:16]}...`.", "",
         "| metric | value |", "| --- | --- |",
-        f"| 3D FID x10^3 | {_number(result['fid_x1e3'], 3)}{interval('fid_x1e3_ci95', 3)} |",
+        f"| 3D FID x10^3 | {_number(result['fid_x1e3'], 3)}{interval('fid_x1e3', 3)} |",
         f"| 3D FID | {result['fid']:.6g} |",
-        f"| MMD | {_number(result['mmd'])}{interval('mmd_ci95', 4)} |",
+        f"| MMD | {_number(result['mmd'])}{interval('mmd', 4)} |",
         f"| MMD^2 | {result['mmd2']:.6g} |",
         f"| MS-SSIM (diversity, lower = more diverse) | {ms} |", "",
         "FID and MMD as in the paper (spec section 10): FID between Gaussian fits of the features (the paper's "
         "tables print FID x10^3), biased RBF MMD with the bandwidth from the real set's median squared distance. "
-        f"FID by {result['fid_method']}. Intervals: basic bootstrap over both sets' volumes "
-        f"({result.get('bootstrap_replicates', 0)} replicates). Lower is better for both.", "",
+        f"FID by {result['fid_method']}. The first number is the plug-in estimate, comparable with the paper; "
+        f"plug-in FID and MMD are biased upward (more so for few volumes), so the interval is the "
+        f"{result.get('interval_method', 'bootstrap interval')} ({result.get('bootstrap_replicates', 0)} replicates) "
+        f"and brackets the bias-corrected estimate printed beside it. Lower is better for both.", "",
+        *[f"Warning: {w}." for w in result.get("warnings", [])], *([""] if result.get("warnings") else []),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
     ]
     return "\n".join(lines) + "\n"

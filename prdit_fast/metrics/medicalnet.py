@@ -40,6 +40,14 @@ _WRAPPER_PREFIX = "module."
 # BatchNorm's step counter is bookkeeping for training (MedicalNet's file may predate it)
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 _LISTED = 5
+# MedicalNet on the Hugging Face Hub, the repository MONAI's resnet50(pretrained=True) reads
+# (monai.networks.nets.resnet.get_pretrained_resnet_medicalnet); the paper's file is
+# resnet_50.pth (not the _23dataset variant MONAI prefers). The digest is the Hub's LFS
+# SHA-256 of that file at this revision.
+HUB_REPO = "TencentMedicalNet/MedicalNet-Resnet50"
+HUB_FILENAME = "resnet_50.pth"
+HUB_REVISION = "8d924de10880fc392b71cbf61804e880aeb74e53"
+HUB_SHA256 = "5b6189cafbee2f5604a7279b62bc163365aa6a86a377e1dc260a14275cacbd84"
 
 
 class MedicalNetError(ValueError):
@@ -157,10 +165,64 @@ def load_medicalnet(
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise MedicalNetError(f"{source} holds no state dict of tensors (expected {{'state_dict': {{name: tensor}}}})")
     state = backbone_state(weights, source)
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:
+        raise MedicalNetError(f"{source}: {len(broken)} tensors hold NaN or inf ({_listed(broken)}); the file is "
+                              f"corrupt: download resnet_50.pth again")
     with torch.device("meta"):
         net = MedicalNetResNet50()
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     return net.to(map_location).eval().requires_grad_(False)
+
+
+def random_medicalnet(seed: int = 0) -> MedicalNetResNet50:
+    """The feature network with seeded random weights (PyTorch's default initialization) in
+    eval mode: lets ``evaluate`` run without MedicalNet's file; its numbers compare with
+    nothing published."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = MedicalNetResNet50()
+    return net.eval().requires_grad_(False)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fetch_medicalnet_weights(cache_dir: str | os.PathLike | None = None, offline: bool | None = None) -> Path:
+    """MedicalNet's ``resnet_50.pth`` from the Hugging Face Hub repository MONAI downloads
+    MedicalNet weights from (``HUB_REPO`` at the pinned ``HUB_REVISION``), cached by
+    ``huggingface_hub`` (``cache_dir``, default $HF_HUB_CACHE or ~/.cache/huggingface/hub),
+    and checked against the SHA-256 the Hub publishes for that file (``HUB_SHA256``).
+
+    ``offline`` (default: $HF_HUB_OFFLINE) reads only the cache. Raises MedicalNetError
+    naming the file to place by hand, and where, when it is not cached and cannot be
+    downloaded, or when the cached file's digest differs."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache_dir = cache_dir if cache_dir is not None else os.environ.get("HF_HUB_CACHE")
+    offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) if offline is None else offline
+    try:
+        path = Path(hf_hub_download(HUB_REPO, HUB_FILENAME, revision=HUB_REVISION, cache_dir=cache_dir,
+                                    local_files_only=offline))
+    except (LocalEntryNotFoundError, OSError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        root = Path(cache_dir) if cache_dir is not None else Path(HF_HUB_CACHE)
+        place = root / f"models--{HUB_REPO.replace('/', '--')}" / "snapshots" / HUB_REVISION / HUB_FILENAME
+        why = "offline (HF_HUB_OFFLINE)" if offline else f"the download failed ({type(e).__name__})"
+        raise MedicalNetError(
+            f"MedicalNet's {HUB_FILENAME} is not cached and {why}: download it from "
+            f"https://huggingface.co/{HUB_REPO} and pass --weights PATH, or place it at {place}"
+        ) from e
+    from ..sample_runs import file_sha256
+
+    digest = file_sha256(path)
+    if digest != HUB_SHA256:
+        raise MedicalNetError(f"{path} has SHA-256 {digest}, not the published {HUB_SHA256} of {HUB_REPO}/"
+                              f"{HUB_FILENAME}: delete it and run again to download it afresh")
+    return path
 
 
 def network_digest(net: nn.Module) -> str:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.dataset import VolumeDataset
+from ..data.dataset import VolumeDataset, read_unit_volume
 from ..errors import UsageError
 from ..data.recipes import RECIPES
 from ..volumes import load_volume
@@ -47,10 +47,13 @@ def generated_volume_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"--fake {folder} is not a folder")
-    files = sorted(folder.glob("sample_*.nii.gz")) or sorted(folder.glob("sample_*.npy"))
-    if not files:
+    nifti, arrays = sorted(folder.glob("sample_*.nii.gz")), sorted(folder.glob("sample_*.npy"))
+    if nifti and arrays:
+        raise UsageError(f"--fake {folder} mixes {len(nifti)} sample_*.nii.gz and {len(arrays)} sample_*.npy volumes: "
+                         f"keep one format (both are scored alike) so no volume is silently left out")
+    if not nifti and not arrays:
         raise UsageError(f"--fake {folder} holds no sample_*.nii.gz or sample_*.npy (prdit-fast sample output)")
-    return files
+    return nifti or arrays
 
 
 def generated_window(folder: str | os.PathLike) -> tuple[float, float] | None:
@@ -72,15 +75,29 @@ def generated_window(folder: str | os.PathLike) -> tuple[float, float] | None:
     return RECIPES.get(str(last.get("intensity")), RECIPES["unknown"]).hu_window or LEGACY_HU_WINDOW
 
 
-def read_generated(path: Path, hu_window: tuple[float, float] | None) -> np.ndarray:
-    """A generated volume (HU through ``hu_window``, or [0, 1] when None) -> (S, S, S) float32 in [-1, 1]."""
+def read_generated(path: Path, hu_window: tuple[float, float] | None, size: int | None = None) -> np.ndarray:
+    """A generated volume (HU through ``hu_window``, or [0, 1] when None) -> (S, S, S) float32
+    in [-1, 1]. UsageError naming the file when it is not a cube of edge ``size`` (when
+    given) or holds NaN or inf (refused, never clipped into range)."""
     volume = load_volume(path)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise ValueError(f"{path}: expected a cubic volume, got shape {volume.shape}")
+        raise UsageError(f"--fake: {path}: expected a cubic volume, got shape {tuple(volume.shape)}")
+    if size is not None and volume.shape[0] != size:
+        raise UsageError(f"--fake: {path} is {volume.shape[0]}^3, the other generated volumes {size}^3: "
+                         f"evaluate one edge at a time")
+    if not np.isfinite(volume).all():
+        bad = int(np.size(volume) - np.isfinite(volume).sum())
+        raise UsageError(f"--fake: {path} holds {bad} NaN or inf voxels; regenerate or remove it")
     if hu_window is None:
         return np.clip(volume, 0.0, 1.0) * 2 - 1
     lo, hi = hu_window
     return ((np.clip(volume, lo, hi) - lo) / (hi - lo) * 2 - 1).astype(np.float32)
+
+
+def real_edge(dataset: VolumeDataset) -> int:
+    """The stored edge of the real set's first volume (its header or memory map: no decode of
+    ``.npy``)."""
+    return int(read_unit_volume(dataset.files[0]).shape[-1])
 
 
 def batches(volumes: Iterator[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
