@@ -19,6 +19,7 @@ COMMANDS = {
     "sample": "sample N volumes from a checkpoint to NIfTI / npy (resumable)",
     "preprocess": "DICOM / NIfTI / npz volumes -> the paper's 1 mm, 256^3 preprocessing",
     "train": "two-stage training with EMA, exact resume, multi-GPU",
+    "cache": "build a training config's data cache (volumes pooled to image_size in one memory-mapped file)",
     "plot": "loss and throughput curves (PNG) of a training run from its log",
     "evaluate": "3D FID, MMD and MS-SSIM of sampled volumes against real ones (MedicalNet features)",
     "bench": "end-to-end benchmark: GPU-hours and memory for every backend",

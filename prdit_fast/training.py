@@ -89,6 +89,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dataset": None,  # "phantom": the synthetic phantom; None: the files named above
         "task": None,  # the official configs' dataset name ("lidc", "rad_chestct"); recorded
         "num_workers": 4,
+        "cache_dir": None,  # training cache folder (prdit_fast.data.cache); None: ~/.cache/prdit_fast/training
+        "cache_dtype": "auto",  # "auto" | "float16" | "float32" (auto: float16 for the known CT recipes)
         "phantom_length": 64,  # number of phantom volumes when no data is named
     },
     "model": {
