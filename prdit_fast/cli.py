@@ -4,11 +4,18 @@ with ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only whe
 Failures are one ``error:`` line on stderr: status 2 for a bad argument or config value
 (``prdit_fast.errors.UsageError``, argparse's own errors), 1 for a runtime failure;
 ``--debug`` (before or after the command name) shows the traceback instead.
+
+Logging is configured here, once, for every command: the ``prdit_fast`` loggers print
+their info messages (progress notes, the engine's choices, warnings) to stderr;
+``--quiet`` keeps warnings and errors only, ``--verbose`` adds debug messages. Ranks
+other than 0 of a multi-process run print warnings only.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from .errors import UsageError
@@ -34,9 +41,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """The ``prdit_fast`` loggers to stderr: INFO (default), WARNING (``quiet`` or a rank
+    other than 0), DEBUG (``verbose``). Calling it again replaces the earlier handler."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0 and not verbose:
+        level = max(level, logging.WARNING)
+    logger = logging.getLogger("prdit_fast")
+    for handler in [h for h in logger.handlers if getattr(h, "_prdit_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler._prdit_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _add_common(parser: argparse.ArgumentParser, default=None) -> None:
+    """--debug / --quiet / --verbose, accepted before and after the command name."""
+    extra = {} if default is None else {"default": default}
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure", **extra)
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="print warnings and errors only", **extra)
+    verbosity.add_argument("--verbose", "-v", action="store_true", help="also print debug messages", **extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="prdit-fast", description="PRDiT: 3D CT diffusion, fast.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    _add_common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -45,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:  # import only the module that runs
             module = importlib.import_module(f"prdit_fast.commands.{name}")
             module.add_arguments(p)
-            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                           help="show the traceback of a failure")
+            _add_common(p, default=argparse.SUPPRESS)
             p.set_defaults(_module=module)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose exclude each other")
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

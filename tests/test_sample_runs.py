@@ -189,3 +189,23 @@ def test_gpu_killed_run_resumes_byte_identical(plain_ckpt, tmp_path):
     assert len(names) == 10
     for name in names:
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_info_messages_are_printed_and_quiet_hides_them(plain_ckpt, tmp_path, capsys):
+    """The CLI configures logging for every command: sample's info lines reach stderr."""
+    from prdit_fast.cli import configure_logging
+
+    out = tmp_path / "out"
+    assert main(args(plain_ckpt, out)) == 0
+    capsys.readouterr()
+    assert main(args(plain_ckpt, out)) == 0  # a rerun: every volume is on disk
+    assert "INFO rank 0: 2 of its 2 volumes already on disk" in capsys.readouterr().err
+    try:
+        assert main(["--quiet", *args(plain_ckpt, out)]) == 0
+        assert "already on disk" not in capsys.readouterr().err
+        assert main([*args(plain_ckpt, out), "--verbose"]) == 0
+        assert "INFO rank 0: 2 of its 2" in capsys.readouterr().err
+        assert main([*args(plain_ckpt, out), "--verbose", "--quiet"]) == 2
+        assert "not allowed with argument --verbose" in capsys.readouterr().err
+    finally:
+        configure_logging()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -21,7 +20,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data.recipes import volume_metadata
     from ..training import apply_overrides, load_config, resolve_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     config = resolve_config(apply_overrides(load_config(args.config), args.overrides))
     data, channels = config["data"], config["model"]["in_channels"]
     splits = ("train", "val") if args.split == "all" else (args.split,)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -26,10 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from ..training import apply_overrides, load_config, train
 
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
-    )
     config = apply_overrides(load_config(args.config), args.overrides)
     path = train(config, resume=args.resume, from_scratch=args.from_scratch)
     if rank == 0:
