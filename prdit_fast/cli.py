@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.quiet and args.verbose:
-        parser.error("--quiet and --verbose exclude each other")
+    if args.quiet and args.verbose:  # one before the command name, one after
+        parser.error("argument --quiet/-q: not allowed with argument --verbose/-v")
     configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return int(args._module.run(args) or 0)
