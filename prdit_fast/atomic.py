@@ -10,9 +10,11 @@ writes when it starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,10 +49,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _full_disk(e, path.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if full is not None:
+            raise OSError(errno.ENOSPC, full) from e
         raise
+
+
+def _full_disk(error: BaseException, folder: Path) -> str | None:
+    """A one-line message when ``error`` is a write that stopped on a full file system
+    (ENOSPC, or torch.save's zip writer failing midway while the disk is full), else None."""
+    free = shutil.disk_usage(folder).free
+    writer_failed = isinstance(error, RuntimeError) and any(
+        mark in str(error) for mark in ("inline_container", "file write failed", "PytorchStreamWriter"))
+    if not (isinstance(error, OSError) and error.errno == errno.ENOSPC) and not (writer_failed and free < 1 << 30):
+        return None
+    return (f"no space left on device in {folder} ({free / 2**20:.0f} MiB free): the file was not written and the "
+            f"earlier version, if any, is intact; free space or write elsewhere")
 
 
 def temp_target(name: str) -> str | None:

@@ -89,6 +89,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted; use another copy")
     if not head.startswith(b"PK") and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
         return _read_safetensors(path, map_location)
+    if not head.startswith((b"PK", b"\x80")):  # a torch file is a zip archive or (legacy) a pickle
+        raise CheckpointError(
+            f"{path} is not a checkpoint: neither a torch file (zip or pickle) nor safetensors (it starts with "
+            f"{head[:8]!r}); give the .pt / .safetensors file"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -99,7 +104,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 f"state dicts and plain values. Detail: {str(e).splitlines()[0]}"
             ) from e
         raise CheckpointError(f"checkpoint {path} is corrupt (not a readable torch file): {e}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes; torch.load said: "
             f"{str(e).splitlines()[0]}). Copy or download it again."
@@ -120,19 +125,21 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         raise CheckpointError(f"safetensors checkpoint {path} is truncated or corrupt: {e}. Copy it again.") from e
     if meta.get("format") != FORMAT:
         return tensors
-    out: dict[str, Any] = {
-        "format": FORMAT,
-        "version": int(meta.get("version", FORMAT_VERSION)),
-        "config": json.loads(meta["config"]),
-        "model": {k: v for k, v in tensors.items() if not k.startswith(_EMA_PREFIX)},
-    }
-    if "diffusion" in meta:
-        out["diffusion"] = json.loads(meta["diffusion"])
+    key = "version"
+    try:
+        out: dict[str, Any] = {"format": FORMAT, "version": int(meta.get("version", FORMAT_VERSION))}
+        for key in ("config", "diffusion", "extra"):
+            if key in meta or key == "config":
+                out[key] = json.loads(meta[key])
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"safetensors checkpoint {path}: its metadata field {key!r} is missing or unreadable "
+            f"({type(e).__name__}: {e}); re-save it with prdit_fast.save_checkpoint"
+        ) from e
+    out["model"] = {k: v for k, v in tensors.items() if not k.startswith(_EMA_PREFIX)}
     ema = {k[len(_EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EMA_PREFIX)}
     if ema:
         out["ema"] = ema
-    if "extra" in meta:
-        out["extra"] = json.loads(meta["extra"])
     if "process" in meta:
         out["process"] = meta["process"]
     return out
@@ -377,7 +384,8 @@ def load_checkpoint(
             hint = f" Its weights look like {arch['name']}." if arch and arch["name"] else ""
             raise CheckpointError(
                 f"{path} has no model config (a bare state dict, or a checkpoint without 'config'): pass "
-                f"variant= (e.g. 'PRDiT-B/12/4') and input_size= (the volume edge it was trained at).{hint}"
+                f"variant= (e.g. 'PRDiT-B/12/4') and input_size= (the volume edge it was trained at; on the command "
+                f"line --variant and --size).{hint}"
             )
         cfg = variant_config(
             requested, input_size, arch["in_channels"] if arch else 1, arch["out_channels"] if arch else None

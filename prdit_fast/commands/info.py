@@ -31,8 +31,10 @@ DEFAULT_SIZE = 128
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", default=DEFAULT_VARIANT, help=f"variant to describe (default {DEFAULT_VARIANT})")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"volume edge S (default {DEFAULT_SIZE})")
+    parser.add_argument("--variant", help=f"variant to describe (default {DEFAULT_VARIANT}); with --ckpt: the variant "
+                                          f"of a bare state dict (or a check)")
+    parser.add_argument("--size", type=int, help=f"volume edge S (default {DEFAULT_SIZE}); with --ckpt: that of a "
+                                                 f"bare state dict")
     parser.add_argument(
         "--sr-size", type=int, default=None, metavar="S_HI",
         help="describe the PRDiT-SR wrapper (spec section 8, default head 768/12/8/2) refining the variant "
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output channels: 2C (default) for IaN, C (1 for CT) for the flow-matching velocity head",
     )
     parser.add_argument(
-        "--ckpt", help="describe the network of this checkpoint (variant, size, process) instead of --variant/--size"
+        "--ckpt", help="describe the network of this checkpoint (variant, size, process); a bare state dict needs "
+                       "--variant and --size"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -112,13 +115,14 @@ def config_summary(cfg: PRDiTConfig) -> dict[str, Any]:
     }
 
 
-def checkpoint_summary(path: str) -> dict[str, Any]:
+def checkpoint_summary(path: str, variant: str | None = None, size: int | None = None) -> dict[str, Any]:
     """``config_summary`` of the network in a checkpoint file, plus which weights it holds;
-    for a PRDiT-SR checkpoint that of its base, with the wrapper's under ``sr``."""
+    for a PRDiT-SR checkpoint that of its base, with the wrapper's under ``sr``.
+    ``variant`` / ``size``: needed for a bare state dict (else checks)."""
     from prdit_fast.checkpoint import load_checkpoint
     from prdit_fast.sr import PRDiTSR
 
-    model = load_checkpoint(path)
+    model = load_checkpoint(path, variant=variant, input_size=size)
     if isinstance(model, PRDiTSR):
         summary = config_summary(model.base.config)
         summary["sr"] = sr_model_summary(model)
@@ -197,11 +201,12 @@ def _yes(value: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.ckpt:
-            summary = checkpoint_summary(args.ckpt)
+            summary = checkpoint_summary(args.ckpt, args.variant, args.size)
             sr = summary.pop("sr", None)
         else:
-            summary = variant_summary(args.variant, args.size, args.out_channels)
-            sr = sr_summary(args.variant, args.size, args.sr_size) if args.sr_size is not None else None
+            variant, size = args.variant or DEFAULT_VARIANT, args.size or DEFAULT_SIZE
+            summary = variant_summary(variant, size, args.out_channels)
+            sr = sr_summary(variant, size, args.sr_size) if args.sr_size is not None else None
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prdit_fast.checkpoint import checkpoint_process
 from prdit_fast.errors import UsageError
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
 from prdit_fast.measurements import BLUR_KERNEL, BLUR_SIGMA, GUIDANCE_TASKS, SR_SCALE, TASK_SETTINGS
@@ -147,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.ckpt).is_file():
         raise UsageError(f"--ckpt {args.ckpt!r} is not a file")
+    if checkpoint_process(args.ckpt) == "flow_matching":
+        raise UsageError(
+            f"--ckpt {args.ckpt} holds a flow-matching model (velocity head); reconstruct guides the clean prediction "
+            f"x0_hat of an IaN prior: give an IaN checkpoint (e.g. the TF-PRDiT DiT-B/12/12 prior)"
+        )
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2^32), got {args.seed}")
     if not args.spacing > 0:
