@@ -3,7 +3,10 @@
 - TensorBoard event files in ``RUN/tensorboard/`` when the ``tensorboard`` package is
   installed (``logging.tensorboard``, default on; said once in the log when missing);
 - Weights & Biases when the official config's ``wandb.enable`` is true (project,
-  entity, tags from the same section); an error when enabled but not installed;
+  entity, tags from the same section); an error when enabled but not installed. The
+  W&B run id is kept in ``RUN/wandb_run.json`` (``WANDB_RUN_FILE``), so a resumed
+  training run (``--resume`` from a checkpoint) continues the same W&B run instead of
+  starting a new one;
 - every ``logging.eval_every`` steps (``evaluate``): the EMA model's loss on the
   validation set (``data.val_list``; a held-out phantom set when training on the
   phantom) at fixed noise and timesteps, so evaluations are comparable, and the
@@ -14,6 +17,7 @@ Only rank 0 reports; every backend is imported only when used.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,17 +25,36 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .atomic import write_json
 from .flow_matching import FlowMatching
 
 log = logging.getLogger("prdit_fast.train")
 
 EVAL_SEED = 20_251_201  # fixed noise and timesteps: validation losses of one run are comparable
+WANDB_RUN_FILE = "wandb_run.json"  # {"id": ...} of the W&B run a resumed training run continues
+
+
+def saved_wandb_run_id(run_dir: Path) -> str | None:
+    """The W&B run id recorded in ``run_dir`` by an earlier start of the run, or None."""
+    path = Path(run_dir) / WANDB_RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run_id = json.loads(path.read_text()).get("id")
+    except (ValueError, AttributeError):
+        log.warning("%s is unreadable; this run starts a new W&B run", path)
+        return None
+    return str(run_id) if run_id else None
 
 
 class RunMonitor:
-    """Scalars and images of one training run to TensorBoard and W&B (rank 0 only)."""
+    """Scalars and images of one training run to TensorBoard and W&B (rank 0 only).
 
-    def __init__(self, run_dir: Path, config: Mapping[str, Any], enabled: bool = True):
+    resumed: the run continues from a checkpoint; W&B then continues the run whose id
+    ``RUN/wandb_run.json`` records (a new run, said in the log, when none is recorded).
+    """
+
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], enabled: bool = True, resumed: bool = False):
         self.run_dir = Path(run_dir)
         self.tensorboard = None
         self.wandb = None
@@ -53,11 +76,18 @@ class RunMonitor:
                 raise RuntimeError("wandb.enable is true but wandb is not installed; pip install wandb, "
                                    "or set wandb.enable: false") from e
             tags = wb.get("tags") or []
+            run_id = saved_wandb_run_id(self.run_dir) if resumed else None
+            if resumed and run_id is None:
+                log.info("no %s in %s (a run started before prdit_fast kept it): the resumed run logs to a new "
+                         "W&B run", WANDB_RUN_FILE, self.run_dir)
+            # with an id, resume="allow" continues that run (or creates it under that id if it was deleted)
             self.wandb = wandb.init(
                 project=wb.get("project") or None, entity=wb.get("entity") or None,
                 tags=[t.strip() for t in tags.split(",")] if isinstance(tags, str) else list(tags),
-                config=dict(config), dir=str(self.run_dir), name=self.run_dir.name, resume="allow",
+                config=dict(config), dir=str(self.run_dir), name=self.run_dir.name, id=run_id, resume="allow",
             )
+            if self.wandb.id != run_id:
+                write_json(self.run_dir / WANDB_RUN_FILE, {"id": self.wandb.id})
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self.tensorboard is not None:

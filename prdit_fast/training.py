@@ -918,7 +918,8 @@ class Trainer:
             self._write_run_config()
         from .monitor import RunMonitor
 
-        self.monitor = RunMonitor(self.run_dir, self.config, enabled=self.rank == 0)  # W&B fails here, not later
+        # W&B fails here, not later; a run resumed from a checkpoint continues its W&B run
+        self.monitor = RunMonitor(self.run_dir, self.config, enabled=self.rank == 0, resumed=self.step > 0)
         if self.step >= self.total_steps:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
             return self.last_checkpoint or self.save()

@@ -153,6 +153,24 @@ def test_mmd_equals_a_direct_double_loop():
     assert value2 == pytest.approx(mmd2, rel=1e-10) and value == pytest.approx(np.sqrt(mmd2), rel=1e-10)
 
 
+def test_mmd_bandwidth_takes_torch_medians_lower_middle_value_for_an_even_count():
+    from prdit_fast.metrics.distances import rbf_gamma, squared_distances
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(4, 3)), rng.normal(0.5, 1.0, size=(5, 3))
+    sq = squared_distances(x, x)  # 16 entries: an even count, the two middle values differ
+    middle = np.sort(sq.ravel())[7:9]
+    assert middle[0] < middle[1]
+    official = float(torch.median(torch.as_tensor(sq).flatten()))  # the official code's median
+    assert official == middle[0] and rbf_gamma(sq) == 1 / (2 * official)
+    assert rbf_gamma(sq) != 1 / (2 * float(np.median(sq)))
+    gamma = 1 / (2 * official)
+    k = lambda u, v: np.exp(-gamma * np.sum((u - v) ** 2))  # noqa: E731
+    mmd2 = (np.mean([k(a, b) for a, b in itertools.product(x, x)]) + np.mean([k(a, b) for a, b in itertools.product(y, y)])
+            - 2 * np.mean([k(a, b) for a, b in itertools.product(x, y)]))
+    assert mmd(x, y)[1] == pytest.approx(mmd2, rel=1e-10)
+
+
 def test_bootstrap_intervals_bracket_the_estimates():
     rng = np.random.default_rng(5)
     real, fake = rng.normal(size=(80, 4)), rng.normal(0.5, 1.0, size=(70, 4))

@@ -78,25 +78,36 @@ def test_plot_without_a_log_is_a_usage_error(tmp_path, capsys):
     assert "log.jsonl" in capsys.readouterr().err
 
 
-def test_wandb_section_enables_wandb(tmp_path, monkeypatch):
-    """The official ``wandb:`` section drives wandb.init / log / finish (a stand-in module
-    records the calls; the real package is an optional dependency)."""
+def _fake_wandb(monkeypatch, calls: list):
+    """A stand-in ``wandb`` module recording init / log / finish (the real package is an
+    optional dependency); each init without an id makes a new run id."""
     import sys
     import types
 
-    calls = []
-
     class Run:
+        def __init__(self, run_id):
+            self.id = run_id
+
         def log(self, values, step):
             calls.append(("log", step, sorted(values)))
 
         def finish(self):
             calls.append(("finish",))
 
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run(kwargs.get("id") or f"run{sum(c[0] == 'init' for c in calls)}")
+
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or Run()
+    fake.init = init
     fake.Image = lambda picture: ("image", picture.shape)
     monkeypatch.setitem(sys.modules, "wandb", fake)
+
+
+def test_wandb_section_enables_wandb(tmp_path, monkeypatch):
+    """The official ``wandb:`` section drives wandb.init / log / finish."""
+    calls = []
+    _fake_wandb(monkeypatch, calls)
     cfg = config(tmp_path / "run", eval_every=2)
     cfg["wandb"] = {"enable": True, "project": "prdit", "entity": "lab", "tags": "lidc, s1"}
     train(cfg)
@@ -107,3 +118,27 @@ def test_wandb_section_enables_wandb(tmp_path, monkeypatch):
     assert [c[1] for c in logged if "loss" in c[2]] == [1, 2]
     assert any("val_loss" in c[2] for c in logged) and any("ema_samples" in c[2] for c in logged)
     assert calls[-1] == ("finish",)
+
+
+def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
+    """The W&B run id is saved in the run folder; ``--resume`` from a checkpoint passes it
+    back to wandb.init (resume="allow"), so steps 3-4 land in the run of steps 1-2."""
+    from prdit_fast.monitor import WANDB_RUN_FILE
+
+    calls = []
+    _fake_wandb(monkeypatch, calls)
+    run = tmp_path / "run"
+    cfg = config(run, eval_every=100)
+    cfg["wandb"] = {"enable": True, "project": "prdit", "entity": "", "tags": ""}
+    train(cfg)
+    first = calls[0][1]
+    assert first["id"] is None and first["resume"] == "allow"
+    assert json.loads((run / WANDB_RUN_FILE).read_text()) == {"id": "run1"}
+
+    calls.clear()
+    cfg["training"]["total_steps"] = 4
+    train(cfg, resume=True)
+    resumed = calls[0][1]
+    assert resumed["id"] == "run1" and resumed["resume"] == "allow"
+    assert [c[1] for c in calls if c[0] == "log" and "loss" in c[2]] == [3, 4]
+    assert json.loads((run / WANDB_RUN_FILE).read_text()) == {"id": "run1"}

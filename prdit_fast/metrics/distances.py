@@ -63,8 +63,10 @@ def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def rbf_gamma(real_sq: np.ndarray) -> float:
     """gamma = 1 / (2 median |x_i - x_j|^2) over all ordered pairs of the real set, the zero
-    diagonal included (numpy's median: the mean of the two middle values for an even count)."""
-    median = float(np.median(real_sq))
+    diagonal included. The median is ``torch.median``'s, as the official code: for an even
+    count the LOWER of the two middle values, not their mean (numpy's)."""
+    flat = np.asarray(real_sq, dtype=np.float64).ravel()
+    median = float(np.partition(flat, (flat.size - 1) // 2)[(flat.size - 1) // 2])
     if not median > 0:
         raise ValueError("the real features are all identical: the RBF bandwidth (median distance) is 0")
     return 1.0 / (2.0 * median)
