@@ -68,7 +68,7 @@ def test_wandb_enabled_but_missing_is_one_clear_error(tmp_path, capsys):
     cfg = config(tmp_path / "run")
     cfg["wandb"] = {"enable": True, "project": "p", "entity": "", "tags": ""}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 1
+    assert main(["--quiet", "train", "--config", str(tmp_path / "c.yaml")]) == 1  # info lines off
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wandb" in err[0]
 
