@@ -1,5 +1,6 @@
 """Evaluation as in the paper (spec section 10): 3D FID and MMD on MedicalNet 3D ResNet-50
-features, MS-SSIM diversity, plus bootstrap intervals, a cached real side and reports.
+features, MS-SSIM diversity, the W-Score (a trained critic's Wasserstein estimate against a
+reference model), plus bootstrap intervals, a cached real side and reports.
 
     from prdit_fast.metrics import evaluate
     result = evaluate(real, fake, "resnet_50.pth")   # volumes (N, 1, S, S, S) in [-1, 1]
@@ -19,12 +20,14 @@ from .evaluate import (
 )
 from .medicalnet import MedicalNetError, MedicalNetResNet50, features, load_medicalnet, network_digest
 from .ms_ssim import ms_ssim_diversity, ms_ssim_pairs
+from .wscore import WCritic, wscore, wscore_transform
 
 __all__ = [
     "FeatureEvaluator",
     "IntensityRangeError",
     "MedicalNetError",
     "MedicalNetResNet50",
+    "WCritic",
     "bootstrap_intervals",
     "check_intensity_ranges",
     "evaluate",
@@ -39,4 +42,6 @@ __all__ = [
     "ms_ssim_pairs",
     "network_digest",
     "write_report",
+    "wscore",
+    "wscore_transform",
 ]
