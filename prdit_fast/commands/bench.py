@@ -3,6 +3,7 @@
     prdit-fast bench                       # full: B/12/{0,4,12} at 64^3, 128^3, 256^3 (GPU)
     prdit-fast bench --quick               # GPU: 64^3 and 128^3; CPU: B/12/0 and B/12/4 at 16^3
     prdit-fast bench --variants B/12/4 --sizes 128 --batch 1 4 --backends eager-fp32 fast fast-cudagraph
+    prdit-fast bench data                  # data sources: samples/s per core, cores per GPU (prdit_fast.bench.data)
 
 Writes ``OUT/<device-slug>-<YYYY-MM-DD>/bench.{json,md,png}`` (see ``prdit_fast.bench``);
 OUT defaults to a folder outside any source tree (``default_out``), so a run from a
@@ -25,6 +26,9 @@ def default_out() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("section", nargs="?", choices=("model", "data"), default="model",
+                        help="model (default): sampling and training of every backend; data: how fast each data "
+                             "source (official nii.gz / npz, .npy, the training cache) feeds training")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sizes and reps, torch.compile in default mode; on CPU B/12/0 and B/12/4 at "
                              "16^3 with the CPU backends (well under 3 minutes on 2 cores)")
@@ -52,14 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="cells not started within this many seconds are recorded as skipped")
     parser.add_argument("--tag", help="name the files bench-TAG.{json,md,png}, so runs split by hand keep apart")
+    data = parser.add_argument_group("bench data")
+    data.add_argument("--volumes", type=int, default=3, help="synthetic volumes per source (default 3)")
+    data.add_argument("--gpu-rate", nargs="+", metavar="S=RATE",
+                      help="training samples/s of one GPU at edge S, for cores per GPU when no GPU is here "
+                           "(e.g. 128=121); name where it comes from with --gpu-rate-source")
+    data.add_argument("--gpu-rate-source", help="where the --gpu-rate figures were measured (quoted in the report)")
+    data.add_argument("--work-dir", help="folder for the synthetic sources (default: the system temp folder)")
 
 
 def command_line(args: argparse.Namespace) -> list[str]:
     """An equivalent ``prdit-fast bench ...`` command for the report, rebuilt from the parsed
     options (the process's own argv may be a test runner's)."""
-    argv = ["prdit-fast", "bench"]
+    argv = ["prdit-fast", "bench"] + (["data"] if getattr(args, "section", "model") == "data" else [])
     for name, value in vars(args).items():
-        if name in ("command", "_module") or value is None or value is False:
+        if name in ("command", "_module", "section") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
         if value is True:
@@ -71,7 +82,42 @@ def command_line(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _gpu_rates(items: list[str] | None) -> dict[int, float]:
+    rates = {}
+    for item in items or []:
+        size, sep, rate = item.partition("=")
+        try:
+            rates[int(size)] = float(rate)
+        except ValueError:
+            raise ValueError(f"--gpu-rate {item!r} must look like S=RATE, e.g. 128=121") from None
+        if not sep or rates[int(size)] <= 0:
+            raise ValueError(f"--gpu-rate {item!r} must look like S=RATE with RATE > 0, e.g. 128=121")
+    return rates
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from prdit_fast.bench.cells import variant_name
+    from prdit_fast.bench.data import run_data_benchmark
+    from prdit_fast.devices import resolve_device
+
+    rates = _gpu_rates(args.gpu_rate)
+    if rates and not args.gpu_rate_source:
+        raise ValueError("--gpu-rate needs --gpu-rate-source: say where the GPU figure was measured")
+    _, report = run_data_benchmark(
+        args.out or default_out(), tuple(args.sizes or (128, 256)), args.volumes, rates, args.gpu_rate_source,
+        variant_name((args.variants or ["B/12/4"])[0]), resolve_device(args.device), args.work_dir, args.tag,
+        command_line(args), log=lambda line: print(line, flush=True))
+    print(report)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.section == "data":
+        try:
+            return run_data(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     opts = BenchOptions(
         out=args.out or default_out(),
         quick=args.quick,
