@@ -15,7 +15,9 @@ files compress like CT, min-max to [0, 1]):
 
 A sample is what training consumes: one ``VolumeDataset`` (or cache) item at the
 training edge, read in this process with one torch thread; files are in the page cache
-(read once before timing). samples/s per core = 1 / the median item time.
+(read once before timing). samples/s per core = 1 / the median CPU time of an item
+(``time.process_time``: user + system time of this process, so other jobs on a shared
+machine do not count; the wall time is reported beside it, with the load average).
 
 Cores per GPU = GPU samples/s / samples/s per core. The GPU rate is measured in the same
 run when CUDA is present (the training step of ``--variant`` with the fast backend, as
@@ -25,6 +27,7 @@ report names its ``--gpu-rate-source``.
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
@@ -77,14 +80,16 @@ def make_sources(folder: Path, edge: int, count: int) -> dict[str, list[Path]]:
     return files
 
 
-def _item_seconds(dataset, reps: int = 1) -> list[float]:
-    times = []
+def _item_seconds(dataset, reps: int = 1) -> tuple[list[float], list[float]]:
+    """(CPU seconds, wall seconds) of each item read, ``reps`` passes over ``dataset``."""
+    cpu, wall = [], []
     for _ in range(reps):
         for i in range(len(dataset)):
-            started = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             dataset[i]
-            times.append(time.perf_counter() - started)
-    return times
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    return cpu, wall
 
 
 def gpu_training_rate(variant: str, size: int, device: torch.device) -> dict[str, Any]:
@@ -141,10 +146,11 @@ def run_data_benchmark(out: str | Path, sizes: tuple[int, ...] = (128, 256), vol
                     else:
                         dataset, build_s = VolumeDataset(files[kind], size), None
                     _item_seconds(dataset)  # page cache and first-touch warm-up
-                    times = _item_seconds(dataset, reps=2)
-                    median = statistics.median(times)
+                    cpu_s, wall_s = _item_seconds(dataset, reps=2)
+                    median = max(statistics.median(cpu_s), 1e-6)  # process_time ticks are coarse on some systems
                     row = {"source": kind, "stored_edge": edge, "size": size, "item_ms": 1e3 * median,
-                           "samples_per_s_per_core": 1.0 / median, "items_timed": len(times),
+                           "item_wall_ms": 1e3 * statistics.median(wall_s),
+                           "samples_per_s_per_core": 1.0 / median, "items_timed": len(cpu_s),
                            "file_mb": sum(p.stat().st_size for p in (files.get(kind) or [dataset.path])) / 1e6
                            / (len(files.get(kind) or [None]))}
                     if build_s is not None:
@@ -165,6 +171,7 @@ def run_data_benchmark(out: str | Path, sizes: tuple[int, ...] = (128, 256), vol
         rate = (gpu.get(row["size"]) or {}).get("samples_per_s")
         row["cores_per_gpu"] = rate / row["samples_per_s_per_core"] if rate else None
     env = environment(cpu, argv)
+    env["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {"kind": "data", "environment": env, "volumes_per_source": volumes, "sizes": list(sizes),
               "gpu_rate": {str(k): v for k, v in gpu.items()}, "rows": rows, "method": __doc__}
     folder = Path(out) / f"{device_slug(cpu)}-{datetime.date.today().isoformat()}"
@@ -182,7 +189,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"# Data sources: samples/s per CPU core ({env['device']['cpu']})", "",
         f"- machine: {env['device']['cpu']}, {env['device']['cpu_count']} CPUs visible; one torch thread per "
         f"measurement; python {v['python']}, torch {v['torch']}, numpy {np.__version__}",
-        f"- commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, date {env['date']}",
+        f"- commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, date {env['date']}, load average "
+        f"at the end {env.get('load_average')}",
         f"- command: `{env['command']}`",
         f"- {result['volumes_per_source']} synthetic volumes per source (official layouts, see "
         f"`prdit_fast/bench/data.py`); a sample is one training item at the edge S; median of "
@@ -193,12 +201,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"- GPU rate at {size}^3: " + (f"{rate:.1f} samples/s ({g['source']})" if rate else g["status"]))
     if not result["gpu_rate"]:
         lines.append("- no GPU rate (no CUDA device and no --gpu-rate): cores per GPU not computed")
-    lines += ["", "| source | stored edge | S | ms/sample | samples/s per core | cores per GPU | MB per volume |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| source | stored edge | S | CPU ms/sample | samples/s per core | cores per GPU | wall ms/sample | "
+                  "MB per volume |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         cores = f"{r['cores_per_gpu']:.3g}" if r.get("cores_per_gpu") else "–"
         lines.append(f"| {r['source']} | {r['stored_edge']} | {r['size']} | {r['item_ms']:.3g} | "
-                     f"{r['samples_per_s_per_core']:.3g} | {cores} | {r['file_mb']:.3g} |")
+                     f"{r['samples_per_s_per_core']:.3g} | {cores} | {r['item_wall_ms']:.3g} | {r['file_mb']:.3g} |")
     builds = [r for r in result["rows"] if r.get("cache_build_s_per_volume")]
     if builds:
         lines += ["", "Cache build (each LIDC volume read once, pooled, written): " + ", ".join(
