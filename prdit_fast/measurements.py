@@ -279,3 +279,39 @@ TASK_SETTINGS: dict[str, dict] = {
 GUIDANCE_TASKS = tuple(TASK_SETTINGS)
 SR_SCALE = 4  # the official super-resolution factor
 BLUR_KERNEL, BLUR_SIGMA = 5, 2.0  # the official deblurring blur
+OFFICIAL_SIZE = 128  # the TF-PRDiT prior's volume edge, where TASK_SETTINGS were tuned
+
+# The guidance gradient g = d||A(x0) - y||_2 / dx0 = A^T r / ||r|| has per-voxel entries
+# ~ 1 / sqrt(M) for M measured values, so one rho pulls a 32^3 volume's voxels 8x harder
+# than a 128^3 one's. 'per-voxel' scales rho by sqrt(M / M_official) (M_official: the
+# measured values of the task at the official size), which keeps each voxel's pull of
+# the official settings at any size and any mask; at the official size it is the same.
+GUIDANCE_PARAMETRIZATIONS = ("auto", "official", "per-voxel")
+
+
+def official_measured_values(task: str) -> int | None:
+    """M of ``task``'s official setting at the official size (None: X-rays, whose
+    detector defines its own scale; they keep the official parametrization)."""
+    return {"super-resolution": (OFFICIAL_SIZE // SR_SCALE) ** 3, "deblur": OFFICIAL_SIZE**3,
+            "infill": OFFICIAL_SIZE**3}.get(task)
+
+
+def guidance_parametrization(task: str, size: int, scale: int, requested: str = "auto") -> str:
+    """'official' or 'per-voxel'. 'auto': official for the official settings at the
+    official size (and for X-rays), per-voxel otherwise."""
+    if requested not in GUIDANCE_PARAMETRIZATIONS:
+        raise ValueError(f"guidance parametrization must be one of {GUIDANCE_PARAMETRIZATIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    official = official_measured_values(task) is None or (
+        size == OFFICIAL_SIZE and (task != "super-resolution" or scale == SR_SCALE))
+    return "official" if official else "per-voxel"
+
+
+def effective_guidance_scale(rho: float, task: str, measured_values: int, parametrization: str) -> float:
+    """The rho the sampler applies to g: ``rho`` itself ('official') or scaled by
+    sqrt(M / M_official) ('per-voxel'; X-rays stay official)."""
+    reference = official_measured_values(task)
+    if parametrization == "official" or reference is None:
+        return float(rho)
+    return float(rho) * (measured_values / reference) ** 0.5

@@ -47,6 +47,7 @@ def save_nifti(
     dtype: str = "int16",
     description: str = "",
     affine: np.ndarray | None = None,
+    axcodes: tuple[str, str, str] | None = None,
 ) -> Path:
     """Write a volume (D, H, W) as NIfTI (``.nii`` or ``.nii.gz``), atomically; the bytes
     depend only on the arguments (gzip without a time stamp).
@@ -57,8 +58,12 @@ def save_nifti(
         a volume that must overlay its source (origin, direction); not with ``spacing``.
     dtype: 'int16' (rounded HU, what scanners store) or 'float32'.
     description: the header's ``descrip`` (at most 80 ASCII characters), e.g. the units.
+    axcodes: the directions the file's data axes (x, y, z) point to, e.g. a source
+        file's ``("L", "P", "S")`` so the output has its layout; default
+        ``orientation.NIFTI_AXCODES`` (for a canonical affine). The world geometry is the same.
     """
     import nibabel as nib
+    from nibabel import orientations as ornt
 
     path = Path(path)
     if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
@@ -78,6 +83,10 @@ def save_nifti(
     if len(description) > 80 or not description.isascii():
         raise ValueError(f"a NIfTI description holds at most 80 ASCII characters, got {description!r}")
     data, nifti = to_nifti(as_volume_array(volume), affine=affine)
+    if axcodes is not None:  # reorder the data axes only; nifti keeps every voxel where it was
+        transform = ornt.ornt_transform(ornt.io_orientation(nifti), ornt.axcodes2ornt(tuple(axcodes)))
+        nifti = nifti @ ornt.inv_ornt_aff(transform, data.shape)
+        data = np.ascontiguousarray(ornt.apply_orientation(data, transform))
     if dtype == "int16":
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     image = nib.Nifti1Image(data, nifti)

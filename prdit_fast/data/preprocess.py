@@ -36,7 +36,7 @@ import numpy as np
 from ..atomic import atomic_path, remove_stale_temps, write_json
 from ..orientation import voxel_sizes
 from .readers import read_volume_affine
-from .recipes import MANIFEST, recipe_manifest
+from .recipes import MANIFEST, lidc_hu_range, recipe_manifest
 
 if TYPE_CHECKING:
     from ..volumes import Volume
@@ -114,9 +114,9 @@ def _output_geometry(source_affine: np.ndarray, source_shape, resampled_shape, s
 def _lidc(volume: np.ndarray, spacing, size: int) -> tuple[np.ndarray, tuple[int, ...], float, float]:
     """The LIDC recipe -> ([0, 1] array, resampled shape, HU of 0, HU of 1)."""
     resampled = resample_isotropic(volume, spacing)
-    vol = np.maximum(center_crop_or_pad(resampled, size, AIR_HU), AIR_HU)
-    vol = np.minimum(vol, np.percentile(vol, 99.9))
-    lo, hi = float(vol.min()), float(vol.max())
+    vol = center_crop_or_pad(resampled, size, AIR_HU)
+    lo, hi = lidc_hu_range(vol, AIR_HU)
+    vol = np.clip(vol, lo, hi)
     if hi <= lo:
         raise ValueError(f"the volume is constant ({lo} HU) after cropping; nothing to normalize")
     return ((vol - lo) / (hi - lo)).astype(np.float32), resampled.shape, lo, hi

@@ -157,3 +157,97 @@ def output_units(metadata: Mapping[str, Any] | None) -> OutputUnits:
     summary = {"units": units, "voxel_size_mm": list(voxel_t) if known else None,
                "intensity": metadata.get("intensity"), "intensity_description": recipe.description}
     return OutputUnits(recipe.hu_window, voxel_t, f"{text}; {size_text}"[:80], summary)
+
+
+def lidc_hu_range(volume: np.ndarray, air_hu: float = -1000.0) -> tuple[float, float]:
+    """The LIDC recipe's per-volume window: (HU of 0, HU of 1) = the minimum and maximum of
+    the volume clipped below at air and above at its own 99.9th percentile."""
+    clipped = np.maximum(np.asarray(volume), air_hu)
+    hi = float(np.percentile(clipped, 99.9))
+    return float(clipped.min()), hi
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """Values ``lo`` .. ``hi`` in ``units`` <-> the model's [-1, 1], linearly (values
+    outside the range are clipped to it, as the intensity recipe does)."""
+
+    lo: float
+    hi: float
+    units: str  # 'HU' or 'normalized [0, 1]' / 'normalized [-1, 1]'
+
+    @property
+    def per_model_unit(self) -> float:
+        """How much of ``units`` one unit of the model's [-1, 1] scale is (errors convert by it)."""
+        return (self.hi - self.lo) / 2
+
+    def to_model(self, values: np.ndarray) -> np.ndarray:
+        return (np.clip((np.asarray(values, dtype=np.float32) - self.lo) / (self.hi - self.lo), 0, 1) * 2 - 1
+                ).astype(np.float32)
+
+    def from_model(self, unit: np.ndarray) -> np.ndarray:
+        return (self.lo + (np.clip(np.asarray(unit, dtype=np.float32), -1, 1) + 1) / 2 * (self.hi - self.lo)
+                ).astype(np.float32)
+
+
+INPUT_UNITS = ("auto", "hu", "unit01", "unit11")
+_NORMALIZED = {"unit01": (0.0, 1.0), "unit11": (-1.0, 1.0)}
+
+
+def measurement_ranges(metadata: Mapping[str, Any] | None, values: np.ndarray, declared: str = "auto",
+                       sidecar: Mapping[str, Any] | None = None, what: str = "--input") -> tuple[ValueRange, ValueRange]:
+    """(how a measurement's values map into the model's [-1, 1], how the model's output
+    maps back to the units written) for a prior whose checkpoint ``volume`` section is
+    ``metadata`` (``checkpoint_volume_metadata``).
+
+    declared: 'hu' (through the checkpoint's recipe: its fixed window, or for the
+    per-volume LIDC recipe this volume's own window, so the result maps back to HU);
+    'unit01' / 'unit11' (already in the model's intensities, [0, 1] or [-1, 1]; written
+    back in the same units); 'auto': a preprocessed volume with its ``sidecar`` is
+    [0, 1] of that preprocessing and is written back in HU through the sidecar's window,
+    anything else must look like HU. ValueError (a usage error) when the values cannot
+    fit: out of the declared range, normalized-looking values taken as HU, HU for a
+    recipe that cannot map them, or a sidecar of another recipe than the prior's.
+    """
+    from ..errors import UsageError
+
+    lo, hi = float(np.min(values)), float(np.max(values))
+    recipe_name = str(metadata.get("intensity")) if metadata else None
+    if sidecar is not None and declared in ("auto", "unit01"):
+        if recipe_name not in (None, "unknown") and sidecar.get("intensity") != recipe_name:
+            raise UsageError(f"{what} was preprocessed with the {sidecar.get('intensity')!r} recipe, the prior was "
+                             f"trained on {recipe_name!r} data: preprocess the input with --dataset {recipe_name}")
+        declared = "unit01"
+        out = ValueRange(float(sidecar["hu_min"]), float(sidecar["hu_max"]), "HU")
+    else:
+        out = None
+    if declared == "auto":
+        if lo >= -1.001 and hi <= 1.001:
+            raise UsageError(f"{what} holds values in [{lo:.3g}, {hi:.3g}], not HU: declare what they are with "
+                             f"--input-units unit01 or unit11 (or give the preprocessed .npy with its sidecar .json)")
+        declared = "hu"
+    if declared in _NORMALIZED:
+        a, b = _NORMALIZED[declared]
+        if lo < a - 1e-3 or hi > b + 1e-3:
+            raise UsageError(f"{what} holds values in [{lo:.4g}, {hi:.4g}], outside the declared [{a:g}, {b:g}]")
+        given = ValueRange(a, b, f"normalized [{a:g}, {b:g}]")
+        return given, out or given
+    if declared != "hu":
+        raise UsageError(f"--input-units must be one of {', '.join(INPUT_UNITS)}, got {declared!r}")
+    if hi - lo < 10.0 or (lo >= -2.0 and hi <= 2.0):
+        raise UsageError(f"{what} holds values in [{lo:.4g}, {hi:.4g}], which is not a CT in HU: give "
+                         f"--input-units unit01 or unit11 for normalized input")
+    if metadata is None:
+        log.warning("the checkpoint records no intensity recipe: %s is mapped through the [-1000, 1000] HU window "
+                    "(assumed)", what)
+        window = ValueRange(-1000.0, 1000.0, "HU")
+        return window, window
+    recipe = RECIPES.get(recipe_name, RECIPES["unknown"])
+    if recipe.hu_window is not None:
+        window = ValueRange(*recipe.hu_window, "HU")
+    elif recipe_name == "lidc":  # per volume: this volume's own window, so the output maps back to HU
+        window = ValueRange(*lidc_hu_range(values), "HU")
+    else:
+        raise UsageError(f"the prior was trained on {recipe_name!r} data ({recipe.description}), which HU input "
+                         f"cannot be mapped into: give {what} preprocessed the same way, with --input-units unit01")
+    return window, window
