@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -597,6 +598,65 @@ def save_checkpoint(
     if extra is not None:
         _check_loadable(extra, "extra")
         payload["extra"] = dict(extra)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Training checkpoints: <checkpoint_dir>/<step:07d>.pt
+# --------------------------------------------------------------------------- #
+_STEP_FILE_RE = re.compile(r"^(\d+)\.pt$")
+
+
+def training_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """Where a training run keeps its checkpoint of ``step``."""
+    return Path(directory) / f"{step:07d}.pt"
+
+
+def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
+    """The ``<step>.pt`` files of ``directory``, highest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``<step>.pt`` with the highest step in ``directory``, or None."""
+    found = checkpoints_newest_first(directory)
+    return found[0] if found else None
+
+
+def save_training_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: Mapping[str, Any],
+    config: Mapping[str, Any],
+    train_steps: int,
+    epoch: int,
+    data_position: int,
+    world_size: int,
+    rng: list[Any],
+) -> Path:
+    """Write a training checkpoint atomically: the official layout of spec section 13
+    (``model``, ``ema``, ``config`` nested, ``train_steps``, ``epoch``, ``optimizer``) plus
+    what an exact resume needs (``data_position``, ``world_size``, ``rng``: one state per
+    rank). ``optimizer`` is the optimizer's ``state_dict()``."""
+    payload = {
+        "model": _cpu_state(model),
+        "ema": _cpu_state(ema),
+        "optimizer": optimizer,
+        "config": config,
+        "train_steps": train_steps,
+        "epoch": epoch,
+        "data_position": data_position,
+        "world_size": world_size,
+        "rng": rng,
+    }
+    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path

@@ -32,10 +32,10 @@ def test_shipped_fm_configs_resolve_without_warnings(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = resolve_config(yaml.safe_load((CONFIGS / name).read_text()))
-    model, tr = cfg["model"], cfg["training"]
-    assert model["out_channels"] == 1 and model["grad_checkpoint"] is True
-    assert tr["amp"] is True and tr["grad_accum_steps"] == 4
-    variant = variant_config(model["name"], cfg["data"]["image_size"], out_channels=model["out_channels"])
+    model, tr = cfg.model, cfg.training
+    assert model.out_channels == 1 and model.grad_checkpoint is True
+    assert tr.amp is True and tr.grad_accum_steps == 4
+    variant = variant_config(model.name, cfg.data.image_size, out_channels=model.out_channels)
     assert variant.process == "flow_matching" and variant.stride == 16
     assert variant.name == ("PRDiT-B/16/12-s16" if "stage2" in name else "PRDiT-B/16/0-s16")
 
@@ -43,8 +43,8 @@ def test_shipped_fm_configs_resolve_without_warnings(name):
 def test_former_key_names_are_read_as_the_official_ones():
     cfg = resolve_config(tiny_config(Path("unused"), "PRDiT-XS/10/0", 1,
                                      training={"bf16": True, "grad_checkpointing": True}))
-    assert cfg["training"]["amp"] is True and cfg["model"]["grad_checkpoint"] is True
-    assert "bf16" not in cfg["training"] and "grad_checkpointing" not in cfg["training"]
+    assert cfg.training.amp is True and cfg.model.grad_checkpoint is True
+    assert "bf16" not in cfg.to_dict()["training"] and "grad_checkpointing" not in cfg.to_dict()["training"]
     with pytest.raises(ConfigError, match="training.bf16 .* is the former name of training.amp"):
         resolve_config(tiny_config(Path("unused"), "PRDiT-XS/10/0", 1, training={"bf16": True, "amp": False}))
     with pytest.raises(ConfigError, match="training.grad_accum_steps"):

@@ -160,9 +160,9 @@ def test_bad_config_values_are_one_error_line_naming_the_key(tmp_path, capsys, o
 
 def test_numeric_strings_are_parsed_and_checked():
     config = tiny_config(Path("unused"), training={"learning_rate": "1e-4", "batch_size": "4", "total_steps": 2.0})
-    tr = resolve_config(config)["training"]
-    assert tr["learning_rate"] == 1e-4 and tr["batch_size"] == 4 and tr["total_steps"] == 2
-    assert isinstance(tr["total_steps"], int)
+    tr = resolve_config(config).training
+    assert tr.learning_rate == 1e-4 and tr.batch_size == 4 and tr.total_steps == 2
+    assert isinstance(tr.total_steps, int)
     with pytest.raises(ConfigError, match="training.total_steps"):
         Trainer(tiny_config(Path("unused"), training={"total_steps": 2.5}))
 

@@ -70,12 +70,12 @@ def test_shipped_stage3_configs_resolve(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every official stage-3 key is known
         cfg = resolve_config(yaml.safe_load((CONFIGS / name).read_text()))
-    assert (cfg["data"]["image_size"], cfg["data"]["base_image_size"]) == (256, 128)
-    assert cfg["base_model"]["name"] == "PRDiT-B/12/4" and cfg["sr_model"]["patch_size"] == 12
+    assert (cfg.data.image_size, cfg.data.base_image_size) == (256, 128)
+    assert cfg.base_model.name == "PRDiT-B/12/4" and cfg.sr_model.patch_size == 12
     stage3b = "3b" in name
-    assert cfg["base_model"]["finetune"] is stage3b
-    assert (cfg["training"]["fine_tune_lr"] is not None) == stage3b
-    assert (cfg["sr_model"]["resume_checkpoint"] is not None) == stage3b
+    assert cfg.base_model.finetune is stage3b
+    assert (cfg.training.fine_tune_lr is not None) == stage3b
+    assert (cfg.sr_model.resume_checkpoint is not None) == stage3b
 
 
 def test_stage3_config_errors(tmp_path, base_ckpt):

@@ -68,10 +68,10 @@ def test_official_style_config_resolves():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # official keys are known: no warning
         cfg = resolve_config(apply_overrides(official, ["data.image_size=128"]))
-    assert cfg["training"]["learning_rate"] == 1e-4  # YAML 1.1 reads 1e-4 as a string
-    assert cfg["training"]["log_every"] == 400 and cfg["training"]["ckpt_every"] == 1000
-    assert cfg["training"]["ema_decay"] == 0.9999 and cfg["model"]["pretrained_path"] is None
-    assert cfg["data"]["path"] is None and cfg["model"]["backend"] == "reference"
+    assert cfg.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert cfg.training.log_every == 400 and cfg.training.ckpt_every == 1000
+    assert cfg.training.ema_decay == 0.9999 and cfg.model.pretrained_path is None
+    assert cfg.data.path is None and cfg.model.backend == "reference"
 
     with pytest.warns(UserWarning, match="unknown config key training.lerning_rate"):
         resolve_config(apply_overrides(official, ["data.image_size=128", "training.lerning_rate=3"]))
@@ -85,13 +85,13 @@ def test_official_style_config_resolves():
 def test_shipped_configs(name, recwarn):
     cfg = resolve_config(yaml.safe_load((CONFIGS / name).read_text()))
     assert not [w for w in recwarn if "unknown config key" in str(w.message)]
-    variant_config(cfg["model"]["name"], cfg["data"]["image_size"])  # a valid variant / size
+    variant_config(cfg.model.name, cfg.data.image_size)  # a valid variant / size
     if "lidc" in name:
-        assert cfg["data"]["image_size"] == 128 and cfg["training"]["batch_size"] == 64
+        assert cfg.data.image_size == 128 and cfg.training.batch_size == 64
         stage2 = "stage2" in name
-        assert cfg["training"]["learning_rate"] == (8e-5 if stage2 else 1e-4)
-        assert cfg["training"]["total_steps"] == (130_000 if stage2 else 104_000)
-        assert (cfg["model"]["pretrained_path"] is not None) == stage2
+        assert cfg.training.learning_rate == (8e-5 if stage2 else 1e-4)
+        assert cfg.training.total_steps == (130_000 if stage2 else 104_000)
+        assert (cfg.model.pretrained_path is not None) == stage2
 
 
 def test_stream_sampler_shards_and_resumes():

@@ -9,6 +9,8 @@
       batch_size: 4                    # sampling and feature batch
       cache_dir: null                  # real features (default ~/.cache/prdit_fast/real_features)
 
+(defaults and ranges: ``prdit_fast.training.config.MetricsConfig``)
+
 The real side is computed once and cached (keyed by the data files' contents, the edge
 and the weights), so a resumed run does not recompute it. Every evaluation samples from
 the same noise (seeded by ``training.seed``), so successive values differ by the model
@@ -31,17 +33,6 @@ from torch.utils.data import Dataset
 from .evaluate import FeatureEvaluator, default_cache_dir
 from .volume_sets import files_key
 
-DEFAULTS: dict[str, Any] = {
-    "weights": None,
-    "every": None,
-    "samples": 32,
-    "sample_steps": 100,
-    "real_volumes": 256,
-    "batch_size": 4,
-    "cache_dir": None,
-}
-
-
 def _real_key(dataset: Dataset, count: int, size: int) -> str:
     files = getattr(dataset, "files", None)
     if files is not None:
@@ -57,7 +48,7 @@ class TrainingEvaluation:
     def __init__(self, section: Mapping[str, Any], dataset: Dataset, image_size: int, device: torch.device, seed: int):
         self.every = int(section["every"])
         self.samples, self.sample_steps = int(section["samples"]), int(section["sample_steps"])
-        self.batch_size = int(section["batch_size"])  # the config checks ranges (prdit_fast.training)
+        self.batch_size = int(section["batch_size"])  # the config checks ranges (prdit_fast.training.config)
         count = min(int(section["real_volumes"]), len(dataset))
         if count < 2:
             raise ValueError(f"the training set has {len(dataset)} volume(s); FID and MMD need at least 2 real ones")

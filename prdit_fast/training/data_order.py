@@ -1,0 +1,79 @@
+"""The order in which training sees its data and draws its noise, and how both resume.
+
+The training stream is the concatenation of per-epoch permutations of the dataset (epoch
+e shuffled by ``(training.seed, e)``); micro-step m consumes stream positions
+[m B, (m + 1) B), rank r the slice [m B + r B / W, m B + (r + 1) B / W). The position is
+stored in every checkpoint, so a resumed run continues the stream exactly where it
+stopped. The random state of each rank (torch CPU and CUDA, numpy, python ``random`` and
+the diffusion noise generator) is stored too, so on one CPU process the resumed run is
+bit-for-bit the uninterrupted one.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+class StreamSampler(Sampler[int]):
+    """This rank's indices of the endless training stream from ``position`` on (see the
+    module docstring): per step, the global batch's slice [rank b, (rank + 1) b)."""
+
+    def __init__(self, length: int, global_batch: int, rank: int, world: int, seed: int, position: int):
+        self.length, self.global_batch, self.rank, self.world = length, global_batch, rank, world
+        self.per_rank = global_batch // world
+        self.seed, self.position = seed, position
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.length)
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.position
+        epoch, perm = -1, None
+        while True:
+            for j in range(self.per_rank):
+                e, i = divmod(start + self.rank * self.per_rank + j, self.length)
+                if e != epoch:
+                    epoch, perm = e, self.permutation(e)
+                yield int(perm[i])
+            start += self.global_batch
+
+
+def seed_everything(seed: int) -> None:
+    """The same initialization on every rank: torch, numpy and python ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def noise_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's diffusion-noise generator (noise and t differ per rank); a
+    resume onto another number of ranks reseeds it at ``step``."""
+    return (seed * 1_000_003 + rank) ^ (step << 20)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """This rank's random state, in types ``torch.load(weights_only=True)`` reads back."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+        "noise": generator.get_state(),
+    }
+
+
+def set_rng_state(state: Mapping, generator: torch.Generator) -> None:
+    """Restore what ``rng_state`` recorded (the noise generator into ``generator``)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available() and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["noise"].cpu())
