@@ -79,6 +79,8 @@ class DataConfig(Section):
     dataset: str | None = key(choices=(None, "phantom"))  # "phantom": the synthetic phantom
     task: str | None = None  # the official configs' dataset name ("lidc", "rad_chestct"); recorded
     num_workers: int = key(4, number=int, low=0)
+    cache_dir: str | None = key(empty_is_none=True)  # training cache folder (prdit_fast.data.cache); None: the default
+    cache_dtype: str = key("auto", choices=("auto", "float16", "float32"))  # auto: float16 for the known CT recipes
     phantom_length: int = key(64, number=int, low=1)  # phantom volumes when no data is named
 
 
