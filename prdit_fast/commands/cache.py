@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import apply_overrides, load_config, resolve_config
 
     config = resolve_config(apply_overrides(load_config(args.config), args.overrides))
-    data, channels = config["data"], config["model"]["in_channels"]
+    data, channels = config.data.to_dict(), config.model.in_channels
     splits = ("train", "val") if args.split == "all" else (args.split,)
     built = 0
     for split in splits:

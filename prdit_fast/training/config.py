@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..checkpoint import MODEL_BACKENDS
+from ..data.cache import DTYPES as CACHE_DTYPES
 from ..errors import UsageError
 from ..models import canonical_name
 from ..sr import config_from_official_sr, is_official_sr_config
@@ -80,7 +81,7 @@ class DataConfig(Section):
     task: str | None = None  # the official configs' dataset name ("lidc", "rad_chestct"); recorded
     num_workers: int = key(4, number=int, low=0)
     cache_dir: str | None = key(empty_is_none=True)  # training cache folder (prdit_fast.data.cache); None: the default
-    cache_dtype: str = key("auto", choices=("auto", "float16", "float32"))  # auto: float16 for the known CT recipes
+    cache_dtype: str = key("auto", choices=CACHE_DTYPES)  # auto: float16 for the known CT recipes
     phantom_length: int = key(64, number=int, low=1)  # phantom volumes when no data is named
 
 
