@@ -23,7 +23,7 @@ setup(
         "xformers": ["xformers"],
         "eval": ["scipy", "monai"],
         "monitor": ["tensorboard", "matplotlib"],  # training curves: event files, `prdit-fast plot`; wandb optional
-        "xray": ["diffdrr>=0.6"],  # XrayProjection; its dependencies (torchvision, pyvista) pull their own torch
+        "xray": ["diffdrr>=0.6"],  # XrayProjection; install with the torch pin: pip install "torch==X" ".[xray]"
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pydicom>=2.4", "scipy", "matplotlib", "monai"],
     },
     entry_points={"console_scripts": ["prdit-fast=prdit_fast.cli:main"]},

@@ -153,7 +153,7 @@ class GaussianBlur(MeasurementOperator):
 # --------------------------------------------------------------------------- #
 # X-ray projections (DiffDRR)
 # --------------------------------------------------------------------------- #
-XRAY_EXTRA = "pip install 'prdit_fast[xray]'  (DiffDRR)"
+XRAY_EXTRA = "pip install \"torch==$(your torch version)\" 'prdit_fast[xray]'  (DiffDRR; the pin keeps your torch)"
 
 
 def view_angles(views: int | Sequence[float]) -> list[float]:
@@ -216,11 +216,16 @@ class XrayProjection(MeasurementOperator):
             from diffdrr.data import read
             from diffdrr.drr import DRR
             from diffdrr.pose import convert
+
+            from .orientation import canonical_affine
         except ImportError as e:
             raise ImportError(f"XrayProjection needs DiffDRR, an optional extra: {XRAY_EXTRA} ({e})") from e
         self.angles = view_angles(views)
         rotations, translations = view_poses(self.angles, source_distance)
-        affine = torch.diag(torch.tensor([spacing, spacing, spacing, 1.0], dtype=torch.float64)).numpy()
+        # our array's own affine (voxel (d, h, w) -> RAS+ mm, as our NIfTI files carry it): DiffDRR
+        # places the volume in its world by it, so the views rotate about the superior-inferior
+        # axis with 0 deg antero-posterior, as DiffDRR renders that file itself
+        affine = canonical_affine((spacing,) * 3)
         template = torchio.ScalarImage(tensor=torch.zeros(1, volume_size, volume_size, volume_size), affine=affine)
         self.drr = DRR(read(template), sdd=sdd, height=detector_size, delx=pixel_spacing)
         pose = convert(rotations, translations, parameterization="euler_angles", convention="ZXY", degrees=True)

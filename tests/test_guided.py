@@ -264,3 +264,47 @@ def test_guided_engine_cuda_graph_matches_eager():
     keys = keys_for(3, [0, 1])
     for got, want in zip(graphed.sample(keys, y), eager.sample(keys, y)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["super-resolution", "infill"])
+def test_per_voxel_guidance_pulls_each_voxel_alike_at_any_size(task):
+    """The official rho's pull per measured voxel falls as 1 / sqrt(M); the per-voxel
+    parametrization keeps it at the official setting's, whatever the size or mask."""
+    from prdit_fast.measurements import (Downsample, Mask, OFFICIAL_SIZE, effective_guidance_scale,
+                                         guidance_gradient, official_measured_values)
+
+    official, per_voxel = {}, {}
+    for size, known in ((16, 0.3), (32, 0.6), (64, 0.9)):
+        gen = torch.Generator().manual_seed(size)
+        truth = torch.rand(1, 1, size, size, size, generator=gen) * 2 - 1
+        x0 = truth + 0.1 * torch.randn(truth.shape, generator=gen)
+        if task == "super-resolution":
+            op = Downsample(2)
+            measured = (size // 2) ** 3
+            where = torch.ones(size, size, size, dtype=torch.bool)
+        else:
+            where = torch.rand(size, size, size, generator=gen) < known
+            op, measured = Mask(where), int(where.sum())
+        g = guidance_gradient(op, x0, op(truth))[0, 0][where]
+        rms = float(g.pow(2).mean().sqrt())
+        official[size] = 20.0 * rms
+        per_voxel[size] = effective_guidance_scale(20.0, task, measured, "per-voxel") * rms
+    assert official[16] > 4 * official[64]  # 8x or more measured values: the official pull drops
+    assert max(per_voxel.values()) < 1.15 * min(per_voxel.values()), per_voxel
+    # and at the official size and setting the two are the same rho
+    assert effective_guidance_scale(20.0, task, official_measured_values(task), "per-voxel") == 20.0
+    assert OFFICIAL_SIZE == 128
+
+
+def test_guidance_parametrization_defaults():
+    from prdit_fast.measurements import guidance_parametrization
+
+    assert guidance_parametrization("super-resolution", 128, 4) == "official"
+    assert guidance_parametrization("deblur", 128, 4) == "official"
+    assert guidance_parametrization("xray", 32, 4) == "official"  # X-rays keep the official scale
+    assert guidance_parametrization("super-resolution", 128, 2) == "per-voxel"
+    assert guidance_parametrization("super-resolution", 32, 4) == "per-voxel"
+    assert guidance_parametrization("infill", 64, 4) == "per-voxel"
+    assert guidance_parametrization("infill", 64, 4, "official") == "official"
+    with pytest.raises(ValueError, match="parametrization"):
+        guidance_parametrization("infill", 64, 4, "strong")
