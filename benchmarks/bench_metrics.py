@@ -6,10 +6,19 @@ The official way: the feature network called one volume at a time in fp32, and M
 ``MultiScaleSSIMMetric`` called once per ordered pair (N (N - 1) calls). Ours: batched
 features, each unordered pair once with every volume's pyramid computed once.
 
-    # the GPU targets (issue 17): 1,000 + 1,000 volumes at 128^3
-    python benchmarks/bench_metrics.py --num 1000 --size 128 --device cuda --out benchmarks/results/metrics.json
+    # the GPU targets (issues 17, 24): 1,000 + 1,000 volumes at 128^3; all-pairs MS-SSIM <= 10 min;
+    # the W-Score of 1,000 vs 1,000 (+ 1,000 reference) with 5 seeds (--wscore-full: the whole run)
+    python benchmarks/bench_metrics.py --num 1000 --size 128 --device cuda --pairs-per-call 4096 \
+        --wscore-seeds 5 --wscore-full --out benchmarks/results/metrics.json
     # tiny, on a CPU (tests/test_bench_metrics.py)
     python benchmarks/bench_metrics.py --num 2 --size 48 --official-volumes 1 --official-pairs 1 --fid-methods factors
+
+W-Score rows: one critic step of every seed at once (4 + 4 volumes each, ``time_call``) and
+that step times the authors' step count (int(0.6 N) // 4 steps x 20 epochs), an
+extrapolation labelled as such; ``--wscore-full`` also runs ``wscore`` on N real, N
+generated and N reference volumes once (one long call: wall time, not ``time_call``'s
+median). MS-SSIM rows: all pairs once with each cross-term implementation
+(``time_call``, one rep after one warm-up call), torch on a subset of pairs and extrapolated.
 
 The volumes are smooth random fields in [-1, 1] (timing does not depend on content) and
 the network has random weights unless ``--weights`` names MedicalNet's file.
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -28,11 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from prdit_fast.atomic import write_json
+from prdit_fast.bench.timing import time_call
 from prdit_fast.devices import resolve_device
 from prdit_fast.metrics import MedicalNetResNet50, load_medicalnet, ms_ssim_diversity
 from prdit_fast.metrics.distances import bootstrap_intervals, fid, fid_via_factors, mmd
 from prdit_fast.metrics.medicalnet import FeatureSet, scan
-from prdit_fast.metrics.ms_ssim import all_pairs
+from prdit_fast.metrics.ms_ssim import all_pairs, ms_ssim_pairs
+from prdit_fast.metrics.wasserstein import EDGE, WIDTHS, check_split, new_critics, train_step, wscore
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,6 +76,45 @@ def timed(device: torch.device, fn):
     return value, time.perf_counter() - started
 
 
+def wscore_rows(args, device: torch.device, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    """One concurrent critic step of ``--wscore-seeds`` seeds (time_call) and its extrapolation
+    to the authors' protocol on --num volumes; with --wscore-full the whole run once."""
+    seeds = list(range(42, 42 + args.wscore_seeds))
+    edge, widths = args.wscore_edge, args.wscore_widths
+    params = new_critics(seeds, edge, device, widths)
+    for name, p in params.items():
+        p.requires_grad_(not name.endswith(("weight_u", "weight_v")))
+    optimizer = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=5e-5, betas=(0.0, 0.9),
+                                 weight_decay=1e-4)
+    g = torch.Generator(device=device).manual_seed(0)
+    r = torch.rand(4, len(seeds), edge, edge, edge, generator=g, device=device) * 2 - 1
+    f = torch.rand(4, len(seeds), edge, edge, edge, generator=g, device=device) * 2 - 1
+    eta = torch.rand(4, len(seeds), generator=g, device=device)
+    step = time_call(lambda: train_step(params, optimizer, r, f, eta, 30.0, 1.0, args.wscore_precision == "bf16"),
+                     device, warmup=1, min_reps=2, max_reps=10, budget_s=2.0)
+    out = {"seeds": len(seeds), "edge": edge, "widths": widths, "precision": args.wscore_precision,
+           "step_ms": step.median_ms, "step_reps": step.reps}
+    try:
+        n_real_train = check_split(args.num, [args.num, args.num])[0]
+        steps = n_real_train // 4 * 20
+        out.update({"protocol_steps": steps, "train_seconds_extrapolated": step.median_ms / 1e3 * steps})
+    except ValueError as e:
+        out["protocol_steps"] = f"n/a: {e}"
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.wscore_full:
+        reference = smooth_volumes(args.num, args.size, 3, device)
+        started = time.perf_counter()
+        full = wscore(real[:, 0], fake[:, 0], reference[:, 0], seeds=seeds, edge=edge, widths=widths, device=device,
+                      precision=args.wscore_precision)
+        synchronize(device)
+        out["full_wall_seconds"] = time.perf_counter() - started
+        out["full_seconds"] = full["seconds"]
+        out["full_ratio_per_seed"] = full["ratio_per_seed"]
+        out["full_ratio_seed_std"] = full["ratio_seed_std"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=1000, help="real volumes, and generated volumes (default 1000)")
@@ -77,6 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--weights", type=Path, default=None, help="MedicalNet's resnet_50.pth (default: random weights)")
     parser.add_argument("--no-ms-ssim", action="store_true")
+    parser.add_argument("--torch-pairs", type=int, default=256,
+                        help="pairs timed with the torch cross term, extrapolated to all pairs")
+    parser.add_argument("--wscore-seeds", type=int, default=5, help="critics trained at once (0: no W-Score rows)")
+    parser.add_argument("--wscore-edge", type=int, default=EDGE, help="critic input edge (the authors': 128)")
+    parser.add_argument("--wscore-widths", type=int, nargs=4, default=list(WIDTHS),
+                        help="critic channels (the authors': 64 128 256 256; smaller only for the CPU smoke test)")
+    parser.add_argument("--wscore-precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    parser.add_argument("--wscore-full", action="store_true",
+                        help="also run the whole W-Score (N real, N generated, N reference; 20 epochs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -119,6 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_ms_ssim:
         (result["ms_ssim"], result["ms_ssim_pairs"]), seconds["ms_ssim_all_pairs"] = timed(
             device, lambda: ms_ssim_diversity(fake, pairs_per_call=args.pairs_per_call, device=device))
+        result["ms_ssim_kernel_auto"] = "triton" if device.type == "cuda" else "default for this device"
+        every = all_pairs(args.num)
+        for impl, pairs in (("triton", every), ("torch", every[:args.torch_pairs])):
+            if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+            timing = time_call(lambda: ms_ssim_pairs(fake, pairs, args.pairs_per_call, device, impl=impl), device,
+                               warmup=1, min_reps=1, max_reps=1)
+            seconds[f"ms_ssim_{impl}_{pairs.shape[0]}_pairs"] = timing.median_ms / 1e3
+            seconds[f"ms_ssim_{impl}_all_pairs_extrapolated"] = timing.median_ms / 1e3 * every.shape[0] / pairs.shape[0]
         from monai.metrics import MultiScaleSSIMMetric
 
         metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=3)
@@ -132,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         _, t = timed(device, official_pairs)
         official["ms_ssim_per_ordered_pair"] = t / len(pairs)
         official["ms_ssim_all_ordered_pairs_extrapolated"] = official["ms_ssim_per_ordered_pair"] * args.num * (args.num - 1)
+
+    if args.wscore_seeds:
+        result["wscore"] = wscore_rows(args, device, real, fake)
 
     result.update({
         "torch": torch.__version__, "python": platform.python_version(),

@@ -161,3 +161,33 @@ def test_evaluate_without_weights_offline_names_the_file_to_place(folders, tmp_p
     err = capsys.readouterr().err
     assert "resnet_50.pth is not cached and offline" in err and str(tmp_path / "hub") in err
     assert "--weights PATH" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_with_a_reference_adds_the_wscore_to_both_reports(tmp_path, monkeypatch, capsys):
+    import functools
+
+    from prdit_fast.metrics import wasserstein
+
+    # the authors' critic at 128^3 is minutes on a CPU: the same code with 32^3 input and few channels
+    monkeypatch.setattr(wasserstein, "wscore", functools.partial(wasserstein.wscore, edge=32, widths=(4, 8, 8, 8)))
+    real = tmp_path / "real"
+    real.mkdir()
+    phantoms = [(v[0].numpy() + 1) / 2 for v in PhantomDataset(SIZE, 7, seed=3)]
+    for i, unit in enumerate(phantoms):
+        np.save(real / f"case_{i}.npy", unit.astype(np.float32))
+    fake = _fake_folder(tmp_path, [(v[0].numpy() + 1) / 2 for v in PhantomDataset(SIZE, 7, seed=4)])
+    reference = _fake_folder(tmp_path, [p[::-1].copy() for p in phantoms], name="reference")
+    assert _run(real, fake, "--weights", "random", "--reference", str(tmp_path / "few"), "--out",
+                str(tmp_path / "r.json")) == 2
+    assert "--reference" in capsys.readouterr().err
+    few = _fake_folder(tmp_path, phantoms[:1], name="few")
+    assert _run(real, fake, "--weights", "random", "--reference", str(few), "--out", str(tmp_path / "r.json")) == 2
+    assert "too few volumes for the W-Score split" in capsys.readouterr().err
+    out = tmp_path / "w.json"
+    assert _run(real, fake, "--weights", "random", "--reference", str(reference), "--out", str(out),
+                "--wscore-epochs", "2", "--wscore-seeds", "1", "2", "--bootstrap", "20") == 0
+    assert "W-Score" in capsys.readouterr().out
+    w = json.loads(out.read_text())["wscore"]
+    assert w["n_train"] == {"real": 4, "fake": 4, "reference": 4} and len(w["ratio_per_seed"]) == 2
+    assert w["protocol"]["lambda_gp"] == 30.0 and w["reference"] == str(reference)
+    assert "W-Score W_fake / W_reference" in out.with_suffix(".md").read_text()

@@ -47,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real-set feature cache (default $XDG_CACHE_HOME or ~/.cache, /prdit_fast/real_features)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the real-set cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("W-Score (spec section 10; with --reference)")
+    group.add_argument("--reference", type=Path, default=None,
+                       help="the reference model's samples (prdit-fast sample output; the paper: PRDiT-12L): adds the "
+                            "W-Score W_fake / W_reference from a critic trained on --real vs both")
+    group.add_argument("--wscore-seeds", type=int, nargs="+", default=[42],
+                       help="one critic per seed, trained at once (default 42, the authors'; give several for the "
+                            "spread over seeds)")
+    group.add_argument("--wscore-epochs", type=int, default=20, help="critic epochs (default 20, the authors')")
+    group.add_argument("--wscore-checkpoint", choices=("in_sample", "held_out"), default="in_sample",
+                       help="kept epoch: in_sample (the authors': best training w) or held_out (best held-out W)")
+    group.add_argument("--wscore-split", choices=("first", "shuffled"), default="first",
+                       help="train on the first 60%% of the name-sorted files (the authors') or of a seeded shuffle")
+    group.add_argument("--wscore-precision", choices=("fp32", "tf32", "bf16"), default="tf32",
+                       help="critic convolutions (default tf32; bf16 autocasts the w branch, the gradient penalty "
+                            "stays fp32)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -55,6 +70,12 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise UsageError(f"--bootstrap must be 0 or >= 2, got {args.bootstrap}")
+    if args.wscore_epochs < 1:
+        raise UsageError(f"--wscore-epochs must be >= 1, got {args.wscore_epochs}")
+    if len(set(args.wscore_seeds)) != len(args.wscore_seeds):
+        raise UsageError(f"--wscore-seeds must be distinct, got {args.wscore_seeds}")
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give the report's file name (e.g. {args.out / 'report.json'})")
     if args.ms_ssim_pairs is not None and args.ms_ssim_pairs < 1:
         raise UsageError(f"--ms-ssim-pairs must be >= 1, got {args.ms_ssim_pairs}")
     if args.size is not None and args.size < 1:
@@ -109,6 +130,17 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
 
     _validate(args)
     fake_files, hu_window, size, real = _edges(args)
+    reference = None
+    if args.reference is not None:  # checked before any work too
+        from prdit_fast.metrics.volume_sets import generated_volume_files, generated_window
+
+        from prdit_fast.metrics.wasserstein import check_split
+
+        reference = generated_volume_files(args.reference, flag="--reference"), generated_window(args.reference)
+        try:
+            check_split(len(real), [len(fake_files), len(reference[0])])
+        except ValueError as e:
+            raise UsageError(f"--reference: {e}") from e
     device = resolve_device(args.device)
     net, weights_name = _network(args, device)  # a wrong file fails before any volume is read
     show = not args.no_progress
@@ -136,13 +168,42 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     )
     result.update({"weights": weights_name, "real": str(args.real), "fake": str(args.fake),
                    "fake_units": "HU" if hu_window else "normalized", "fake_hu_window": hu_window})
+    if reference is not None:
+        result["wscore"] = _wscore(args, real, fake_files, hu_window, size, reference, device, show)
     json_path, md_path = write_report(result, args.out)
     if result.get("random_weights"):
         print(result["not_comparable"])
     print(f"3D FID x10^3 {result['fid_x1e3']:.3f}  MMD {result['mmd']:.4f}  "
           + (f"MS-SSIM {result['ms_ssim']:.4f}" if result["ms_ssim"] is not None else f"MS-SSIM n/a ({result['ms_ssim_note']})")
           + f"  ({result['n_real']} real, {result['n_fake']} generated at {result['size']}^3)")
+    if "wscore" in result:
+        w = result["wscore"]
+        print(f"W-Score {w['ratio']:.3f} (W_fake {w['w_fake']:.4g} / W_reference {w['w_reference']:.4g}, "
+              f"{len(w['seeds'])} seed(s))")
     print(f"report: {json_path} and {md_path}")
+    return result
+
+
+def _wscore(args, real, fake_files, hu_window, size, reference, device, show) -> dict:
+    """The W-Score of --fake against --reference on --real: volumes read in name order on the
+    model's [-1, 1] scale, then the authors' preprocessing (``wscore_transform``)."""
+    from prdit_fast.metrics import wasserstein
+    from prdit_fast.metrics.volume_sets import read_generated
+
+    reference_files, reference_window = reference
+    reference_edge = int(read_generated(reference_files[0], reference_window).shape[-1])
+
+    def volumes(files, window, edge):
+        return (read_generated(path, window, edge) for path in files)
+
+    result = wasserstein.wscore(
+        (real[i][0] for i in range(len(real))), volumes(fake_files, hu_window, size),
+        volumes(reference_files, reference_window, reference_edge), seeds=args.wscore_seeds,
+        epochs=args.wscore_epochs, checkpoint=args.wscore_checkpoint, split=args.wscore_split,
+        precision=args.wscore_precision, bootstrap=args.bootstrap, bootstrap_seed=args.seed, device=device,
+        progress=show,
+    )
+    result["reference"] = str(args.reference)
     return result
 
 

@@ -20,7 +20,7 @@ from .evaluate import (
 )
 from .medicalnet import MedicalNetError, MedicalNetResNet50, features, load_medicalnet, network_digest
 from .ms_ssim import ms_ssim_diversity, ms_ssim_pairs
-from .wscore import WCritic, wscore, wscore_transform
+from .wasserstein import WCritic, wscore, wscore_transform
 
 __all__ = [
     "FeatureEvaluator",

@@ -10,9 +10,23 @@ c2 = (0.03 R)^2, R = 1; MS-SSIM = prod_{s<4} relu(cs_s)^w_s * relu(ssim)^w_4.
 
 The official scripts call the metric once per ordered pair, recomputing every volume's
 mu and sigma at every scale each time. Here every volume's pyramid, mu and sigma are
-computed once per scale; a pair then costs one product, one convolution and the formula,
-for many pairs per call. The index is symmetric in x and y, so each unordered pair is
-evaluated once: its mean over unordered pairs equals MONAI's over ordered pairs.
+computed once per scale; a pair then needs only its cross term K * (x_i x_j) and the
+formula, which ``prdit_fast.ops.ms_ssim_cross`` fuses into one pass per pair and scale
+(Triton: reads the two volumes and their four moment maps once, writes one partial sum
+per block; torch: the product, a convolution and the map). The index is symmetric in x
+and y, so each unordered pair is evaluated once: its mean over unordered pairs equals
+MONAI's over ordered pairs.
+
+Cost at 128^3 for all pairs of 1,000 volumes (499,500 pairs; an ESTIMATE from counts, not a
+measurement): scale 0 dominates (126^3 = 2.0M window positions; the four coarser scales
+add ~1/7). The fused kernel per pair at scale 0: 27 multiply-adds for the cross term and
+~15 flops for the formula per position, ~84 MFLOP, and ~6 fp32 volume reads, ~50 MB from
+memory (less when neighbouring pairs share a volume in L2). For all pairs: ~48 TFLOP of
+fp32 (H100 ~50-60 TFLOP/s without tensor cores: ~1 s) and ~28 TB of traffic at worst
+(H100 ~3 TB/s: ~10 s), so ~10-20 s bandwidth-bound, well under the 10-minute target. The
+torch form writes and reads ~10 intermediate volumes per pair (~400 MB): ~200 TB, ~70 s at
+full bandwidth, plus a single-channel cuDNN conv3d per pair whose speed is unknown. GPU
+timing owed (benchmarks/bench_metrics.py).
 """
 from __future__ import annotations
 
@@ -52,12 +66,15 @@ def ms_ssim_pairs(
     pairs_per_call: int = 16,
     device: str | torch.device | None = None,
     progress: bool = False,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """MS-SSIM of each pair: volumes (N, 1, S, S, S), pairs (P, 2) indices -> (P,) float32 (CPU).
 
     Everything runs on ``device`` (default: the volumes' device) in float32, as MONAI does.
-    ``pairs_per_call`` pairs share one convolution call; raise it on a large GPU."""
+    ``pairs_per_call`` pairs share one call (raise it on a large GPU); ``impl``: the cross
+    term's implementation (``prdit_fast.ops.ms_ssim_cross``: "auto", "torch", "triton")."""
     from prdit_fast.devices import resolve_device
+    from prdit_fast.ops.ms_ssim_cross import ms_ssim_cross
 
     volumes = torch.as_tensor(volumes)
     if volumes.ndim != 5 or volumes.shape[1] != 1 or len(set(volumes.shape[2:])) != 1:
@@ -73,6 +90,7 @@ def ms_ssim_pairs(
     device = resolve_device(device) if device is not None else volumes.device
     x = volumes.to(device=device, dtype=torch.float32)
     kernel = gaussian_kernel().to(device)
+    window = kernel.flatten()
     c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
     pairs_dev = pairs.to(device)
     per_scale = torch.empty(len(SCALE_WEIGHTS), pairs.shape[0], device=device)
@@ -86,15 +104,11 @@ def ms_ssim_pairs(
         mu = torch.cat([F.conv3d(chunk, kernel) for chunk in x.split(pairs_per_call)])
         sigma = torch.cat([F.conv3d(chunk * chunk, kernel) for chunk in x.split(pairs_per_call)]) - mu * mu
         for start in range(0, pairs.shape[0], pairs_per_call):
-            i, j = pairs_dev[start:start + pairs_per_call].unbind(1)
-            mu_i, mu_j = mu[i], mu[j]
-            sigma_xy = F.conv3d(x[i] * x[j], kernel) - mu_i * mu_j
-            cs = (2 * sigma_xy + c2) / (sigma[i] + sigma[j] + c2)
-            if scale == last:
-                cs = ((2 * mu_i * mu_j + c1) / (mu_i * mu_i + mu_j * mu_j + c1)) * cs
-            per_scale[scale, start:start + i.shape[0]] = cs.flatten(1).mean(1)
+            chunk = pairs_dev[start:start + pairs_per_call]
+            per_scale[scale, start:start + chunk.shape[0]] = ms_ssim_cross(
+                x[:, 0], mu[:, 0], sigma[:, 0], chunk, window, c1, c2, scale == last, impl=impl)
             if bar is not None:
-                bar.update(i.shape[0])
+                bar.update(chunk.shape[0])
         if scale < last:
             x = F.avg_pool3d(x, kernel_size=2)
     if bar is not None:
@@ -110,6 +124,7 @@ def ms_ssim_diversity(
     pairs_per_call: int = 16,
     device: str | torch.device | None = None,
     progress: bool = False,
+    impl: str = "auto",
 ) -> tuple[float, int]:
     """Mean MS-SSIM over every unordered pair of distinct volumes (N, 1, S, S, S) in [-1, 1]
     -> (mean, pairs evaluated); lower means a more diverse set.
@@ -126,5 +141,5 @@ def ms_ssim_diversity(
     if max_pairs is not None and max_pairs < total:
         chosen = np.random.default_rng(seed).choice(total, size=max_pairs, replace=False)
         pairs = pairs[torch.as_tensor(np.sort(chosen))]
-    values = ms_ssim_pairs(volumes, pairs, pairs_per_call=pairs_per_call, device=device, progress=progress)
+    values = ms_ssim_pairs(volumes, pairs, pairs_per_call=pairs_per_call, device=device, progress=progress, impl=impl)
     return float(values.double().mean()), int(pairs.shape[0])

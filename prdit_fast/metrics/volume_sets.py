@@ -42,17 +42,17 @@ def real_dataset(folder: str | os.PathLike, size: int) -> VolumeDataset:
         raise UsageError(f"--real {folder}: {e}") from e
 
 
-def generated_volume_files(folder: str | os.PathLike) -> list[Path]:
+def generated_volume_files(folder: str | os.PathLike, flag: str = "--fake") -> list[Path]:
     """``sample_*.nii.gz`` (else ``sample_*.npy``) in ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UsageError(f"--fake {folder} is not a folder")
+        raise UsageError(f"{flag} {folder} is not a folder")
     nifti, arrays = sorted(folder.glob("sample_*.nii.gz")), sorted(folder.glob("sample_*.npy"))
     if nifti and arrays:
-        raise UsageError(f"--fake {folder} mixes {len(nifti)} sample_*.nii.gz and {len(arrays)} sample_*.npy volumes: "
+        raise UsageError(f"{flag} {folder} mixes {len(nifti)} sample_*.nii.gz and {len(arrays)} sample_*.npy volumes: "
                          f"keep one format (both are scored alike) so no volume is silently left out")
     if not nifti and not arrays:
-        raise UsageError(f"--fake {folder} holds no sample_*.nii.gz or sample_*.npy (prdit-fast sample output)")
+        raise UsageError(f"{flag} {folder} holds no sample_*.nii.gz or sample_*.npy (prdit-fast sample output)")
     return nifti or arrays
 
 

@@ -14,6 +14,7 @@ implementation runs (``impl="auto" | "torch" | "triton"``, and "gemm" for the lo
     sampler_update, initial_noise, step_noise   sampling.py   the sampler step with Philox noise
     flow_update                flow_update.py     the flow-matching solver stage from velocity tokens
     sr_assemble                sr_assemble.py     PRDiT-SR: upsampled base prediction + head tokens
+    ms_ssim_cross              ms_ssim_cross.py   MS-SSIM's per-pair cross term and formula at one scale
 """
 from .adaln import embed_layernorm_modulate, gated_residual_layernorm_modulate, layernorm_modulate
 from .attention_backends import attention
@@ -21,6 +22,7 @@ from .denoiser import local_denoiser
 from .dispatch import ImplUnavailable, default_impl, resolve
 from .flow_update import flow_update
 from .gated_residual_gemm import gated_residual_linear
+from .ms_ssim_cross import ms_ssim_cross
 from .sampling import initial_noise, sampler_update, step_noise
 from .sr_assemble import sr_assemble
 from .swiglu import adaptive_swiglu
@@ -29,6 +31,7 @@ from .token_cubes import unpatchify
 from .unfold import fold3d, unfold3d
 
 __all__ = [
+    "ms_ssim_cross",
     "unfold3d",
     "fold3d",
     "unpatchify",

@@ -56,6 +56,7 @@ OP_IMPLS: dict[str, tuple[str, ...]] = {
     "fp8_linear": (TORCH, GEMM),
     "sr_assemble": (TORCH, TRITON),
     "gated_residual_linear": (TORCH, TRITON),
+    "ms_ssim_cross": (TORCH, TRITON),
 }
 # ops whose "gemm" is cuBLAS alone (no Triton pass): only the op's own refusal can stop it
 _GEMM_WITHOUT_TRITON = ("fp8_linear",)

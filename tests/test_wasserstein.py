@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prdit_fast.metrics import WCritic, wscore, wscore_transform
-from prdit_fast.metrics.wscore import critic_forward, critic_state, new_critics, split_counts, train_step
+from prdit_fast.metrics.wasserstein import critic_forward, critic_state, new_critics, split_counts, train_step
 
 SMALL = (4, 8, 8, 8)  # the spec's layers with fewer channels: the same code paths at CPU test cost
 

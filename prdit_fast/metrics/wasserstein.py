@@ -189,6 +189,18 @@ def split_counts(n_real: int, n_fakes: Sequence[int], fraction: float = 0.6) -> 
     return int(fraction * n_real), kept, [int(fraction * n) for n in kept]
 
 
+def check_split(n_real: int, n_fakes: Sequence[int], batch: int = 4, fraction: float = 0.6):
+    """``split_counts``, after checking that every set keeps a training and a held-out part
+    and the real training part fills a batch; ValueError saying how many are needed."""
+    n_real_train, kept, n_train = split_counts(n_real, n_fakes, fraction)
+    if (n_real_train < batch or min(n_train) < 1 or min(k - t for k, t in zip(kept, n_train)) < 1
+            or n_real == n_real_train):
+        raise ValueError(f"too few volumes for the W-Score split: {n_real} real, {list(n_fakes)} generated; each set "
+                         f"needs >= {math.ceil(batch / fraction) + 1} (a {fraction:.0%} training part that fills a "
+                         f"batch of {batch}, and a held-out part)")
+    return n_real_train, kept, n_train
+
+
 class _Precision:
     """TF32 for convolutions per ``precision``, cuDNN determinism per ``deterministic``; restored on exit."""
 
@@ -304,12 +316,9 @@ def wscore(
     if split == "shuffled":
         order = torch.Generator().manual_seed(seeds[0])
         sets = [s[torch.randperm(s.shape[0], generator=order).to(device)] for s in sets]
-    n_real_train, kept, n_train = split_counts(sets[0].shape[0], [s.shape[0] for s in sets[1:]], train_fraction)
+    n_real_train, kept, n_train = check_split(sets[0].shape[0], [s.shape[0] for s in sets[1:]], batch, train_fraction)
     real_set, gens = sets[0], [s[:k] for s, k in zip(sets[1:], kept)]
     steps = n_real_train // batch
-    if steps < 1 or min(n_train) < 1 or min(k - t for k, t in zip(kept, n_train)) < 1 or real_set.shape[0] == n_real_train:
-        raise ValueError(f"too few volumes for the split: {real_set.shape[0]} real, {kept} generated; need >= "
-                         f"{math.ceil(batch / train_fraction)} real and a held-out part of every set")
     pool_per_gen = n_real_train // 2
     fakes_train = torch.cat([g[:t] for g, t in zip(gens, n_train)])
     offsets = [0, n_train[0]]
