@@ -142,7 +142,7 @@ def training_row(spec, model, batch: int, accum: int, device: torch.device, timi
 
     trained = copy.deepcopy(model).train()
     if trained.config.depth:  # stage 2: the coarse path stays frozen, as in training
-        trained.freeze_coarse()
+        trained.freeze_coarse_path()
     if spec.network == "fast":
         cpu = device.type != "cuda"
         net = accelerate(trained, dtype=torch.float32 if cpu else torch.bfloat16, impl="torch" if cpu else "auto")

@@ -24,6 +24,7 @@ COMMANDS = {
     "info": "variants, parameter counts, GFLOP per step, devices and backends",
     "demo": "train a small model on the synthetic chest-CT phantom, sample, write NIfTI + PNG",
     "sample": "sample N volumes from a checkpoint to NIfTI / npy (resumable)",
+    "features": "transformer token features of many volumes (the official encode mode), resumable",
     "preprocess": "DICOM / NIfTI / npz volumes -> the paper's 1 mm, 256^3 preprocessing",
     "train": "two-stage training with EMA, exact resume, multi-GPU",
     "cache": "build a training config's data cache (volumes pooled to image_size in one memory-mapped file)",

@@ -58,13 +58,14 @@ benchmarks/results/design-notes.md).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import models
+from .interface import OfficialInterface
 from .models import PRDiT, PRDiTConfig
 from .ops import (
     attention,
@@ -92,10 +93,12 @@ FAST_OPS = (
 )
 
 
-class FastPRDiT(nn.Module):
+class FastPRDiT(OfficialInterface, nn.Module):
     """PRDiT forward over the reference's parameters: bf16 GEMMs, fused adaLN, fast attention.
 
-    forward(x (B, C, S, S, S), t (B,)) -> (B, 2C, S, S, S) fp32, like ``PRDiT.forward``;
+    forward(x (B, C, S, S, S), t (B,)) -> (B, 2C, S, S, S) fp32, like ``PRDiT.forward``, with
+    the whole official interface (``prdit_fast.interface``: int / 0-d t, ``y``,
+    ``return_intermediate``, ``mode="encode"``, the feature helpers);
     forward_tokens(x, t) -> (B, N, s^3 Cout) fp32, the same before unpatchify;
     token_parts(x, t) -> (coarse, fine) tokens in the compute dtype, before their sum.
     Build it with ``accelerate``.
@@ -104,7 +107,7 @@ class FastPRDiT(nn.Module):
     # the reference's helpers work unchanged on the shared submodules
     check_input = PRDiT.check_input
     coarse_parameters = PRDiT.coarse_parameters
-    freeze_coarse = PRDiT.freeze_coarse
+    freeze_coarse_path = PRDiT.freeze_coarse_path
     initialize_weights = PRDiT.initialize_weights
 
     def __init__(
@@ -192,7 +195,13 @@ class FastPRDiT(nn.Module):
         return weight, bias
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> "FastPRDiT":
+        super().train(mode)
+        self._reference.training = mode  # the submodules are shared; keep the reference's own flag in step
+        return self
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, C, S, S, S), t (B,) -> (B, Cout, S, S, S) fp32: the network output."""
         cfg = self.config
         coarse, fine = self.token_parts(x, t)
         # the coarse + fine sum is fused into the layout kernel, in fp32
@@ -201,6 +210,41 @@ class FastPRDiT(nn.Module):
             tokens, cfg.input_size, cfg.stride, cfg.out_channels, residual,
             out_dtype=torch.float32, impl=self._impls["unpatchify"],
         )
+
+    def denoise_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coarse volume, fine volume), each (B, Cout, S, S, S) fp32; depth > 0."""
+        cfg = self.config
+        return tuple(  # type: ignore[return-value]
+            unpatchify(part, cfg.input_size, cfg.stride, cfg.out_channels, out_dtype=torch.float32,
+                       impl=self._impls["unpatchify"])
+            for part in self.token_parts(x, t)
+        )
+
+    def hidden_features(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], patch_embed: bool = False, final: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's fp32 residual stream (B, N, hidden) at "patch_embed", "block_i"
+        (i in ``blocks``) and "final", as ``PRDiT.hidden_features``. Runs the unfold, the
+        timestep MLP and fine head, the embedder and the blocks up to the last one needed
+        (GEMMs in the compute dtype): no local denoiser, no final layer."""
+        self.check_input(x, t)
+        cfg = self.config
+        last = cfg.depth - 1 if final else max(blocks)
+        tokens = unfold3d(x, cfg.patch, cfg.stride, cfg.pad, out_dtype=self.dtype, impl=self._impls["unfold3d"])
+        with torch.no_grad():  # the frozen coarse path's timestep MLP, as in forward
+            c = self.t_embedder(t)
+        wanted = {f"block_{i}" for i in blocks} | ({"patch_embed"} if patch_embed else set())
+        out: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, state: torch.Tensor) -> None:
+            if name in wanted:
+                out[name] = state
+
+        state = self._transformer(tokens, self.t_embedder.fine_head(c), last=last, keep=keep)
+        keep(f"block_{last}", state)  # the state after the last block is returned, not kept
+        if final:
+            out["final"] = state
+        return out
 
     def forward_tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, C, S, S, S), t (B,) -> output tokens (B, N, s^3 Cout) fp32, coarse + fine,
@@ -224,7 +268,7 @@ class FastPRDiT(nn.Module):
             coarse = self._local_denoiser(tokens, self.t_embedder.coarse_head(c))
         if self.fine is None:
             return coarse, None
-        return coarse, self._global(tokens, self.t_embedder.fine_head(c))
+        return coarse, self._transformer(tokens, self.t_embedder.fine_head(c))
 
     def _local_denoiser(self, tokens: torch.Tensor, c_coarse: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, D) compute dtype, c_coarse (B, D) fp32 -> (B, N, s^3 Cout)."""
@@ -255,17 +299,29 @@ class FastPRDiT(nn.Module):
             shadow.get_submodule(owner)._parameters[leaf] = self._cast("coarse." + name, param)
         return shadow
 
-    def _global(self, tokens: torch.Tensor, c_fine: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N, D) compute dtype, c_fine (B, h) fp32 -> fine tokens (B, N, s^3 Cout)."""
+    def _transformer(
+        self, tokens: torch.Tensor, c_fine: torch.Tensor, last: int | None = None,
+        keep: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, N, D) compute dtype, c_fine (B, h) fp32.
+
+        keep None: the whole transformer and its final layer -> fine tokens (B, N, s^3 Cout).
+        Otherwise blocks 0..``last`` only: ``keep(name, state)`` receives the fp32 residual
+        stream (B, N, h) as "patch_embed" and "block_i", and the state after block ``last``
+        is returned (no final layer; the last residual update is a plain fp32 add)."""
         fine, cfg, dt = self.fine, self.config, self.dtype
         B, N, _ = tokens.shape
         h, heads = cfg.hidden, cfg.heads
-        mod = F.linear(F.silu(c_fine), *self._modulation_weights())  # (B, 6 h depth + 2 h) fp32
+        head = keep is None
+        num_blocks = cfg.depth if head else last + 1
+        weight, bias = self._modulation_weights()
+        width = 6 * h * num_blocks + (2 * h if head else 0)  # only the modulation vectors that are used
+        mod = F.linear(F.silu(c_fine), weight[:width], bias[:width])  # (B, width) fp32
         rms = cfg.norm == "rms"
         if rms:
             # TF-PRDiT: each block's 6h modulation vector ends with an RMSNorm (the final layer's does not)
-            blocks_mod = F.rms_norm(mod[:, : 6 * h * cfg.depth].view(B, cfg.depth, 6 * h), (6 * h,), eps=models.RMS_EPS)
-            mod = torch.cat([blocks_mod.reshape(B, -1), mod[:, 6 * h * cfg.depth :]], dim=1)
+            blocks_mod = F.rms_norm(mod[:, : 6 * h * num_blocks].view(B, num_blocks, 6 * h), (6 * h,), eps=models.RMS_EPS)
+            mod = torch.cat([blocks_mod.reshape(B, -1), mod[:, 6 * h * num_blocks :]], dim=1)
 
         def vector(i: int) -> torch.Tensor:  # the i-th (B, h) modulation vector
             return mod[:, i * h : (i + 1) * h]
@@ -286,8 +342,10 @@ class FastPRDiT(nn.Module):
             embedded.view(B, N, h), pe.norm.weight, pe.norm.bias, pe.norm.eps, fine.pos_embed,
             vector(0), vector(1), blocks[0].norm1.eps, dt, self._impls["embed_layernorm_modulate"], rms=rms,
         )
-        for i, block in enumerate(blocks):
-            name = f"blocks.{i}"
+        if keep is not None:
+            keep("patch_embed", x)
+        for i in range(num_blocks):
+            block, name = blocks[i], f"blocks.{i}"
             qkv = self._gemm(name + ".qkv", y, block.attn.qkv).view(B, N, 3, heads, h // heads)
             attended = attention(qkv, self.attention).reshape(B, N, h)
             branch = self._gemm(name + ".proj", attended, block.attn.proj)
@@ -297,13 +355,17 @@ class FastPRDiT(nn.Module):
             )
             hidden = self._gemm_gelu(name + ".fc1", y, block.mlp.fc1)
             branch = self._gemm(name + ".fc2", hidden, block.mlp.fc2)
+            if not head and i == last:  # features end here: no next norm to fuse with
+                return x + vector(6 * i + 5).unsqueeze(1) * branch.float()
             # the next norm is the next block's norm1, or the final layer's (a LayerNorm in both variants)
             nxt = 6 * (i + 1)
-            last = i + 1 == len(blocks)
-            eps = fine.final_layer.norm_final.eps if last else blocks[i + 1].norm1.eps
+            final = i + 1 == len(blocks)
+            eps = fine.final_layer.norm_final.eps if final else blocks[i + 1].norm1.eps
             x, y = gated_residual_layernorm_modulate(
-                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, adaln_impl, rms=rms and not last
+                x, vector(6 * i + 5), branch, vector(nxt), vector(nxt + 1), eps, dt, adaln_impl, rms=rms and not final
             )
+            if keep is not None:
+                keep(f"block_{i}", x)
         return self._gemm("final", y, fine.final_layer.linear)
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .interface import OfficialInterface
+
 # size -> (hidden, heads); spec section 1
 SIZES: dict[str, tuple[int, int]] = {
     "XS": (192, 6),
@@ -493,9 +495,13 @@ class GlobalDiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg.hidden, cfg.heads, cfg.norm) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.hidden, cfg.out_token_dim)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, D) -> the patch embedding plus positions (B, N, hidden)."""
+        return self.patch_embedder(tokens) + self.pos_embed
+
     def forward(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """tokens: (B, N, D), c: (B, hidden) -> (B, N, s^3 Cout)."""
-        x = self.patch_embedder(tokens) + self.pos_embed  # (B, N, hidden)
+        x = self.embed(tokens)  # (B, N, hidden)
         for block in self.blocks:
             x = block(x, c)
         return self.final_layer(x, c)
@@ -504,12 +510,14 @@ class GlobalDiT(nn.Module):
 # --------------------------------------------------------------------------- #
 # The network
 # --------------------------------------------------------------------------- #
-class PRDiT(nn.Module):
+class PRDiT(OfficialInterface, nn.Module):
     """PRDiT: local denoiser + (depth > 0) global residual DiT.
 
     forward(x (B, C, S, S, S), t (B,)) -> (B, Cout, S, S, S). IaN (Cout = 2C, t the integer
     step): channels [0:C] eps_hat, [C:2C] x0_hat. Flow matching (Cout = C, t = 1000 t as a
     float): the velocity. When depth > 0 the coarse path is frozen and runs without gradients.
+    The rest of the official interface (int / 0-d t, ``y``, ``return_intermediate``,
+    ``mode="encode"``, the feature helpers) is ``prdit_fast.interface.OfficialInterface``.
     """
 
     def __init__(self, cfg: PRDiTConfig):
@@ -520,7 +528,7 @@ class PRDiT(nn.Module):
         self.fine = GlobalDiT(cfg) if cfg.depth > 0 else None
         self.initialize_weights()
         if cfg.depth > 0:
-            self.freeze_coarse()
+            self.freeze_coarse_path()
 
     def coarse_parameters(self):
         """Parameters of the coarse path: t_embedder.mlp, coarse_head and the local denoiser."""
@@ -528,7 +536,8 @@ class PRDiT(nn.Module):
         yield from self.t_embedder.coarse_head.parameters()
         yield from self.coarse.parameters()
 
-    def freeze_coarse(self) -> None:
+    def freeze_coarse_path(self) -> None:
+        """The timestep MLP, the coarse head and the local denoiser stop requiring gradients."""
         for p in self.coarse_parameters():
             p.requires_grad_(False)
 
@@ -570,17 +579,51 @@ class PRDiT(nn.Module):
         cfg = self.config
         return unfold3d(x, cfg.patch, cfg.stride, cfg.pad)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _coarse_and_fine(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, C, S, S, S), t (B,) -> (coarse tokens, fine tokens or None at depth 0), each (B, N, s^3 Cout)."""
         self.check_input(x, t)
-        cfg = self.config
         tokens = self.tokens(x)  # (B, N, D)
         frozen = self.fine is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             c = self.t_embedder(t)  # (B, hidden)
-            out = self.coarse.mlp_denoise(tokens, self.t_embedder.coarse_head(c))  # (B, N, s^3 Cout)
-        if self.fine is not None:
-            out = out + self.fine(tokens, self.t_embedder.fine_head(c))
-        return unpatchify(out, cfg.input_size, cfg.stride, cfg.out_channels)
+            coarse = self.coarse.mlp_denoise(tokens, self.t_embedder.coarse_head(c))
+        return coarse, None if self.fine is None else self.fine(tokens, self.t_embedder.fine_head(c))
+
+    def _volume(self, tokens: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return unpatchify(tokens, cfg.input_size, cfg.stride, cfg.out_channels)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, C, S, S, S), t (B,) -> (B, Cout, S, S, S): the network output."""
+        coarse, fine = self._coarse_and_fine(x, t)
+        return self._volume(coarse if fine is None else coarse + fine)
+
+    def denoise_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the local denoiser's volume, the transformer's residual volume), whose sum is
+        ``denoise(x, t)``; depth > 0."""
+        coarse, fine = self._coarse_and_fine(x, t)
+        return self._volume(coarse), self._volume(fine)
+
+    def hidden_features(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], patch_embed: bool = False, final: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's token states (B, N, hidden): "patch_embed" (embedding plus
+        positions), "block_i" after each block i of ``blocks``, "final" after the last block.
+        Runs the blocks up to the last one needed; no local denoiser, no final layer."""
+        self.check_input(x, t)
+        last = self.config.depth - 1 if final else max(blocks)
+        with torch.no_grad():  # the frozen coarse path's timestep MLP, as in forward
+            c = self.t_embedder(t)
+        c_fine = self.t_embedder.fine_head(c)
+        h = self.fine.embed(self.tokens(x))
+        out = {"patch_embed": h} if patch_embed else {}
+        for i, block in enumerate(self.fine.blocks[: last + 1]):
+            h = block(h, c_fine)
+            if i in blocks:
+                out[f"block_{i}"] = h
+        if final:
+            out["final"] = h
+        return out
 
 
 def list_models() -> list[str]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .interface import batch_timesteps
 from .models import (
     CoarsePath,
     PRDiT,
@@ -250,7 +251,7 @@ class PRDiTSR(nn.Module):
         which the base's forward runs without gradients anyway."""
         self.base.requires_grad_(trainable)
         if trainable and self.base.config.depth > 0:
-            self.base.freeze_coarse()
+            self.base.freeze_coarse_path()
 
     def head_as_prdit(self) -> PRDiT:
         """The head as a depth-0 PRDiT at S_hi whose ``t_embedder`` and ``coarse`` ARE this
@@ -297,15 +298,24 @@ class PRDiTSR(nn.Module):
         c = self.t_embedder_sr.coarse_head(self.t_embedder_sr(t))  # (B, C p'^3)
         return self.sr.mlp_denoise(unfold3d(x, cfg.patch, cfg.stride, cfg.pad), c)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_base: bool = False):
-        """x (B, C, S_hi^3), t (B,) -> (B, 2C, S_hi^3); with ``return_base`` also the base's
-        own prediction (B, 2C, S_lo^3) (for the low-frequency consistency term)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int, y: object = None, return_intermediate: bool = False,
+        return_base: bool = False,
+    ):
+        """x (B, C, S_hi^3), t (B,), a 0-d tensor or an int -> (B, 2C, S_hi^3); ``y`` is accepted
+        and ignored (the official interface, spec section 16). ``return_intermediate``: the
+        pair (upsampled base prediction, head residual), each (B, 2C, S_hi^3), whose sum is
+        the output. ``return_base``: also the base's own prediction (B, 2C, S_lo^3) (for the
+        low-frequency consistency term), as (result, base prediction)."""
+        del y
+        t = batch_timesteps(t, x)
         self.check_input(x, t)
         cfg = self.config
         base_out = self.base_prediction(x, t)
         local = unpatchify(self.head_tokens(x, t), cfg.input_size, cfg.stride, cfg.out_channels)
-        out = local + upsample_prediction(base_out, cfg.input_size, cfg.in_channels).to(local.dtype)
-        return (out, base_out) if return_base else out
+        up = upsample_prediction(base_out, cfg.input_size, cfg.in_channels).to(local.dtype)
+        result = (up, local) if return_intermediate else local + up
+        return (result, base_out) if return_base else result
 
 
 def create_sr_model(

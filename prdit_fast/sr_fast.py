@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from typing import Callable, Mapping
 
+from .interface import batch_timesteps
 from .ops import unpatchify
 from .ops.dispatch import per_op_impl
 from .ops.sr_assemble import sr_assemble
@@ -92,18 +93,27 @@ class FastPRDiTSR(nn.Module):
             return unpatchify(coarse, base.input_size, base.stride, base.out_channels, fine, out_dtype=torch.float32,
                               impl=self.base._impls["unpatchify"])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_base: bool = False):
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int, y: object = None, return_intermediate: bool = False,
+        return_base: bool = False,
+    ):
+        """As ``PRDiTSR.forward``: ``y`` ignored, t a (B,) / 0-d tensor or an int;
+        ``return_intermediate`` gives (upsampled base, head residual) fp32, unfused."""
+        del y
+        t = batch_timesteps(t, x)
         self.check_input(x, t)
         cfg = self.config
         head, _ = self._head.token_parts(x, t)
         base_out = self.base_prediction(x, t)
-        if torch.is_grad_enabled() and (head.requires_grad or base_out.requires_grad):
+        unfused = return_intermediate or (torch.is_grad_enabled() and (head.requires_grad or base_out.requires_grad))
+        if unfused:
             up = upsample_prediction(base_out, cfg.input_size, cfg.in_channels)
-            out = unpatchify(head, cfg.input_size, cfg.stride, cfg.out_channels, out_dtype=torch.float32,
-                             impl=self._head._impls["unpatchify"]) + up
+            local = unpatchify(head, cfg.input_size, cfg.stride, cfg.out_channels, out_dtype=torch.float32,
+                               impl=self._head._impls["unpatchify"])
+            result = (up, local) if return_intermediate else local + up
         else:
-            out = sr_assemble(base_out, cfg.input_size, cfg.stride, head, "volume", impl=self._assemble_impl)
-        return (out, base_out) if return_base else out
+            result = sr_assemble(base_out, cfg.input_size, cfg.stride, head, "volume", impl=self._assemble_impl)
+        return (result, base_out) if return_base else result
 
     @torch.no_grad()
     def token_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -336,5 +336,5 @@ def test_wrong_timestep_shape_is_rejected():
     model = create_model("XS/10/0", 16)
     with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
         model(torch.randn(2, 1, 16, 16, 16), torch.tensor([1]))
-    with pytest.raises(ValueError, match=r"t must have shape \(1,\)"):
-        model(torch.randn(1, 1, 16, 16, 16), torch.tensor(1))
+    with pytest.raises(ValueError, match=r"t must be a \(B,\) tensor, a 0-d tensor or a Python int"):
+        model(torch.randn(1, 1, 16, 16, 16), torch.tensor([[1]]))  # a 0-d t is expanded (spec section 16)

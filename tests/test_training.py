@@ -202,7 +202,7 @@ def test_activation_checkpointing_same_gradients():
     ref = create_model("PRDiT-XS/10/1", SIZE)
     for p in ref.parameters():  # fresh weights give zero outputs; randomize to compare gradients
         torch.nn.init.normal_(p, std=0.05)
-    ref.freeze_coarse()
+    ref.freeze_coarse_path()
     import copy
 
     ckpt = copy.deepcopy(ref)
