@@ -5,7 +5,10 @@ fast backend (fp32, Triton interpreter on the CPU), for the IaN, flow-matching a
 The oracles are written from the spec: the encoder features are recomputed here from the
 reference's submodules (unfold -> patch embedder + positions -> blocks with c_fine), not
 through the code under test. fp32 tolerance as tests/test_fast.py: 1e-4 of the largest
-magnitude (only summation order differs between the backends).
+magnitude (only summation order differs between the backends). The fast backend runs its
+plain-torch op references (``impl="torch"``: the same data flow, cached weights and early
+stop) except in ``test_fast_features_on_the_triton_kernels``, which runs the Triton kernels
+under the interpreter (slow on the CPU, so once).
 """
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ S = 16
 BACKENDS = ("reference", "fast")
 
 
-def build(variant: str, backend: str, out_channels: int | None = None, seed: int = 0):
-    torch.manual_seed(seed)
+def build(variant: str, backend: str, out_channels: int | None = None, impl: str = "torch"):
+    torch.manual_seed(0)
     ref = randomize_(create_model(variant, S, out_channels=out_channels), std=0.05).eval()
     if backend == "reference":
         return ref, ref
-    return ref, accelerate(ref, dtype=torch.float32, impl={"local_denoiser": "torch"})
+    return ref, accelerate(ref, dtype=torch.float32, impl=impl)
 
 
 def spec_features(ref, x: torch.Tensor, t: torch.Tensor, upto: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -206,8 +209,8 @@ def test_sr_wrapper_interface(backend):
     the pair (upsampled base prediction, head residual) whose sum is the output."""
     torch.manual_seed(0)
     base = randomize_(create_model("PRDiT-XS/10/1", S), std=0.05)
-    sr = randomize_(create_sr_model(base, 2 * S, hidden=32, patch=10), std=0.05).eval()
-    model = sr if backend == "reference" else accelerate(sr, dtype=torch.float32, impl={"local_denoiser": "torch"})
+    sr = randomize_(create_sr_model(base, 2 * S, hidden=32, patch=10, pad=1), std=0.05).eval()
+    model = sr if backend == "reference" else accelerate(sr, dtype=torch.float32, impl="torch")
     x = torch.randn(3, 1, 2 * S, 2 * S, 2 * S)
     with torch.no_grad():
         out = sr(x, torch.full((3,), 640))
@@ -220,3 +223,17 @@ def test_sr_wrapper_interface(backend):
     assert rel_max(up + residual, out) < FP32_TOL and residual.abs().max() > 1e-3
     with pytest.raises(ValueError, match="t is required"):
         model(x, None)
+
+
+def test_fast_features_on_the_triton_kernels():
+    """Encode mode and the hidden features through the fast backend's Triton kernels
+    (unfold, the fused embedding/adaLN passes), against the spec's features."""
+    ref, model = build("PRDiT-XS/10/8", "fast", impl="auto")
+    x, t = torch.randn(3, 1, S, S, S), torch.tensor([3, 50, 777])
+    with torch.no_grad():
+        embed, states = spec_features(ref, x, t, upto=7)
+        assert rel_max(model(x, t, mode="encode"), states[5]) < FP32_TOL
+        feats = model.extract_transformer_hidden_features(x, t, capture_layers=[0, 5], include_patch_embed=True)
+    assert rel_max(feats["patch_embed"], embed) < FP32_TOL
+    for key, state in (("block_0", states[0]), ("block_5", states[5]), ("final", states[7])):
+        assert rel_max(feats[key], state) < FP32_TOL, key

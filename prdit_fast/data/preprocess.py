@@ -161,7 +161,7 @@ def output_names(sources: list[Path]) -> list[str]:
     stems = []
     for r in resolved:
         rel = str(r.relative_to(common)) if r != common else r.name
-        rel = re.sub(r"(\.nii\.gz|\.nii|\.npz)$", "", rel, flags=re.IGNORECASE)
+        rel = re.sub(r"(\.nii\.gz|\.nii|\.npz|\.npy)$", "", rel, flags=re.IGNORECASE)
         stems.append(re.sub(r"[^A-Za-z0-9._-]+", "_", rel.replace(os.sep, "__")).strip("._") or "volume")
     counts: dict[str, int] = {Path(MANIFEST).stem: 1}  # <name>.json is the sidecar: never manifest.json
     for s in stems:
