@@ -7,6 +7,7 @@
     keys = prdit_fast.keys_for(run_seed=0, indices=range(4))             # volume i depends on (seed, i) only
     x = prdit_fast.FlowMatching().sample(fm_model, noise, steps=100, solver="euler")  # released 256^3 models
     x, x0_hat = prdit_fast.Sampler(fast, batch_size=4, steps=100).sample(keys)  # CUDA-graph engine
+    volumes = prdit_fast.Pipeline.from_pretrained("model_dir")(num_volumes=4)  # Volumes: HU, affine
 
 Heavy pieces (the fast backend, the engine, Triton) load on first use.
 """
@@ -31,6 +32,7 @@ _LAZY = {
     "keys_for": "prdit_fast.engine",
     "ImplUnavailable": "prdit_fast.ops.dispatch",
     "train": "prdit_fast.training",
+    "Pipeline": "prdit_fast.pipeline",
 }
 
 

@@ -11,6 +11,10 @@ Three kinds of file load with ``load_checkpoint``:
   of these kinds: the official config then has ``data.base_image_size``, ``base_model.*`` and
   ``sr_model.*`` sections, ours ``SRConfig.to_dict()``; the state dict ``base.*``,
   ``t_embedder_sr.*``, ``sr.mlp_denoise.*``;
+* a model folder (``save_model_folder``; ``prdit_fast.Pipeline.save_pretrained``,
+  ``prdit-fast export``): ``config.json`` (``format``, ``version``, ``config``, ``process``,
+  ``diffusion``, ``volume``: the training data's voxel size and intensity recipe) and
+  ``model.safetensors`` (one state dict: the weights to sample with);
 * our own format, written by ``save_checkpoint``: a torch file holding
   ``{"format": "prdit_fast", "version": 1, "config": PRDiTConfig.to_dict(), "process":
   "ian" | "flow_matching", "diffusion": {"noise_std": ...} (IaN), "model": ..., "ema": ...
@@ -47,7 +51,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .diffusion import default_noise_std
 from .models import NORMS, PRDiT, PRDiTConfig, canonical_name, variant_config
 from .sr import PRDiTSR, SRConfig, build_sr_model, config_from_official_sr, is_official_sr_config
@@ -82,6 +86,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     an empty, truncated, corrupt or unsafe (arbitrary pickled objects) file.
     """
     path = Path(path)
+    if path.is_dir():
+        if is_model_folder(path):
+            return _read_model_folder(path, map_location)
+        raise CheckpointError(f"{path} is a folder without {MODEL_CONFIG_FILE}: not a model folder; pass a checkpoint "
+                              f"file, or a folder written by Pipeline.save_pretrained / prdit-fast export")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -660,3 +669,69 @@ def save_training_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+# --------------------------------------------------------------------------- #
+# Model folders: config.json + model.safetensors (prdit_fast.Pipeline's save_pretrained)
+# --------------------------------------------------------------------------- #
+MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """A folder holding a model folder's ``config.json``."""
+    return (Path(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def read_model_folder_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a model folder (no weights read); CheckpointError when it is
+    not one of ours."""
+    config_path = Path(path) / MODEL_CONFIG_FILE
+    try:
+        record = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is not readable JSON ({e}); copy or download the model folder again") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{config_path} is not a prdit_fast model config (expected 'format': {FORMAT!r} and a "
+                              f"'config' section; write one with Pipeline.save_pretrained or prdit-fast export)")
+    return record
+
+
+def _read_model_folder(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """A model folder in the shape of our torch format (``format``, ``version``,
+    ``config``, ``process``, ``diffusion``, ``model``) plus its ``volume`` record."""
+    record = read_model_folder_config(path)
+    weights = path / MODEL_WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"model folder {path} has {MODEL_CONFIG_FILE} but no {MODEL_WEIGHTS_FILE}; copy it again")
+    tensors = _read_safetensors(weights, map_location)
+    return {**{k: v for k, v in record.items() if k != "weights"}, "model": tensors}
+
+
+def save_model_folder(directory: str | os.PathLike, model: nn.Module, volume: Mapping[str, Any] | None = None,
+                      noise_std: float | None = None) -> Path:
+    """Write ``model`` (a PRDiT / PRDiT-SR; its weights as they are: pass the EMA copy) as
+    a model folder: ``model.safetensors`` (the state dict) and ``config.json``
+    (``format``, ``version``, ``config``: ``PRDiTConfig.to_dict()``, ``process``,
+    ``diffusion``: the IaN noise scale as in ``save_checkpoint``, ``volume``: the record of
+    ``prdit_fast.data.recipes`` or None). Each file is written atomically, the config
+    last, so a folder with a config is complete. Returns the folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    net = _unwrap(model)
+    cfg = getattr(net, "config", None)
+    if not isinstance(cfg, (PRDiTConfig, SRConfig)):
+        raise TypeError(f"save_model_folder needs a PRDiT or PRDiT-SR model, got {type(net).__name__}")
+    if noise_std is None:
+        noise_std = getattr(net, "noise_std", None) or default_noise_std(_network_config(cfg).norm)
+    record = {
+        "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(), "process": cfg.process,
+        **({"diffusion": {"noise_std": float(noise_std)}} if cfg.process == "ian" else {}),
+        "volume": None if volume is None else dict(volume), "weights": MODEL_WEIGHTS_FILE,
+    }
+    json.dumps(record)  # a volume record JSON cannot hold fails here, before anything is written
+    with atomic_path(directory / MODEL_WEIGHTS_FILE) as tmp:
+        save_file(_cpu_state(net), str(tmp), metadata={"format": "pt"})
+    write_json(directory / MODEL_CONFIG_FILE, record)
+    return directory

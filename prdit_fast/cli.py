@@ -32,6 +32,7 @@ COMMANDS = {
     "evaluate": "3D FID, MMD and MS-SSIM of sampled volumes against real ones (MedicalNet features)",
     "bench": "end-to-end benchmark: GPU-hours and memory for every backend",
     "reconstruct": "a CT volume from a measurement (super-resolution, infill, deblur, X-rays), prior-guided",
+    "export": "a checkpoint (official .pt or ours) -> a model folder (config.json + model.safetensors)",
 }
 
 

@@ -24,6 +24,11 @@ import torch
 from .atomic import atomic_path
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file; of a folder (a model folder), over its files' names and SHA-256s."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return hashlib.sha256("".join(f"{p.name}\0{file_sha256(p, chunk)}\n" for p in files).encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -32,11 +37,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
 
 def checkpoint_volume_metadata(path: str | os.PathLike) -> Mapping[str, Any] | None:
-    """The ``volume`` section of a training checkpoint's config (voxel size, intensity
-    recipe; ``prdit_fast.data.recipes``), or None when the checkpoint has none. The
-    weights are memory-mapped, not read."""
-    from .checkpoint import read_checkpoint
+    """The ``volume`` record of a checkpoint (voxel size, intensity recipe;
+    ``prdit_fast.data.recipes``): a training checkpoint's config section, a model folder's
+    ``config.json`` entry; None when the checkpoint has none. The weights are
+    memory-mapped (files) or not read (folders)."""
+    from .checkpoint import is_model_folder, read_checkpoint, read_model_folder_config
 
+    if is_model_folder(path):
+        volume = read_model_folder_config(path).get("volume")
+        return volume if isinstance(volume, Mapping) else None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip-format torch file (safetensors, legacy): read it the general way

@@ -45,19 +45,20 @@ from prdit_fast.atomic import remove_stale_temps
 from prdit_fast.data.recipes import OutputUnits, output_units
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion, diffusion_for
-from prdit_fast.checkpoint import checkpoint_process
+from prdit_fast.checkpoint import checkpoint_process, is_model_folder
 from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
+from prdit_fast.pipeline import DTYPES, prepare_for_sampling
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
 from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, file_sha256
 
 log = logging.getLogger("prdit_fast")
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (official .pt, prdit_fast, or a bare state dict)")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint file (official .pt, prdit_fast, or a bare state dict) or model folder")
     parser.add_argument("--num", type=int, required=True, help="number of volumes N in the run")
     parser.add_argument("--batch-size", type=int, default=1, help="volumes per batch (default 1)")
     parser.add_argument("--steps", type=int, default=100,
@@ -78,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fast (Triton/CUDA kernels) or reference (plain PyTorch); auto: fast on CUDA when installed",
     )
     parser.add_argument(
-        "--dtype", choices=("auto", *_DTYPES), default="auto",
+        "--dtype", choices=("auto", *DTYPES), default="auto",
         help="compute dtype; auto: bf16 on CUDA, fp32 on CPU (the sampler state is always fp32)",
     )
     parser.add_argument("--format", choices=("nii.gz", "npy"), default="nii.gz", help="file format of the volumes")
@@ -118,8 +119,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2^32) (the high half of the Philox key), got {args.seed}")
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"--ckpt {args.ckpt!r} is not a file")
+    if not Path(args.ckpt).is_file() and not is_model_folder(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt!r} is neither a checkpoint file nor a model folder (with config.json)")
 
 
 def sampling_options(args: argparse.Namespace, process: str | None) -> dict:
@@ -161,35 +162,17 @@ def sampling_options(args: argparse.Namespace, process: str | None) -> dict:
 
 
 
-
-def _fast_available() -> bool:
-    try:
-        import prdit_fast.fast  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.dtype, str]:
-    """Load the checkpoint onto ``device`` and wrap it in the chosen backend.
+    """Load the checkpoint (file or model folder) onto ``device`` and wrap it in the chosen
+    backend (``prdit_fast.pipeline.prepare_for_sampling``, as the Python pipeline).
 
     Returns (model, compute dtype, backend name)."""
     from prdit_fast.checkpoint import load_checkpoint
 
-    backend = args.backend
-    if backend == "auto":
-        backend = "fast" if device.type == "cuda" and _fast_available() else "reference"
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_checkpoint(
         args.ckpt, ema=not args.no_ema, map_location=device, variant=args.variant, input_size=args.size,
     )
-    if backend == "fast":
-        if not _fast_available():
-            raise ValueError("--backend fast needs prdit_fast.fast (Triton); use --backend reference")
-        from prdit_fast.fast import accelerate
-
-        return accelerate(model, dtype=dtype), dtype, backend
-    return model, dtype, backend
+    return prepare_for_sampling(model, device, args.backend, args.dtype)
 
 
 def _write_volume(path: Path, volume: torch.Tensor, units: OutputUnits, fmt: str, png: bool) -> None:

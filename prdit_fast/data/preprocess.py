@@ -242,7 +242,9 @@ def to_scanner(volume: Any, sidecar: Mapping[str, Any] | str | os.PathLike, grid
         raise ValueError(f"a volume of shape {array.shape} is not on the {edge}^3 preprocessing grid of "
                          f"{record.get('output')} nor on an average-pooled one (a cube whose edge divides {edge})")
     lo, hi = value_range
-    hu = record["hu_min"] + np.clip((array - lo) / (hi - lo), 0.0, 1.0) * (record["hu_max"] - record["hu_min"])
+    # in float64: hu_min and hu_max come back exactly, no HU past the recipe's range
+    unit = np.clip((array.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+    hu = record["hu_min"] + unit * (record["hu_max"] - record["hu_min"])
     f = edge // array.shape[0]
     # pooled voxel j averages preprocessed voxels j f .. j f + f - 1: its centre is at j f + (f - 1) / 2
     pooled = np.diag([float(f)] * 3 + [1.0])
