@@ -72,7 +72,7 @@ def test_killed_preprocess_then_training_works(tmp_path):
                                   log=messages.append)
     assert sorted(v["status"] for v in manifest["volumes"]) == ["exists", "ok"]
     assert any("removed 1 unfinished" in m for m in messages)
-    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.npy", "b.json", "b.npy", "manifest.json"]  # + sidecars
     assert manifest["spacing_mm"] == [1.0, 1.0, 1.0] and manifest["intensity"] == "lidc" and manifest["edge"] == 2 * SIZE
     ckpt = train(tiny_config(tmp_path / "run2", data={"path": str(out)}))
     saved = torch.load(ckpt, weights_only=True)
