@@ -72,3 +72,12 @@ def append_record(path: Path, record: Mapping[str, Any]) -> dict:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def network_summary(model: torch.nn.Module) -> dict:
+    """What ran, read from the network object itself (not from the checkpoint's metadata):
+    its variant name, edge, normalization, process (from its head) and parameter count."""
+    cfg = model.config
+    base = getattr(cfg, "base", cfg)  # PRDiT-SR ("PRDiT-SR(base name)"): the wrapped network's norm and head
+    return {"variant": cfg.name, "size": cfg.input_size, "norm": base.norm, "process": base.process,
+            "parameters": sum(p.numel() for p in model.parameters())}

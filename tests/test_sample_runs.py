@@ -119,6 +119,11 @@ def test_default_saves_the_clean_prediction(plain_ckpt, tmp_path):
     assert main(args(plain_ckpt, tmp_path / "x", "--format", "npy", "--save", "x")) == 0
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())["runs"][-1]
     assert summary["saved"] == "x0_hat"
+    # the summary describes the network that ran, from the network itself
+    ran = create_model("PRDiT-XS/10/0", SIZE)
+    assert (summary["variant"], summary["size"], summary["norm"], summary["process"]) == ("PRDiT-XS/10/0", SIZE,
+                                                                                         "layer", "ian")
+    assert summary["parameters"] == sum(p.numel() for p in ran.parameters())
     x0 = np.load(tmp_path / "default" / "sample_000000.npy")
     x = np.load(tmp_path / "x" / "sample_000000.npy")
     assert x0.shape == x.shape == (SIZE,) * 3 and not np.array_equal(x0, x)

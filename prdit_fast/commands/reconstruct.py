@@ -359,7 +359,7 @@ def _reconstruct(args: argparse.Namespace, out: Path, settings: dict) -> int:
     from prdit_fast.engine import GuidedSampler, keys_for
     from prdit_fast.measurements import data_consistency, effective_guidance_scale, guidance_parametrization
     from prdit_fast.orientation import voxel_sizes
-    from prdit_fast.sample_runs import checkpoint_volume_metadata
+    from prdit_fast.sample_runs import checkpoint_volume_metadata, network_summary
     from prdit_fast.volumes import save_nifti, save_slices_png
 
     device = resolve_device(args.device)
@@ -416,7 +416,7 @@ def _reconstruct(args: argparse.Namespace, out: Path, settings: dict) -> int:
     spacing = voxel_sizes(task.affine)
     description = f"{args.task} reconstruction (PRDiT prior); {units}; {_mm(spacing)} mm"[:80]
     summary = {
-        "checkpoint": str(args.ckpt), "variant": cfg.name, "norm": cfg.norm, "size": cfg.input_size,
+        "checkpoint": str(args.ckpt), **network_summary(model),
         "noise_std": diffusion.noise_std, "task": args.task, "input": str(args.input), "steps": args.steps,
         "seed": args.seed, **settings, "guidance_parametrization": parametrization,
         "guidance_scale_applied": applied["guidance_scale"], "measured_values": task.measured_values,

@@ -50,7 +50,9 @@ from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
 from prdit_fast.pipeline import DTYPES, prepare_for_sampling
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
-from prdit_fast.sample_runs import append_record, batch_groups, checkpoint_volume_metadata, file_sha256
+from prdit_fast.sample_runs import (
+    append_record, batch_groups, checkpoint_volume_metadata, file_sha256, network_summary,
+)
 
 log = logging.getLogger("prdit_fast")
 
@@ -260,8 +262,7 @@ def _sample(args: argparse.Namespace, out: Path, options: dict, identity: dict, 
             diffusion=None if flow else diffusion_for(model),
         )
         summary.update(engine.describe())
-        summary["variant"] = model.config.name
-        summary["size"] = model.config.input_size
+        summary.update(network_summary(model))
         if device.type == "cuda":
             summary["gpu"] = torch.cuda.get_device_name(device)
             torch.cuda.reset_peak_memory_stats(device)
