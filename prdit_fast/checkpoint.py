@@ -638,6 +638,48 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
+LATEST = "latest.pt"  # in a run's checkpoint folder: a link to its newest <step>.pt
+
+
+def link_latest(path: str | os.PathLike) -> Path:
+    """Point ``latest.pt`` beside the training checkpoint ``path`` at it (a relative
+    symbolic link, replaced atomically), so ``.../checkpoints/latest.pt`` opens the newest
+    checkpoint in any tool."""
+    path = Path(path)
+    link = path.parent / LATEST
+    tmp = path.parent / f".{LATEST}.tmp-link{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint reference as a file: a file as given; a run's checkpoint folder or the
+    run folder itself (its ``checkpoints/``) -> the newest ``<step>.pt``; ``.../latest`` or
+    ``.../latest.pt`` -> the newest ``<step>.pt`` of that folder. FileNotFoundError names
+    what was looked for."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path.resolve() if path.name == LATEST else path
+    folders = [path, path / "checkpoints"] if path.is_dir() else []
+    if path.name in ("latest", LATEST):
+        folders = [path.parent]
+    for folder in folders:
+        found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    if folders:
+        raise FileNotFoundError(f"{path}: no <step>.pt checkpoint in {' or '.join(map(str, folders))}")
+    raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
+
+
+def remove_training_checkpoints(paths: list[Path]) -> None:
+    """Delete training checkpoints (retention, ``prdit_fast.training.retention``)."""
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
+
+
 def save_training_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,

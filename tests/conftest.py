@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,19 @@ from prdit_fast.testing import interpret_without_gpu, randomize_, rel_rms  # noq
 interpret_without_gpu()  # before Triton is first imported
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_training_cache(tmp_path_factory):
+    """Training caches (prdit_fast.data.cache) of the tests go to a temporary folder, not
+    the user's ~/.cache (subprocesses inherit the variable)."""
+    saved = os.environ.get("PRDIT_FAST_CACHE_DIR")
+    os.environ["PRDIT_FAST_CACHE_DIR"] = str(tmp_path_factory.mktemp("training_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PRDIT_FAST_CACHE_DIR", None)
+    else:
+        os.environ["PRDIT_FAST_CACHE_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)

@@ -69,7 +69,8 @@ def test_official_style_config_resolves():
         warnings.simplefilter("error")  # official keys are known: no warning
         cfg = resolve_config(apply_overrides(official, ["data.image_size=128"]))
     assert cfg.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string
-    assert cfg.training.log_every == 400 and cfg.training.ckpt_every == 1000
+    assert cfg.logging.log_every == 400 and cfg.logging.ckpt_every == 1000
+    assert "log_every" not in cfg.to_dict()["training"]  # config.yaml lists it once, where it is read
     assert cfg.training.ema_decay == 0.9999 and cfg.model.pretrained_path is None
     assert cfg.data.path is None and cfg.model.backend == "reference"
 

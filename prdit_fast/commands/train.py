@@ -8,9 +8,10 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (the official configs work unchanged)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in output.results_dir from its latest readable checkpoint "
-                             "(without it, a results folder holding checkpoints is refused)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue the run in output.results_dir from its latest readable checkpoint, or from "
+                             "the checkpoint of that run named (e.g. RUN/checkpoints/latest.pt or 0001000.pt); "
+                             "without it, a results folder holding checkpoints is refused")
     parser.add_argument("--from-scratch", action="store_true",
                         help="allow stage 2 (depth > 0) without model.pretrained_path")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -25,7 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from ..training import apply_overrides, load_config, train
 
     rank = int(os.environ.get("RANK", 0))
-    config = apply_overrides(load_config(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a checkpoint
+        overrides.insert(0, args.resume)
+        args.resume = True
+    config = apply_overrides(load_config(args.config), overrides)
     path = train(config, resume=args.resume, from_scratch=args.from_scratch)
     if rank == 0:
         print(path)

@@ -17,7 +17,8 @@ iterates a ``VolumeDataset``), shape (N, C, S, S, S), in
 
 Which file. One file per (split, volume list, image_size, channels, intensity recipe,
 dtype), named ``<split>-<S>-<list id>-<key>.cache`` in ``data.cache_dir`` (default
-``$XDG_CACHE_HOME/prdit_fast/training``, i.e. ``~/.cache/prdit_fast/training``). The key
+``$PRDIT_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/prdit_fast/training``, i.e.
+``~/.cache/prdit_fast/training``; shared by all runs, so stage 2 reuses stage 1's). The key
 is a SHA-256 over all of those and each source's identity: its absolute path, size and
 modification time in nanoseconds (``os.stat``; no content hash, so opening a cache of
 1,000 volumes costs 1,000 ``stat`` calls, not reading 30 GB). A source rewritten in
@@ -80,7 +81,10 @@ class CacheError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/prdit_fast/training`` (``~/.cache/prdit_fast/training``)."""
+    """``$PRDIT_FAST_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/prdit_fast/training``
+    (``~/.cache/prdit_fast/training``)."""
+    if os.environ.get("PRDIT_FAST_CACHE_DIR"):
+        return Path(os.environ["PRDIT_FAST_CACHE_DIR"])
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "prdit_fast" / "training"
 
@@ -235,7 +239,10 @@ def _write(spec: CacheSpec, sources: list[list], key: str, tmp: Path, workers: i
         f.truncate(offset + int(np.prod(spec.shape)) * spec.dtype.itemsize)
     out = np.memmap(tmp, dtype=spec.dtype, mode="r+", offset=offset, shape=spec.shape)
     volumes = VolumeDataset(list(spec.files), spec.image_size, spec.in_channels)
-    loader = DataLoader(volumes, batch_size=None, num_workers=min(workers, len(volumes)))
+    # a private generator: building draws nothing from the global RNG, so a run that builds the
+    # cache trains exactly like one that finds it
+    loader = DataLoader(volumes, batch_size=None, num_workers=min(workers, len(volumes)),
+                        generator=torch.Generator().manual_seed(0))
     for i, volume in enumerate(loader):  # in order: DataLoader keeps the index order
         out[i] = volume.numpy()
         if progress is not None:

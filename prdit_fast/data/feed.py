@@ -94,8 +94,11 @@ class PrefetchedBatches:
     def __init__(self, dataset: Dataset, indices: Iterable[int], per_rank: int, device: torch.device,
                  workers: int, depth: int = 2):
         cuda = device.type == "cuda"
-        self.loader = DataLoader(dataset, batch_size=per_rank, sampler=indices, num_workers=workers,
-                                 pin_memory=cuda, persistent_workers=workers > 0, drop_last=False)
+        # a private generator for the workers' base seed: the loader draws nothing from the global
+        # RNG, so both paths leave the training's random state alike
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=indices, num_workers=workers, pin_memory=cuda,
+                            persistent_workers=workers > 0, drop_last=False, generator=torch.Generator().manual_seed(0))
+        self.batches = iter(loader)  # here, not in the thread: worker start-up errors surface now
         self.device = device
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
@@ -105,7 +108,7 @@ class PrefetchedBatches:
 
     def _fill(self) -> None:
         try:
-            for batch in self.loader:
+            for batch in self.batches:
                 if self.stream is not None:
                     with torch.cuda.stream(self.stream):
                         batch = batch.to(self.device, non_blocking=True)

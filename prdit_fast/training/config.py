@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from ..checkpoint import MODEL_BACKENDS
 from ..data.cache import DTYPES as CACHE_DTYPES
+from ..data.feed import ON_DEVICE_CHOICES
 from ..errors import UsageError
 from ..models import canonical_name
 from ..sr import config_from_official_sr, is_official_sr_config
@@ -40,6 +41,8 @@ class ConfigError(UsageError):
 OTHER_NAMES: dict[str, str | None] = {
     "training.bf16": "training.amp",
     "training.grad_checkpointing": "model.grad_checkpoint",
+    "training.log_every": "logging.log_every",  # read in one place: config.yaml lists each once
+    "training.ckpt_every": "logging.ckpt_every",
     "data.val_frac": None,
     "data.augment": None,  # warned about when true: no random flips here
     "data.normalize": None,
@@ -82,6 +85,8 @@ class DataConfig(Section):
     num_workers: int = key(4, number=int, low=0)
     cache_dir: str | None = key(empty_is_none=True)  # training cache folder (prdit_fast.data.cache); None: the default
     cache_dtype: str = key("auto", choices=CACHE_DTYPES)  # auto: float16 for the known CT recipes
+    cache: bool = True  # volume files go through the training cache (prdit_fast.data.cache); false: read each step
+    on_device: Any = key("auto", choices=ON_DEVICE_CHOICES)  # the cached set in device memory (prdit_fast.data.feed)
     phantom_length: int = key(64, number=int, low=1)  # phantom volumes when no data is named
 
 
@@ -103,9 +108,10 @@ class TrainingSection(Section):
     epochs: int | None = key(number=int, low=1, optional=True)
     gradient_clip: float | None = key(1.0, number=float, low=0, optional=True)  # max grad norm; 0 / None: off
     ema_decay: float = key(0.9999, number=float, low=0, high=1)
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at optimizer step t (retention module)
+    keep_last: int | None = key(number=int, low=1, optional=True)  # checkpoints kept: the newest N (None: all) ...
+    keep_every: int | None = key(number=int, low=1, optional=True)  # ... plus every step divisible by this
     weight_decay: float = key(0.0, number=float, low=0)
-    log_every: int | None = key(number=int, low=1, optional=True)  # None: logging.log_every
-    ckpt_every: int | None = key(number=int, low=1, optional=True)  # None: logging.ckpt_every
     seed: int = key(0, number=int, low=0)
     amp: bool = False  # bf16 autocast (reference backend) / bf16 GEMMs (fast backend)
     grad_accum_steps: int = key(1, number=int, low=1)  # micro-batches of batch_size per optimizer step
@@ -363,11 +369,9 @@ def resolve_config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
 
 
 def _check_across_keys(config: TrainConfig) -> None:
-    """The rules between keys; fills training.log_every / ckpt_every from logging."""
+    """The rules between keys."""
     tr, model = config.training, config.model
     tr.gradient_clip = tr.gradient_clip or 0.0
-    tr.log_every = tr.log_every if tr.log_every is not None else config.logging.log_every
-    tr.ckpt_every = tr.ckpt_every if tr.ckpt_every is not None else config.logging.ckpt_every
     if config.metrics.weights and config.metrics.every is None:
         raise ConfigError("metrics.weights is set but metrics.every is not: set the steps between evaluations")
     if tr.total_steps is None and tr.epochs is None:

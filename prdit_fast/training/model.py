@@ -19,7 +19,14 @@ from typing import Mapping
 
 import torch.nn as nn
 
-from ..checkpoint import checkpoint_norm, copy_matching_weights, load_checkpoint, read_checkpoint, strip_wrapper_prefixes
+from ..checkpoint import (
+    checkpoint_norm,
+    copy_matching_weights,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    strip_wrapper_prefixes,
+)
 from ..models import DiTBlock, PRDiT, SwiGLU, create_model
 from ..sr import PRDiTSR, build_sr_model, config_from_official_sr
 from .config import ConfigError, TrainConfig
@@ -90,7 +97,9 @@ def load_pretrained(model: PRDiT, path: str | os.PathLike) -> list[str]:
     """Stage 2 from stage 1 (spec section 13): copy every tensor of the checkpoint's
     ``model`` weights (as the official code does; ``ema`` when there is no ``model``, or a
     bare state dict) whose name and shape match; the rest keeps its fresh initialization.
-    Raises ValueError when the coarse path is not fully covered (wrong file)."""
+    ``path`` may name a stage-1 run folder or ``.../checkpoints/latest`` (its newest
+    checkpoint). Raises ValueError when the coarse path is not fully covered (wrong file)."""
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     norm = checkpoint_norm(ckpt)
     if norm is not None and norm != model.config.norm:

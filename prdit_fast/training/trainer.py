@@ -33,17 +33,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..atomic import atomic_path, remove_stale_temps
 from ..checkpoint import (
     CheckpointError,
     checkpoints_newest_first,
+    link_latest,
     read_checkpoint,
+    remove_training_checkpoints,
+    resolve_checkpoint,
     save_training_checkpoint,
     strip_wrapper_prefixes,
     training_checkpoint_path,
 )
+from ..data.feed import WAIT_WARNING, DataWait
 from ..diffusion import IaNDiffusion, default_noise_std
 from ..flow_matching import FlowMatching
 from ..models import PRDiT
@@ -51,6 +55,7 @@ from ..sr import PRDiTSR, sr_parameter_groups, training_losses_with_consistency
 from .config import ConfigError, TrainConfig, resolve_config, run_identity
 from .data_order import StreamSampler, noise_seed, rng_state, seed_everything, set_rng_state
 from .model import build_model, enable_activation_checkpointing
+from .retention import checkpoints_to_remove, ema_decay_at, ema_warning
 
 log = logging.getLogger("prdit_fast.train")
 
@@ -60,13 +65,17 @@ class Trainer:
     the last checkpoint's path. ``model`` (the PRDiT being trained) and ``ema`` are
     exposed for inspection.
 
-    resume: continue from the latest readable checkpoint of ``output.results_dir``;
+    resume: continue from the latest readable checkpoint of ``output.results_dir`` (or
+    from the checkpoint of this run that ``resume`` names, e.g. ``.../latest.pt``);
     without it a results folder that already holds checkpoints is refused (it belongs
     to another run). from_scratch: allow a stage-2 model (depth > 0) without
     ``model.pretrained_path`` (its local denoiser stays frozen at initialization).
+    dataset: a user dataset (e.g. MONAI, ``prdit_fast.data.user_datasets``) in place of
+    the one the config names; items (C, S, S, S) in [-1, 1] in prdit_fast's axis order.
     """
 
-    def __init__(self, config: Mapping[str, Any] | TrainConfig, resume: bool = False, from_scratch: bool = False):
+    def __init__(self, config: Mapping[str, Any] | TrainConfig, resume: bool | str = False,
+                 from_scratch: bool = False, dataset: Dataset | None = None):
         self.config = resolve_config(config)
         tr = self.config.training
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -93,6 +102,11 @@ class Trainer:
         self.run_dir = Path(self.config.output.results_dir)
         self.ckpt_dir = self.run_dir / self.config.output.checkpoint_dir
         candidates = checkpoints_newest_first(self.ckpt_dir)
+        if isinstance(resume, (str, os.PathLike)) and str(resume) != "latest":
+            chosen = resolve_checkpoint(resume).resolve()
+            if chosen not in [c.resolve() for c in candidates]:
+                raise ConfigError(f"--resume {resume}: {chosen} is not a checkpoint of this run ({self.ckpt_dir})")
+            candidates = candidates[[c.resolve() for c in candidates].index(chosen):]
         if candidates and not resume:
             raise ConfigError(
                 f"{self.ckpt_dir} already holds checkpoints of a run (latest {candidates[0].name}); pass --resume "
@@ -100,11 +114,13 @@ class Trainer:
             )
 
         seed_everything(tr.seed)
-        self.dataset: Dataset = self._dataset()
+        self.dataset: Dataset = self._dataset(dataset)
         n = len(self.dataset)
-        self.config.volume = self._volume_metadata()
         per_epoch = math.ceil(n / self.samples_per_step)
         self.total_steps = int(tr.total_steps if tr.total_steps is not None else tr.epochs * per_epoch)
+        warning = ema_warning(tr.ema_decay, self.total_steps, tr.ema_warmup)
+        if warning and self.rank == 0:
+            warnings.warn(warning, stacklevel=2)
 
         self.stage3 = self.config.stage3
         if resume and not candidates:
@@ -149,6 +165,8 @@ class Trainer:
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(noise_seed(tr.seed, self.rank))  # differs per rank: independent noise and t
         self.step = 0
+        self.best_val: tuple[float, int] | None = None  # (EMA validation loss, step) of the best evaluation
+        self.read_ms: float | None = None  # one core's time per sample, measured when the loader starts
         self.position = 0  # samples of the training stream consumed (all ranks)
         self.monitor = None  # prdit_fast.monitor.RunMonitor, opened by run()
         self.val_set = self._validation_set()
@@ -177,13 +195,31 @@ class Trainer:
         if self.rank == 0:
             log.info(message)
 
-    def _dataset(self) -> Dataset:
-        """The training set, named in the log's first lines (the phantom says why)."""
+    def _dataset(self, user: Dataset | None) -> Dataset:
+        """The training set, named in the log's first lines (the phantom says why): a user
+        dataset, the training cache of the named files (``data.cache``), the files read
+        directly, or the phantom. Sets ``config.volume`` (what the volumes are)."""
         from ..data.dataset import build_dataset, data_files
+        from ..orientation import CANONICAL_AXCODES
 
         data = self.config.data.to_dict()
+        channels = self.config.model.in_channels
+        if user is not None:
+            from ..data.user_datasets import volume_items
+
+            self.train_files = None
+            self.config.volume = {"voxel_size_mm": None, "intensity": "unknown", "axes": "".join(CANONICAL_AXCODES),
+                                  "source": f"user dataset ({type(user).__name__})"}
+            self._info(f"data: a user dataset ({type(user).__name__}), {len(user)} volumes")
+            return volume_items(user, data["image_size"], channels)
         self.train_files = data_files(data, "train")
-        dataset = build_dataset(data, self.config.model.in_channels, self.config.training.seed)
+        self.config.volume = self._volume_metadata()
+        if self.train_files is not None and data["cache"]:
+            from ..data.cache import cached_split
+
+            dataset = cached_split(self.train_files, data, channels, self.config.volume["intensity"], "train")
+        else:
+            dataset = build_dataset(data, channels, self.config.training.seed)
         if self.train_files is None:
             why = "data.dataset: phantom" if data["dataset"] == "phantom" else "the config names no data"
             self._info(f"data: the synthetic phantom, {len(dataset)} volumes ({why})")
@@ -196,10 +232,14 @@ class Trainer:
         """The set ``logging.eval_every`` evaluates on, or None when evaluation is off."""
         if self.config.logging.eval_every is None:
             return None
-        from ..data.dataset import build_dataset
+        from ..data.dataset import VolumeDataset, build_dataset
 
-        val = build_dataset(self.config.data.to_dict(), self.config.model.in_channels, self.config.training.seed,
-                            split="val")
+        data = self.config.data.to_dict()
+        val = build_dataset(data, self.config.model.in_channels, self.config.training.seed, split="val")
+        if isinstance(val, VolumeDataset) and data["cache"]:
+            from ..data.cache import cached_split
+
+            val = cached_split(val.files, data, self.config.model.in_channels, self.config.volume["intensity"], "val")
         if val is None:
             log.warning("logging.eval_every is set but data.val_list is not: no validation during training")
         return val
@@ -212,15 +252,29 @@ class Trainer:
         return meta
 
     def _loader(self) -> Iterator[torch.Tensor]:
+        """This rank's batches on the device from the current stream position: gathered on
+        the device from the cached set (``data.on_device``), else a prefetching loader."""
+        from ..data.cache import CachedVolumes
+        from ..data.feed import DeviceBatches, PrefetchedBatches, data_on_device, read_seconds, upload
+
         sampler = StreamSampler(
             len(self.dataset), self.global_batch, self.rank, self.world, self.config.training.seed, self.position
         )
+        per_rank, choice = self.global_batch // self.world, self.config.data.on_device
+        if isinstance(self.dataset, CachedVolumes):
+            on_device, why = data_on_device(choice, self.dataset.nbytes, self.device)
+        elif choice is True:
+            raise ConfigError("data.on_device: true needs the training cache: volume files and data.cache: true")
+        else:
+            on_device, why = False, "no training cache (data.cache: false, the phantom or a user dataset)"
+        if on_device:
+            self._info(f"data: the cached set on {self.device} ({why}); batches gathered there")
+            return DeviceBatches(upload(self.dataset.array, self.device), sampler, per_rank)
         workers = self.config.data.num_workers
-        loader = DataLoader(
-            self.dataset, batch_size=self.global_batch // self.world, sampler=sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, drop_last=False,
-        )
-        return iter(loader)
+        self.read_ms = 1e3 * read_seconds(self.dataset)
+        self._info(f"data: loader with {workers} workers, {self.read_ms:.1f} ms per sample on one core, next batch "
+                   f"prefetched to {self.device} ({why})")
+        return PrefetchedBatches(self.dataset, sampler, per_rank, self.device, workers)
 
     def _restore_latest_readable(self, candidates: list[Path]) -> None:
         """Resume from the newest checkpoint that reads; an unreadable one (a truncated
@@ -290,10 +344,31 @@ class Trainer:
                 train_steps=self.step, epoch=self.position // len(self.dataset), data_position=self.position,
                 world_size=self.world, rng=states,
             )
+            link_latest(path)
+            self._apply_retention()
         if self.distributed:
             dist.barrier()
         self.last_checkpoint = path
         return path
+
+    def _keep_best(self) -> None:
+        """Under retention, an evaluation that sets a new best EMA validation loss writes
+        this step's checkpoint (if not written yet), which retention then keeps."""
+        tr = self.config.training
+        new_best = [self.best_val is not None and self.best_val[1] == self.step]  # decided on rank 0
+        if self.distributed:
+            dist.broadcast_object_list(new_best, src=0)
+        retention = tr.keep_last is not None or tr.keep_every is not None
+        if new_best[0] and retention and not training_checkpoint_path(self.ckpt_dir, self.step).is_file():
+            self._info(f"checkpoint {self.save()} (best EMA validation loss so far)")
+
+    def _apply_retention(self) -> None:
+        """Delete the checkpoints ``training.keep_last`` / ``keep_every`` do not keep
+        (``prdit_fast.training.retention``); the best EMA validation one stays."""
+        tr = self.config.training
+        best = [self.best_val[1]] if self.best_val is not None else []
+        gone = checkpoints_to_remove(checkpoints_newest_first(self.ckpt_dir), tr.keep_last, tr.keep_every, best)
+        remove_training_checkpoints(gone)
 
     def _write_run_config(self) -> None:
         import yaml
@@ -321,6 +396,8 @@ class Trainer:
         started = time.perf_counter()
         loss = validation_loss(self.ema, self.diffusion, self.val_set, self.device, self.global_batch // self.world)
         self._log_metrics({"step": self.step, "val_loss": loss, "time": time.time()})
+        if self.best_val is None or loss < self.best_val[0]:
+            self.best_val = (loss, self.step)
         message = f"step {self.step}: validation loss {loss:.5f} (EMA, {min(len(self.val_set), 64)} volumes)"
         if lg.eval_samples:
             sheet = sample_sheet(self.ema, self.diffusion, lg.eval_samples, lg.eval_sample_steps, self.device)
@@ -334,7 +411,9 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         # ema <- decay * ema + (1 - decay) * model, all tensors in one foreach kernel
-        torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.trainable], 1.0 - self.config.training.ema_decay)
+        tr = self.config.training
+        decay = ema_decay_at(tr.ema_decay, self.step, tr.ema_warmup)
+        torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.trainable], 1.0 - decay)
 
     def _micro_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The mean training loss of one micro-batch x (b, C, S, S, S), under autocast when asked."""
@@ -391,11 +470,12 @@ class Trainer:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
             return self.last_checkpoint or self.save()
         batches = self._loader()
+        self.data_wait = DataWait()
         window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         window_steps, bad_steps = 0, 0
         t_window = time.perf_counter()
         while self.step < self.total_steps:
-            micro_batches = [next(batches).to(self.device, non_blocking=True) for _ in range(self.accum_steps)]
+            micro_batches = [self.data_wait.timed(batches) for _ in range(self.accum_steps)]
             loss, applied = self.train_step(micro_batches)
             self.position += self.samples_per_step
             if not applied:
@@ -411,12 +491,12 @@ class Trainer:
             self.step += 1
             window_loss += loss
             window_steps += 1
-            if self.step % tr.log_every == 0 or self.step == self.total_steps:
+            if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
                 self._log_window(window_loss, window_steps, time.perf_counter() - t_window)
                 window_loss.zero_()
                 window_steps = 0
                 t_window = time.perf_counter()
-            if self.step % tr.ckpt_every == 0 or self.step == self.total_steps:
+            if self.step % self.config.logging.ckpt_every == 0 or self.step == self.total_steps:
                 path = self.save()
                 self._info(f"checkpoint {path}")
             if self.evaluation is not None and self.step % self.evaluation.every == 0:
@@ -426,6 +506,9 @@ class Trainer:
                            f"({record['eval_samples']} EMA samples, {record['eval_seconds']:.0f} s)")
             if self.val_set is not None and self.step % self.config.logging.eval_every == 0:
                 self._evaluate()
+                self._keep_best()
+        if hasattr(batches, "close"):
+            batches.close()
         self.monitor.close()
         return self.last_checkpoint
 
@@ -439,24 +522,40 @@ class Trainer:
         remaining = self.total_steps - self.step
         hours_left = remaining / steps_per_s / 3600
         unit = "GPU" if self.device.type == "cuda" else "CPU-process"
+        wait = self.data_wait.window(steps, seconds)
         if self.rank == 0:
             record = {
                 "step": self.step, "loss": mean, "samples_per_s": steps_per_s * self.samples_per_step,
-                "steps_per_s": steps_per_s, "hours_to_finish": hours_left,
+                "steps_per_s": steps_per_s, **wait, "hours_to_finish": hours_left,
                 "device_hours_to_finish": hours_left * self.world, "world_size": self.world, "time": time.time(),
             }
             self._log_metrics(record)
             log.info(
-                "step %d/%d  loss %.5f  %.2f samples/s  %.1f %s-hours to finish (%.2f h on %d)",
-                self.step, self.total_steps, mean, record["samples_per_s"], record["device_hours_to_finish"],
-                unit, hours_left, self.world,
+                "step %d/%d  loss %.5f  %.2f samples/s  data wait %.1f ms (%.1f%%)  %.1f %s-hours to finish "
+                "(%.2f h on %d)", self.step, self.total_steps, mean, record["samples_per_s"], wait["data_wait_ms"],
+                wait["data_wait_pct"], record["device_hours_to_finish"], unit, hours_left, self.world,
             )
+            if wait["data_wait_pct"] > 100 * WAIT_WARNING:
+                self._warn_data_wait(wait, record["samples_per_s"] / self.world)
+
+    def _warn_data_wait(self, wait: dict, samples_per_s: float) -> None:
+        from ..data.feed import workers_needed
+
+        advice = "the data is on the device already"
+        if self.read_ms is not None:
+            need = workers_needed(self.read_ms / 1e3, samples_per_s)
+            advice = (f"reading takes {self.read_ms:.1f} ms per sample per core, so {samples_per_s:.1f} samples/s need "
+                      f"about {need} loader workers (data.num_workers is {self.config.data.num_workers}); the "
+                      f"training cache (data.cache) and data.on_device remove most of that work")
+        log.warning("the step waits for data %.1f%% of the time (%.1f ms per step, above %.0f%%): %s",
+                    wait["data_wait_pct"], wait["data_wait_ms"], 100 * WAIT_WARNING, advice)
 
 
-def train(config: Mapping[str, Any] | TrainConfig, resume: bool = False, from_scratch: bool = False) -> Path:
-    """Train as ``config`` says (see ``config.TrainConfig`` and ``Trainer``); under ``torchrun``
-    (WORLD_SIZE > 1) every rank calls this and the process group is set up here.
-    Returns the last checkpoint."""
+def train(config: Mapping[str, Any] | TrainConfig, resume: bool | str = False, from_scratch: bool = False,
+          dataset: Dataset | None = None) -> Path:
+    """Train as ``config`` says (see ``config.TrainConfig`` and ``Trainer``; ``dataset``: a
+    user dataset in place of the configured one); under ``torchrun`` (WORLD_SIZE > 1)
+    every rank calls this and the process group is set up here. Returns the last checkpoint."""
     config = resolve_config(config)
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -467,7 +566,7 @@ def train(config: Mapping[str, Any] | TrainConfig, resume: bool = False, from_sc
         dist.init_process_group(backend)
         created = True
     try:
-        return Trainer(config, resume=resume, from_scratch=from_scratch).run()
+        return Trainer(config, resume=resume, from_scratch=from_scratch, dataset=dataset).run()
     finally:
         if created:
             dist.destroy_process_group()
