@@ -638,13 +638,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
-LATEST = "latest.pt"  # in a run's checkpoint folder: a link to its newest <step>.pt
+LATEST = "latest"  # in a run's checkpoint folder: a link to its newest <step>.pt (no .pt: globs skip it)
 
 
 def link_latest(path: str | os.PathLike) -> Path:
-    """Point ``latest.pt`` beside the training checkpoint ``path`` at it (a relative
-    symbolic link, replaced atomically), so ``.../checkpoints/latest.pt`` opens the newest
-    checkpoint in any tool."""
+    """Point ``latest`` beside the training checkpoint ``path`` at it (a relative symbolic
+    link, replaced atomically), so ``.../checkpoints/latest`` opens the newest checkpoint in
+    any tool; it has no ``.pt`` suffix, so a ``*.pt`` glob sees each checkpoint once."""
     path = Path(path)
     link = path.parent / LATEST
     tmp = path.parent / f".{LATEST}.tmp-link{os.getpid()}"
@@ -657,13 +657,13 @@ def link_latest(path: str | os.PathLike) -> Path:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint reference as a file: a file as given; a run's checkpoint folder or the
     run folder itself (its ``checkpoints/``) -> the newest ``<step>.pt``; ``.../latest`` or
-    ``.../latest.pt`` -> the newest ``<step>.pt`` of that folder. FileNotFoundError names
-    what was looked for."""
+    ``.../latest.pt`` without such a file -> the newest ``<step>.pt`` of that folder.
+    FileNotFoundError names what was looked for."""
     path = Path(path).expanduser()
     if path.is_file():
         return path.resolve() if path.name == LATEST else path
     folders = [path, path / "checkpoints"] if path.is_dir() else []
-    if path.name in ("latest", LATEST):
+    if path.name in (LATEST, f"{LATEST}.pt"):
         folders = [path.parent]
     for folder in folders:
         found = latest_checkpoint(folder)

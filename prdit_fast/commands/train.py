@@ -10,7 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (the official configs work unchanged)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue the run in output.results_dir from its latest readable checkpoint, or from "
-                             "the checkpoint of that run named (e.g. RUN/checkpoints/latest.pt or 0001000.pt); "
+                             "the checkpoint of that run named (e.g. RUN/checkpoints/latest or 0001000.pt); "
                              "without it, a results folder holding checkpoints is refused")
     parser.add_argument("--from-scratch", action="store_true",
                         help="allow stage 2 (depth > 0) without model.pretrained_path")

@@ -9,7 +9,7 @@ checkpoint, as the official code does). After each checkpoint the run keeps
   on (a checkpoint is written at an evaluation that sets a new best),
 
 and deletes the other ``<step>.pt`` files of its own checkpoint folder (through
-``prdit_fast.checkpoint``, which owns checkpoint files). ``latest.pt`` always points
+``prdit_fast.checkpoint``, which owns checkpoint files). ``latest`` always points
 at the newest.
 
 EMA. After T optimizer steps from initialization, the EMA still holds a fraction

@@ -66,7 +66,7 @@ class Trainer:
     exposed for inspection.
 
     resume: continue from the latest readable checkpoint of ``output.results_dir`` (or
-    from the checkpoint of this run that ``resume`` names, e.g. ``.../latest.pt``);
+    from the checkpoint of this run that ``resume`` names, e.g. ``.../latest``);
     without it a results folder that already holds checkpoints is refused (it belongs
     to another run). from_scratch: allow a stage-2 model (depth > 0) without
     ``model.pretrained_path`` (its local denoiser stays frozen at initialization).
