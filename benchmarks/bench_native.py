@@ -36,6 +36,7 @@ from prdit_fast.ops import sampling as ops_sampler
 from prdit_fast.ops import token_cubes as ops_unpatchify
 from prdit_fast.ops import unfold as ops_unfold
 from prdit_fast.ops.common import triton_importable
+from prdit_fast.schedules import build_step_table
 
 STRIDE = 8
 OUT_CHANNELS = 2  # Cout = 2 C for CT (C = 1)
@@ -123,7 +124,7 @@ def native_bandwidth_rows(
 
             # sampler update on a corrector step (row 0 of a 4-step pc schedule draws noise)
             state = torch.randn(batch, 1, size, size, size, device=device)
-            table = ops_sampler.build_step_table(IaNDiffusion(), 4, "pc", 2, device)
+            table = build_step_table(IaNDiffusion(), 4, "pc", 2, device)
             step = torch.zeros(1, dtype=torch.int64, device=device)
             keys = torch.tensor([ops_sampler.sample_key(1, i) for i in range(batch)], device=device)
             x_next, x0_hat = torch.empty_like(state), torch.empty_like(state)

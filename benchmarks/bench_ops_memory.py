@@ -34,9 +34,10 @@ import torch
 from benchmarks.conftest import requires_cuda
 from prdit_fast import models
 from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.ops.sampling import build_step_table, sample_key, sampler_update, sampler_update_reference
+from prdit_fast.ops.sampling import sample_key, sampler_update, sampler_update_reference
 from prdit_fast.ops.unfold import fold3d, unfold3d
 from prdit_fast.ops.token_cubes import unpatchify
+from prdit_fast.schedules import build_step_table
 
 
 PATCH, STRIDE, PAD, CHANNELS, BATCH = 12, 8, 2, 1, 4

@@ -14,12 +14,13 @@ Heavy pieces (the fast backend, the engine, Triton) load on first use.
 from importlib import import_module
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
+from .diffusion import IaNDiffusion
 from .flops import flops_per_step
 from .flow_matching import FlowMatching
 from .models import PRDiT, PRDiTConfig, count_parameters, create_model, list_models
 from .sr import PRDiTSR, SRConfig, create_sr_model
 from .phantom import PhantomDataset, chest_phantom, hu_to_unit, unit_to_hu
+from .schedules import SamplerStep, sampling_grid
 from .volumes import load_volume, save_nifti, save_slices_png
 
 __version__ = "0.1.0"

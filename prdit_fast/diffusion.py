@@ -11,16 +11,12 @@ measurement-guided predictor-corrector sampler of spec section 15.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .measurements import Loss, guidance_gradient
-
-NOISE_STD = 0.5  # PRDiT (spec section 7)
-NOISE_STD_TF = 1.0  # TF-PRDiT, the reconstruction prior (spec section 15)
-GUIDANCE_DECAYS = ("none", "cosine")
+from .schedules import NOISE_STD, NOISE_STD_TF, Guidance, SamplerStep, decay_weight, guided_schedule, ian_schedule
 
 
 def default_noise_std(norm: str) -> float:
@@ -38,41 +34,6 @@ def diffusion_for(model: torch.nn.Module) -> "IaNDiffusion":
         config = network.config
         noise_std = default_noise_std(getattr(config, "base", config).norm)  # PRDiT-SR: its base network's
     return IaNDiffusion(noise_std=noise_std)
-
-
-def sampling_grid(steps: int, num_timesteps: int) -> list[int]:
-    """Descending evaluation points floor(n T / steps), n = steps-1 .. 0.
-
-    For steps dividing T this is T-skip, ..., skip, 0 with skip = T / steps. For other
-    counts the points are unevenly spaced by at most one step; exactly ``steps`` model
-    evaluations are made (nothing is rounded to a divisor of T).
-    """
-    if not isinstance(steps, int) or steps < 1 or steps > num_timesteps:
-        raise ValueError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
-    return [n * num_timesteps // steps for n in range(steps - 1, -1, -1)]
-
-
-@dataclass(frozen=True)
-class SamplerStep:
-    """The scalars of one sampler step, shared by the reference loop and the fused update.
-
-    Whatever the sampler, the update is
-        f      = sin_i * x0_hat - cos_i * eps_hat
-        x_pred = x - move * f
-        x_next = a * x_pred + sigma * z,   z ~ N(0, I), drawn only when ``corrector``
-    """
-
-    t: int  # i, where the model is evaluated
-    t_next: int  # j, the next lower grid point (0 at the end)
-    sin_i: float
-    cos_i: float
-    move: float  # k h for a predictor step, h for an Euler step (h <= 0)
-    a: float  # corrector contraction cos(beta_j) / cos(beta_t_pred), 1 without corrector
-    sigma: float  # sqrt(max(0, 1 - a^2)) * noise_std (guided: * noise_weight)
-    corrector: bool
-    # guided sampling (spec section 15): x_pred -= guidance * dL/dx0_hat; 0 means no
-    # gradient is taken at this step
-    guidance: float = 0.0
 
 
 class IaNDiffusion:
@@ -136,37 +97,9 @@ class IaNDiffusion:
 
     # ----------------------------------------------------------------- sampling
     def schedule(self, steps: int, sampler: str = "pc", k: int = 2) -> list[SamplerStep]:
-        """The per-step scalars of ``sampler`` ('cold' or 'pc') for ``steps`` evaluations."""
-        if sampler not in ("cold", "pc"):
-            raise ValueError(f"sampler must be 'cold' or 'pc', got {sampler!r}")
-        if sampler == "pc" and (not isinstance(k, int) or k < 1):
-            raise ValueError(f"the predictor step k must be an integer >= 1, got {k!r}")
-        return self._plan(steps, k, lambda i, t_pred: sampler == "pc" and t_pred > 0, self.noise_std)
-
-    def _plan(
-        self,
-        steps: int,
-        k: int,
-        predicts: Callable[[int, int], bool],
-        noise_scale: float,
-        guidance: Callable[[int], float] = lambda i: 0.0,
-    ) -> list[SamplerStep]:
-        """The steps on the section 7 grid: where ``predicts(i, t_pred)`` the predictor-corrector
-        step (corrector noise ``noise_scale``, guidance weight ``guidance(i)``), else Euler."""
-        grid = sampling_grid(steps, self.num_timesteps)
-        out = []
-        for n, i in enumerate(grid):
-            j = grid[n + 1] if n + 1 < len(grid) else 0
-            h = (j - i) * (math.pi / 2) / self.num_timesteps
-            b_i = self.beta(i)
-            t_pred = i - k * (i - j)
-            if predicts(i, t_pred):
-                a = math.cos(self.beta(j)) / math.cos(self.beta(t_pred))
-                sigma = math.sqrt(max(0.0, 1.0 - a * a)) * noise_scale
-                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), k * h, a, sigma, True, guidance(i)))
-            else:
-                out.append(SamplerStep(i, j, math.sin(b_i), math.cos(b_i), h, 1.0, 0.0, False))
-        return out
+        """The per-step scalars of ``sampler`` ('cold' or 'pc') for ``steps`` evaluations
+        (``prdit_fast.schedules.ian_schedule``)."""
+        return ian_schedule(steps, self.num_timesteps, self.noise_std, sampler, k)
 
     @torch.no_grad()
     def sample(
@@ -211,9 +144,7 @@ class IaNDiffusion:
     # ----------------------------------------------------------------- guided sampling
     def guidance_decay(self, t: int, decay: str) -> float:
         """d(i) of spec section 15: 1 for "none", (1 + cos((1 - i/T) pi)) / 2 for "cosine"."""
-        if decay == "cosine":
-            return (1.0 + math.cos((1.0 - t / self.num_timesteps) * math.pi)) / 2.0
-        return 1.0
+        return decay_weight(t, self.num_timesteps, decay)
 
     def guided_schedule(
         self,
@@ -224,29 +155,10 @@ class IaNDiffusion:
         guidance_cutoff: int = 0,
         noise_weight: float = 1.0,
     ) -> list[SamplerStep]:
-        """The per-step scalars of the guided sampler (spec section 15).
-
-        Step i -> j takes the predictor-corrector branch when ``i - k (i - j) >= 0`` and
-        ``i != 0`` (section 7's unguided sampler needs ``> 0``): ``move = k h``,
-        ``a = cos(beta_j) / cos(beta_(i - k(i-j)))``, ``sigma = sqrt(max(0, 1 - a^2)) *
-        noise_weight`` and ``guidance = guidance_scale * d(i)`` when ``i > guidance_cutoff``
-        (else 0); otherwise the plain Euler step ``move = h`` without guidance or noise.
-        """
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"the predictor step k must be an integer >= 1, got {k!r}")
-        if guidance_decay not in GUIDANCE_DECAYS:
-            raise ValueError(f"guidance_decay must be one of {GUIDANCE_DECAYS}, got {guidance_decay!r}")
-        if not (isinstance(guidance_scale, (int, float)) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-        if not (isinstance(noise_weight, (int, float)) and noise_weight >= 0):
-            raise ValueError(f"noise_weight must be a number >= 0, got {noise_weight!r}")
-        if not isinstance(guidance_cutoff, int) or guidance_cutoff < 0:
-            raise ValueError(f"guidance_cutoff must be an integer step >= 0, got {guidance_cutoff!r}")
-
-        def guidance(i: int) -> float:
-            return guidance_scale * self.guidance_decay(i, guidance_decay) if i > guidance_cutoff else 0.0
-
-        return self._plan(steps, k, lambda i, t_pred: t_pred >= 0 and i != 0, noise_weight, guidance)
+        """The per-step scalars of the guided sampler (spec section 15;
+        ``prdit_fast.schedules.guided_schedule``)."""
+        guidance = Guidance(guidance_scale, guidance_decay, guidance_cutoff, noise_weight)
+        return guided_schedule(steps, self.num_timesteps, k, guidance)
 
     def sample_guided(
         self,

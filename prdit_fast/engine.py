@@ -38,29 +38,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import IaNDiffusion, SamplerStep, sampling_grid
-from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, fused_stages, nfe, solver_step, stage_times
+from .diffusion import IaNDiffusion
+from .flow_matching import DEFAULT_SOLVER, SOLVERS, TIME_SCALE, check_solver, fused_stages, nfe, solver_step
+from .layout import volume_to_tokens
 from .measurements import Loss, MeasurementOperator, guidance_gradient
 from .ops.attention_backends import last_backend
 from .ops.flow_update import flow_update
-from .ops.sampling import build_step_table, initial_noise, sample_key, sampler_update, step_noise, step_table
+from .ops.sampling import initial_noise, sample_key, sampler_update, step_noise
+from .schedules import SamplerStep, build_step_table, sampling_grid, step_table, time_table
 
 log = logging.getLogger("prdit_fast")
 
 _WARMUP_STEPS = 2  # the first call compiles / autotunes Triton kernels; the second runs them warm
-
-
-def volume_to_tokens(volume: torch.Tensor, stride: int) -> torch.Tensor:
-    """The inverse of ``models.unpatchify``: output cubes back to tokens.
-
-    volume: (B, Cout, S, S, S) -> (B, (S/s)^3, s^3 Cout), each token's cube laid out
-    (d, h, w, channel) channel fastest, tokens in raster order. The fused sampler update
-    reads tokens; the reference network returns volumes.
-    """
-    B, C, S = volume.shape[0], volume.shape[1], volume.shape[-1]
-    g = S // stride
-    v = volume.reshape(B, C, g, stride, g, stride, g, stride)
-    return v.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, g**3, stride**3 * C)
 
 
 def keys_for(run_seed: int, indices: Sequence[int]) -> torch.Tensor:
@@ -155,7 +144,7 @@ class Sampler:
             self.x0_hat = None
             self.grid_t = None
             # (steps, 3) fp32 rows (t_i, t_i + dt/2, t_{i+1}), read at the device step counter
-            self.table = torch.tensor(stage_times(steps), device=dev, dtype=torch.float32)
+            self.table = time_table(steps, dev)
             self.stages = fused_stages(steps, sampler, eta, err_target)  # None: solver_step, unfused
             self.coefs = [torch.tensor(st.coef, device=dev, dtype=torch.float32) for st in self.stages or ()]
             used = {name for st in self.stages or () for name in (st.source, st.target, st.accumulate)}

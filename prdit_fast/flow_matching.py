@@ -31,6 +31,8 @@ from typing import Callable, Union
 
 import torch
 
+from .schedules import step_times
+
 TIME_SCALE = 1000.0  # the network sees 1000 t
 # network evaluations per step of each solver
 SOLVERS: dict[str, int] = {"euler": 1, "heun": 2, "rk4": 4, "pc": 1, "pc_heun": 2}
@@ -67,25 +69,13 @@ def nfe(steps: int, solver: str) -> int:
     return steps * SOLVERS[solver]
 
 
-def step_times(steps: int) -> list[tuple[float, float]]:
-    """(t_i, t_{i+1}) of each step: t_i = i dt, t_{i+1} = min(t_i + dt, 1), dt = 1 / steps."""
-    dt = 1.0 / steps
-    return [(i * dt, min(i * dt + dt, 1.0)) for i in range(steps)]
-
-
-def stage_times(steps: int) -> list[tuple[float, float, float]]:
-    """(t_i, t_i + dt/2, t_{i+1}) of each step: the times a ``FusedStage`` evaluates at (column ``time``)."""
-    dt = 1.0 / steps
-    return [(t, t + dt / 2, t_next) for t, t_next in step_times(steps)]
-
-
 @dataclass(frozen=True)
 class FusedStage:
     """One network evaluation of a solver step, as ``ops.flow_update`` runs it on three states:
     x (the sampler state), ``probe`` (the state a later evaluation reads) and ``acc`` (the
     accumulated update of heun / rk4).
 
-    source: the state the network evaluates ("x" or "probe"), at ``stage_times`` column
+    source: the state the network evaluates ("x" or "probe"), at ``schedules.stage_times`` column
     ``time``; then ``target = c_x base + c_v v + c_z z`` and, where ``accumulate`` names
     a state, ``acc = accumulate + c_acc v``; ``coef``: per step [c_x, c_v, c_z, c_acc];
     ``noisy``: c_z is nonzero somewhere (Philox noise at counter n + 1).

@@ -8,6 +8,9 @@ Data flow for a volume ``x`` of shape (B, C, S, S, S):
     fine     = fine(tokens, c_fine)                    # (B, N, s^3 Cout)  global residual DiT
     out      = unpatchify(coarse + fine)               # (B, Cout, S, S, S)
 
+``unfold`` and ``unpatchify`` (and ``modulate``) are the token layout of
+``prdit_fast.layout``, the lowest layer, which the fast ops share.
+
 Cout = 2C for the IaN process (channels [eps_hat, x0_hat]) or C for flow matching
 (the velocity ``v``; spec section 14). ``t`` is the integer IaN step or, for flow
 matching, the float ``1000 t``; the sinusoidal features take either.
@@ -28,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .interface import OfficialInterface
+from .layout import PATCHES, STRIDE, modulate, unfold3d, unpatchify, validate_tiling
 
 # size -> (hidden, heads); spec section 1
 SIZES: dict[str, tuple[int, int]] = {
@@ -37,9 +41,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "L": (1024, 16),
     "XL": (1152, 16),
 }
-PATCHES = (10, 12, 14, 16)
 DEPTHS = (0, 1, 2, 3, 4, 8, 10, 12)
-STRIDE = 8
 MLP_RATIO = 4.0
 TIMESTEP_FEATURES = 256
 NUM_TIMESTEPS = 1000
@@ -124,28 +126,6 @@ class PRDiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def validate_tiling(input_size: int, patch: int, stride: int, pad: int) -> None:
-    """Raise ValueError unless windows of ``patch`` at ``stride`` over the volume
-    reflect-padded by ``pad`` give exactly ``input_size / stride`` windows per axis,
-    i.e. the input and output token grids agree (spec section 1)."""
-    hint = (
-        f"PRDiT needs a patch p >= stride s with pad = (p - s) / 2 (standard: s = {STRIDE}, "
-        f"p in {', '.join(map(str, PATCHES))}; the '-s16' variants: p = s = 16, pad 0), and a "
-        f"volume edge S divisible by s with S > pad (e.g. 32, 64, 128, 256)"
-    )
-    if stride < 1 or patch < stride:
-        raise ValueError(f"patch {patch} / stride {stride} do not tile: {hint}")
-    if 2 * pad != patch - stride:
-        raise ValueError(
-            f"patch {patch}, stride {stride}, pad {pad} do not tile: 2*pad must equal "
-            f"patch - stride = {patch - stride}. {hint}"
-        )
-    if input_size <= 0 or input_size % stride:
-        raise ValueError(f"volume edge {input_size} is not a multiple of stride {stride}. {hint}")
-    if pad >= input_size:
-        raise ValueError(f"reflect padding {pad} needs a volume edge > {pad}, got {input_size}. {hint}")
 
 
 class Variant(NamedTuple):
@@ -235,33 +215,8 @@ def variant_config(
 
 
 # --------------------------------------------------------------------------- #
-# Layout helpers: volume <-> tokens (spec sections 3 and 6)
+# Embeddings and the modulated norms (spec sections 2, 5 and 15)
 # --------------------------------------------------------------------------- #
-def unfold3d(x: torch.Tensor, patch: int, stride: int, pad: int) -> torch.Tensor:
-    """Overlapping windows of a reflect-padded volume.
-
-    x: (B, C, S, S, S) -> (B, N, C p^3); tokens in raster order (depth slowest),
-    each window flattened as (channel, d, h, w).
-    """
-    B, C = x.shape[:2]
-    xp = F.pad(x, (pad,) * 6, mode="reflect")
-    w = xp.unfold(2, patch, stride).unfold(3, patch, stride).unfold(4, patch, stride)
-    gd, gh, gw = w.shape[2:5]  # w: (B, C, gd, gh, gw, p, p, p)
-    return w.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, gd * gh * gw, C * patch**3)
-
-
-def unpatchify(tokens: torch.Tensor, size: int, stride: int, channels: int) -> torch.Tensor:
-    """Non-overlapping s^3 cubes, each laid out (d, h, w, channel) channel fastest.
-
-    tokens: (B, N, s^3 Cout) -> (B, Cout, S, S, S)
-    """
-    B = tokens.shape[0]
-    g = size // stride
-    x = tokens.reshape(B, g, g, g, stride, stride, stride, channels)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, Cout, gd, sd, gh, sh, gw, sw)
-    return x.reshape(B, channels, size, size, size)
-
-
 def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features, cosines first: (B,) -> (B, dim) in fp32."""
     half = dim // 2
@@ -296,11 +251,6 @@ def positional_encoding(grid: int, hidden: int) -> torch.Tensor:
     return pe.float()
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-sample affine: x (B, N, D), shift/scale (B, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
 def modulated_norm(dim: int, norm: str) -> nn.Module:
     """The parameter-free norm in front of a modulation: LayerNorm (eps 1e-6) for PRDiT,
     RMSNorm x / sqrt(mean(x^2) + 1e-5) for TF-PRDiT (spec section 15)."""
@@ -316,11 +266,6 @@ def adaln_modulation(dim: int, width: int, norm: str) -> nn.Sequential:
     if norm == "rms":
         layers.append(nn.RMSNorm(width, eps=RMS_EPS, elementwise_affine=False))
     return nn.Sequential(*layers)
-
-
-def is_rms(norm_module: nn.Module) -> bool:
-    """Whether a modulated norm of the network is TF-PRDiT's RMSNorm (else PRDiT's LayerNorm)."""
-    return isinstance(norm_module, nn.RMSNorm)
 
 
 # --------------------------------------------------------------------------- #

@@ -29,15 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .interface import batch_timesteps
-from .models import (
-    CoarsePath,
-    PRDiT,
-    PRDiTConfig,
-    TimestepEmbedder,
-    unfold3d,
-    unpatchify,
-    validate_tiling,
-)
+from .layout import downsample_nearest, unfold3d, unpatchify, upsample_prediction, validate_tiling
+from .models import CoarsePath, PRDiT, PRDiTConfig, TimestepEmbedder
 
 # spec section 8: the official sr_model defaults
 SR_HIDDEN = 768
@@ -196,23 +189,6 @@ def official_sr_config(cfg: SRConfig, base_checkpoint: str | None = None, finetu
         },
         "sr_model": {"hidden_size": cfg.hidden, "patch_size": cfg.patch, "stride": cfg.stride, "padding": cfg.pad},
     }
-
-
-# --------------------------------------------------------------------------- #
-# Resampling between the two grids
-# --------------------------------------------------------------------------- #
-def downsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Nearest downsample by an integer factor: the voxels at multiples of ``factor``
-    (what ``F.interpolate(mode="nearest")`` picks). A strided VIEW, not a copy."""
-    return x[..., ::factor, ::factor, ::factor]
-
-
-def upsample_prediction(base_out: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """(B, 2C, S_lo^3) -> (B, 2C, S_hi^3): eps_hat nearest (each voxel repeated, keeping the
-    noise statistics), x0_hat trilinear with align_corners=False (smooth anatomy)."""
-    eps = F.interpolate(base_out[:, :channels], size=(size,) * 3, mode="nearest")
-    x0 = F.interpolate(base_out[:, channels:], size=(size,) * 3, mode="trilinear", align_corners=False)
-    return torch.cat([eps, x0], dim=1)
 
 
 # --------------------------------------------------------------------------- #

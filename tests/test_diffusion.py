@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from prdit_fast.diffusion import NOISE_STD, IaNDiffusion, sampling_grid
+from prdit_fast.diffusion import NOISE_STD, IaNDiffusion
+from prdit_fast.schedules import sampling_grid
 
 T = 1000
 

@@ -13,7 +13,8 @@ from conftest import requires_cuda
 
 from prdit_fast.testing import randomized_model
 from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.engine import Sampler, keys_for, volume_to_tokens
+from prdit_fast.engine import Sampler, keys_for
+from prdit_fast.layout import volume_to_tokens
 from prdit_fast.models import unpatchify
 from prdit_fast.ops.sampling import philox_normal
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prdit_fast import FlowMatching
-from prdit_fast.flow_matching import SOLVERS, check_solver, nfe, solver_step, step_times
+from prdit_fast.flow_matching import SOLVERS, check_solver, nfe, solver_step
+from prdit_fast.schedules import step_times
 
 SIGMA = 0.5  # data std of the analytic case
 

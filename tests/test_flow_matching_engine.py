@@ -8,10 +8,11 @@ from conftest import randomize_, rel_rms, requires_cuda
 from prdit_fast import models
 from prdit_fast.engine import Sampler, keys_for
 from prdit_fast.fast import accelerate
-from prdit_fast.flow_matching import SOLVERS, FlowMatching, solver_step, step_times
+from prdit_fast.flow_matching import SOLVERS, FlowMatching, solver_step
 from prdit_fast.models import create_model
 from prdit_fast.ops.sampling import initial_noise, philox_normal, step_noise
 from prdit_fast.ops.unfold import unfold3d
+from prdit_fast.schedules import step_times
 
 ETA = {"euler": 0.0, "heun": 0.0, "rk4": 0.0, "pc": 0.6, "pc_heun": 0.9}
 

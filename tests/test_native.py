@@ -19,6 +19,7 @@ from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.ops import sampling as triton_sampler
 from prdit_fast.ops import unfold as triton_unfold
 from prdit_fast.ops import token_cubes as triton_unpatchify
+from prdit_fast.schedules import build_step_table
 
 # (batch, edge, patch): odd sizes and every standard patch; stride 8, pad (p - 8) / 2.
 # p = 18 takes the kernels' generic (runtime patch, scalar store) path.
@@ -315,7 +316,7 @@ def _sampler_inputs(B: int, C: int, S: int, dtype: torch.dtype):
     x = torch.randn(B, C, S, S, S, device="cuda")
     keys = torch.tensor([triton_sampler.sample_key(2**31 + 5, i) for i in range(B)], device="cuda")
     # pc sampler, 4 steps, k = 2: row 0 has a corrector (sigma > 0), row 1 is an Euler step
-    table = triton_sampler.build_step_table(IaNDiffusion(), 4, "pc", 2, "cuda")
+    table = build_step_table(IaNDiffusion(), 4, "pc", 2, "cuda")
     assert table[0, 4] > 0 and table[1, 4] == 0
     return tokens, residual, x, keys, table
 

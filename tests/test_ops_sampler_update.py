@@ -20,7 +20,6 @@ from prdit_fast.diffusion import NOISE_STD, IaNDiffusion
 from prdit_fast.models import unpatchify
 from prdit_fast.ops import sampling as sampler_update_module
 from prdit_fast.ops.sampling import (
-    build_step_table,
     initial_noise,
     philox4x32,
     philox_normal,
@@ -28,6 +27,7 @@ from prdit_fast.ops.sampling import (
     sampler_update,
     sampler_update_reference,
 )
+from prdit_fast.schedules import build_step_table
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

@@ -15,7 +15,8 @@ from conftest import randomize_, requires_cuda
 
 from prdit_fast import create_model, create_sr_model, load_checkpoint, save_checkpoint
 from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.engine import Sampler, keys_for, volume_to_tokens
+from prdit_fast.engine import Sampler, keys_for
+from prdit_fast.layout import volume_to_tokens
 from prdit_fast.ops.sr_assemble import sr_assemble, sr_assemble_reference
 from prdit_fast.fast import FAST_OPS, accelerate
 from prdit_fast.ops.sampling import philox_normal

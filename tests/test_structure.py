@@ -158,35 +158,84 @@ def test_readme_names_exist():
 
 
 # --------------------------------------------------------------------------- import graph
-def _module_imports() -> dict[str, set[str]]:
-    """Module name -> the package modules it imports anywhere in its body (top level or
-    inside functions), read from the source with ast."""
+# The layers below ``prdit_fast.ops``: plain torch, importing nothing from the package. The
+# ops may import these and each other, nothing else of the package (no model, process,
+# engine or CLI module), so a kernel file never pulls in the layers built on it.
+LOW_LAYER = ("prdit_fast.layout", "prdit_fast.schedules")
+
+
+def _package_modules(package: Path) -> dict[str, tuple[Path, bool]]:
+    """Dotted module name -> (file, is a package's __init__) for every module under ``package``."""
     modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
         is_package = parts[-1] == "__init__"
         modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return modules
+
+
+def _direct_imports(name: str, path: Path, is_package: bool, modules) -> set[str]:
+    """The package modules one module imports anywhere in its body (top level, inside
+    functions, under TYPE_CHECKING), read from the source with ast."""
+    base = name if is_package else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names if alias.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level:
+                anchor = base
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                source = f"{anchor}.{source}" if source else anchor
+            if source in modules:
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    targets.add(sub if sub in modules else source)
+    targets.discard(name)
+    return targets
+
+
+def _module_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module name -> the package modules importing it runs: its direct imports, plus the
+    ``__init__`` of every subpackage it enters from outside (importing ``a.ops.sampling``
+    from ``a.engine`` first runs ``a/ops/__init__.py`` and everything that imports). The
+    top-level package's own ``__init__`` is left out: it runs before any of its modules."""
+    modules = _package_modules(package)
+    root = package.name
     graph = {}
     for name, (path, is_package) in modules.items():
-        base = name if is_package else name.rpartition(".")[0]
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names if alias.name in modules}
-            elif isinstance(node, ast.ImportFrom):
-                source = node.module or ""
-                if node.level:
-                    anchor = base
-                    for _ in range(node.level - 1):
-                        anchor = anchor.rpartition(".")[0]
-                    source = f"{anchor}.{source}" if source else anchor
-                if source in modules:
-                    for alias in node.names:
-                        sub = f"{source}.{alias.name}"
-                        targets.add(sub if sub in modules else source)
+        targets = _direct_imports(name, path, is_package, modules)
+        for target in list(targets):
+            parent = target.rpartition(".")[0]
+            while parent and parent != root:
+                if parent in modules and not (name == parent or name.startswith(parent + ".")):
+                    targets.add(parent)
+                parent = parent.rpartition(".")[0]
         targets.discard(name)
         graph[name] = targets
     return graph
+
+
+def _layer_violations(package: Path = PACKAGE) -> list[str]:
+    """'importer -> imported' for every import of an ops module that leaves ops and the low
+    layer, and every import of a low-layer module from the package."""
+    modules = _package_modules(package)
+    root = package.name
+    ops = f"{root}.ops"
+    low = {name.replace("prdit_fast", root, 1) for name in LOW_LAYER}
+    found = []
+    for name, (path, is_package) in sorted(modules.items()):
+        direct = _direct_imports(name, path, is_package, modules)
+        if name == ops or name.startswith(ops + "."):
+            allowed = lambda target: target == ops or target.startswith(ops + ".") or target in low  # noqa: E731
+        elif name in low:
+            allowed = lambda target: False  # noqa: E731
+        else:
+            continue
+        found += [f"{name} -> {target}" for target in sorted(direct) if not allowed(target)]
+    return found
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -213,6 +262,7 @@ def test_no_import_cycle_in_the_package():
     graph = _module_imports()
     assert {"prdit_fast.checkpoint", "prdit_fast.fast", "prdit_fast.ops.dispatch"} <= set(graph)
     assert "prdit_fast.state_dict" in graph["prdit_fast.fast"]  # the helpers that used to close a cycle
+    assert "prdit_fast.ops" in graph["prdit_fast.engine"]  # importing ops.sampling runs ops/__init__
     cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
@@ -220,3 +270,35 @@ def test_no_import_cycle_in_the_package():
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_ops_import_nothing_above_them():
+    """prdit_fast.ops imports only ops and the low layer (layout, schedules), which import
+    nothing from the package: the layers point down."""
+    assert all((ROOT / (name.replace(".", "/") + ".py")).exists() for name in LOW_LAYER)
+    violations = _layer_violations()
+    assert not violations, "imports that run up the layers: " + "; ".join(violations)
+
+
+def _write_package(root: Path, files: dict[str, str]) -> Path:
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "pkg"
+
+
+def test_the_scans_see_an_upward_import_inside_a_function(tmp_path):
+    """The import that used to run up the layers (an op importing the engine inside a
+    function, while the engine imports another op) is a layer violation and, through
+    ops/__init__, a cycle; the scans find both."""
+    package = _write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/layout.py": "import torch\n",
+        "pkg/engine.py": "from .ops.sampling import update\n",
+        "pkg/ops/__init__.py": "from .sampling import update\nfrom .assemble import assemble\n",
+        "pkg/ops/sampling.py": "from .. import layout\n",
+        "pkg/ops/assemble.py": "def assemble():\n    from ..engine import volume_to_tokens\n",
+    })
+    assert _layer_violations(package) == ["pkg.ops.assemble -> pkg.engine"]
+    assert _cycles(_module_imports(package)) == [["pkg.engine", "pkg.ops", "pkg.ops.assemble", "pkg.engine"]]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import modulate
+from ..layout import modulate
 from .common import triton_importable
 from .dispatch import TRITON, resolve
 

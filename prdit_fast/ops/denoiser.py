@@ -37,7 +37,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from prdit_fast.models import LocalDenoiser, SwiGLU, is_rms
 from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.derived import derived_for, recompute_backward
 from prdit_fast.ops.dispatch import GEMM, TORCH, resolve
@@ -56,7 +55,12 @@ from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
 FC1 = "fc1"  # the name of [Wg; Wx], [bg; bx] in a SwiGLU block's derived-weight cache
 
 
-def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
+def is_rms(norm_module: torch.nn.Module) -> bool:
+    """Whether a modulated norm of the reference network is TF-PRDiT's RMSNorm (else PRDiT's LayerNorm)."""
+    return isinstance(norm_module, torch.nn.RMSNorm)
+
+
+def _concat_fc1(block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """[Wg; Wx] (2D, D) and [bg; bx] (2D,) from the block's live tensors, cached in the
     block's ``derived_for`` cache (refreshed when any of the four changes)."""
     named = dict(block.named_parameters())
@@ -67,13 +71,13 @@ def _concat_fc1(block: SwiGLU) -> tuple[torch.Tensor, torch.Tensor]:
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _gemm_swiglu_hidden(m: torch.Tensor, block: SwiGLU, linear: Linear) -> torch.Tensor:
+def _gemm_swiglu_hidden(m: torch.Tensor, block: torch.nn.Module, linear: Linear) -> torch.Tensor:
     """norm(SiLU(fc1_g(m)) * fc1_x(m)), fc2's input: one GEMM and one Triton pass."""
     gu = linear(m, *_concat_fc1(block))  # (B, N, 2D)
     return swiglu_gate_layernorm(gu, block.norm.weight, block.norm.bias, block.norm.eps, impl="triton")
 
 
-def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser,
+def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: torch.nn.Module,
                          linear: Linear | None) -> torch.Tensor:
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     B, N, D = tokens.shape
@@ -96,7 +100,7 @@ def _gemm_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDen
     return gemm(z, module.linear_final.weight, module.linear_final.bias)
 
 
-def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: LocalDenoiser) -> torch.Tensor:
+def _fused_local_denoiser(tokens: torch.Tensor, c: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     B, N, D = tokens.shape
     sh1, sc1, sh2, sc2, sh3, sc3 = module.adaLN_modulation(c).chunk(6, dim=1)
     x = tokens.reshape(B * N, D)
@@ -143,14 +147,14 @@ class _LocalDenoiserFunction(torch.autograd.Function):
 def local_denoiser(
     tokens: torch.Tensor,
     c_coarse: torch.Tensor,
-    module: LocalDenoiser,
+    module: torch.nn.Module,
     impl: str = "auto",
     linear: Linear | None = None,
 ) -> torch.Tensor:
     """``module(tokens, c_coarse)`` computed with Triton kernels (and cuBLAS).
 
     tokens: (B, N, D) unfolded noisy volume; c_coarse: (B, D) timestep condition;
-    module: the reference ``LocalDenoiser`` (its live parameters are used). Returns
+    module: the reference ``prdit_fast.models.LocalDenoiser`` (its live parameters are used). Returns
     (B, N, s^3 Cout). impl: "triton" (fused Triton GEMMs), "gemm" (cuBLAS GEMMs +
     Triton memory passes), "torch" (the reference module) or "auto" ("gemm" for 16-bit
     CUDA tokens, "triton" elsewhere Triton runs, else "torch"; ``prdit_fast.ops.dispatch``).

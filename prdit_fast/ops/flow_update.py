@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import models
+from .. import layout
 from .common import triton_importable
 from .dispatch import TRITON, resolve
 from .sampling import check_state, philox_normal
@@ -164,7 +164,7 @@ def flow_update_reference(
     acc_out: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``flow_update`` in plain torch (``models.unpatchify`` + ``philox_normal``); same
+    """``flow_update`` in plain torch (``layout.unpatchify`` + ``philox_normal``); same
     arguments and results, but it reads the step on the host (a sync) and raises ValueError
     when it is outside the table."""
     _check(tokens, x, coef, step_index, stride, residual, out, acc, acc_out, keys)
@@ -173,7 +173,7 @@ def flow_update_reference(
     if not 0 <= step < coef.shape[0]:
         raise ValueError(f"step index {step} is outside the coefficient table of {coef.shape[0]} rows")
     total = tokens.float() if residual is None else tokens.float() + residual.float()
-    v = models.unpatchify(total, S, stride, C)
+    v = layout.unpatchify(total, S, stride, C)
     c_x, c_v, c_z, c_acc = coef[step].unbind()
     result = c_x * x + c_v * v
     if keys is not None and c_z.item() != 0.0:

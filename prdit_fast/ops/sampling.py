@@ -10,7 +10,7 @@ x (B, C, S, S, S) fp32, and writes
     x_next = a * x_pred + sigma * z          z ~ N(0, I) drawn only where sigma != 0
 
 The step scalars come from a device table (steps, 5) fp32 of rows
-[sin_i, cos_i, move, a, sigma] (``build_step_table``, from ``IaNDiffusion.schedule``)
+[sin_i, cos_i, move, a, sigma] (``prdit_fast.schedules.build_step_table``)
 indexed by a device step counter, so the launch reads nothing on the host and one CUDA
 graph replays every step. There is no corrector flag column: rows without a corrector
 are a = 1, sigma = 0, which is the Euler step, and a row with sigma == 0 draws no noise.
@@ -40,8 +40,8 @@ from typing import Sequence
 
 import torch
 
-from .. import models
-from ..diffusion import NOISE_STD, IaNDiffusion, SamplerStep
+from .. import layout
+from ..schedules import NOISE_STD
 from .common import triton_importable
 from .dispatch import TRITON, resolve
 
@@ -133,7 +133,7 @@ if triton_importable():
 
 
 # --------------------------------------------------------------------------- #
-# Keys, the plain-torch Philox, the step table
+# Keys and the plain-torch Philox
 # --------------------------------------------------------------------------- #
 def sample_key(run_seed: int, index: int) -> int:
     """The Philox key of volume ``index`` of run ``run_seed``: (run_seed << 32) | index,
@@ -266,24 +266,6 @@ def step_noise(keys: torch.Tensor, step_index: torch.Tensor, shape: Sequence[int
     return out
 
 
-def build_step_table(
-    diffusion: IaNDiffusion, steps: int, sampler: str = "pc", k: int = 2, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """(steps, 5) fp32 rows [sin_i, cos_i, move, a, sigma] of ``diffusion.schedule(steps, sampler, k)``;
-    rows without a corrector have a = 1, sigma = 0."""
-    return step_table(diffusion.schedule(steps, sampler, k), device)
-
-
-def step_table(plan: Sequence[SamplerStep], device: torch.device | str | None = None) -> torch.Tensor:
-    """(len(plan), 5) fp32 rows [sin_i, cos_i, move, a, sigma] of a schedule (``IaNDiffusion.schedule``
-    or ``guided_schedule``); rows without a corrector have a = 1, sigma = 0."""
-    rows = [
-        [st.sin_i, st.cos_i, st.move, st.a if st.corrector else 1.0, st.sigma if st.corrector else 0.0]
-        for st in plan
-    ]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
-
-
 # --------------------------------------------------------------------------- #
 # The update
 # --------------------------------------------------------------------------- #
@@ -292,7 +274,7 @@ def check_state(x: torch.Tensor, stride: int, step_index: torch.Tensor) -> None:
     step_index a one-element integer counter: what every per-step update takes."""
     if x.dim() != 5 or x.dtype != torch.float32 or not (x.shape[2] == x.shape[3] == x.shape[4]):
         raise ValueError(f"x must be an fp32 volume (B, C, S, S, S), got {x.dtype} {tuple(x.shape)}")
-    models.validate_tiling(x.shape[2], stride, stride, 0)
+    layout.validate_tiling(x.shape[2], stride, stride, 0)
     if step_index.numel() != 1 or step_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"step_index must be a one-element int32/int64 tensor, got {step_index.dtype} {tuple(step_index.shape)}"
@@ -332,7 +314,7 @@ def sampler_update(
     step_index: torch.Tensor,
     keys: torch.Tensor,
     *,
-    stride: int = models.STRIDE,
+    stride: int = layout.STRIDE,
     residual: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
@@ -387,13 +369,13 @@ def sampler_update_reference(
     step_index: torch.Tensor,
     keys: torch.Tensor,
     *,
-    stride: int = models.STRIDE,
+    stride: int = layout.STRIDE,
     residual: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     advance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sampler_update`` in plain torch (``models.unpatchify`` + ``philox_normal``); same
+    """``sampler_update`` in plain torch (``layout.unpatchify`` + ``philox_normal``); same
     arguments and results, but it reads the step index on the host (a sync) and raises
     ValueError when it is outside the table."""
     _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out)
@@ -402,7 +384,7 @@ def sampler_update_reference(
     if not 0 <= step < table.shape[0]:
         raise ValueError(f"step index {step} is outside the step table of {table.shape[0]} rows")
     total = tokens.float() if residual is None else tokens.float() + residual.float()
-    out = models.unpatchify(total, S, stride, 2 * C)
+    out = layout.unpatchify(total, S, stride, 2 * C)
     eps_hat, x0_hat = out[:, :C], out[:, C:]
     sin_i, cos_i, move, a, sigma = table[step].unbind()
     x_next = a * (x - move * (sin_i * x0_hat - cos_i * eps_hat))

@@ -8,7 +8,7 @@ prediction never exists as a full-resolution tensor of its own.
         to="tokens": (B, N', s'^3 2C) fp32 = head + up(base) in the head's token layout
                      (what the engine's fused sampler update reads)
 
-``up`` is ``prdit_fast.sr.upsample_prediction``: eps nearest (voxel i reads i // f), x0
+``up`` is ``prdit_fast.layout.upsample_prediction``: eps nearest (voxel i reads i // f), x0
 trilinear with align_corners=False (source coordinate (i + 0.5) S_lo / S - 0.5, clamped
 at 0; the upper neighbour clamped at S_lo - 1), f = S / S_lo an integer. Token layout as
 ``unpatchify``: s'^3 cubes, (d, h, w, channel) channel fastest, raster order.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import unpatchify, upsample_prediction, volume_to_tokens
 from .common import triton_importable
 from .dispatch import TRITON, resolve
 
@@ -93,14 +94,10 @@ def sr_assemble_reference(
     base: torch.Tensor, size: int, stride: int, head: torch.Tensor | None = None, to: str = "volume"
 ) -> torch.Tensor:
     """The plain-torch composition ``sr_assemble`` fuses (the numerical truth)."""
-    from .. import models
-    from ..engine import volume_to_tokens
-    from ..sr import upsample_prediction
-
     channels = base.shape[1]
     up = upsample_prediction(base.float(), size, channels // 2)
     if head is not None:
-        up = up + models.unpatchify(head.float(), size, stride, channels)
+        up = up + unpatchify(head.float(), size, stride, channels)
     return up if to == "volume" else volume_to_tokens(up, stride)
 
 

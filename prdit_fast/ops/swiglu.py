@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prdit_fast.models import SwiGLU, modulate
+from prdit_fast.layout import modulate
 from prdit_fast.ops.common import autotune_configs, interpreter_enabled, triton_importable
 from prdit_fast.ops.derived import recompute_backward
 from prdit_fast.ops.dispatch import TRITON, resolve
@@ -662,7 +662,7 @@ def folded_norm_linear(
     return folded_w, folded_b, colsum
 
 
-def swiglu_params(block: SwiGLU) -> list[torch.Tensor]:
+def swiglu_params(block: torch.nn.Module) -> list[torch.Tensor]:
     """The block's parameters in the order of ``SWIGLU_PARAMS`` (the live tensors)."""
     named = dict(block.named_parameters())
     return [named[name] for name in SWIGLU_PARAMS]
@@ -717,7 +717,7 @@ def fused_adaptive_swiglu_rows(
 
 
 def reference_adaptive_swiglu(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: SwiGLU, norm_eps: float = 1e-6,
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: torch.nn.Module, norm_eps: float = 1e-6,
     rms: bool = False,
 ) -> torch.Tensor:
     """The plain-torch composition: block(modulate(LN(x), shift, scale)) (``rms``: RMSNorm(x));
@@ -766,7 +766,7 @@ def adaptive_swiglu(
     x: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
-    block: SwiGLU,
+    block: torch.nn.Module,
     norm_eps: float = 1e-6,
     impl: str = "auto",
     rms: bool = False,
@@ -775,7 +775,7 @@ def adaptive_swiglu(
     RMSNorm(x) instead of LN(x) (TF-PRDiT).
 
     x: (B, N, D) tokens; shift, scale: (B, D) per-sample modulation; block: the
-    reference ``SwiGLU`` whose live parameters are used; LN has no affine and eps
+    reference ``prdit_fast.models.SwiGLU`` whose live parameters are used; LN has no affine and eps
     ``norm_eps``. Returns (B, N, D). impl: "triton" (fused kernels, error if they
     cannot run), "torch" (the reference composition) or "auto" (``prdit_fast.ops.dispatch``).
     """

@@ -6,7 +6,7 @@ placement of each token's s^3 cube into the volume.
 Each token is an s^3 cube laid out (d, h, w, channel), channel fastest; cubes tile the
 volume in raster order (depth slowest). ``residual`` (the fine tokens, same shape) is
 added to ``tokens`` in fp32 before the placement, so ``unpatchify(a, ..., residual=b)``
-equals ``models.unpatchify(a + b, ...)`` with the sum taken in fp32 and rounded ONCE to
+equals ``layout.unpatchify(a + b, ...)`` with the sum taken in fp32 and rounded ONCE to
 the output dtype (``out_dtype``, default: the promoted dtype of the token tensors; pass
 torch.float32 to keep an fp32 volume from bf16 tokens). A pure copy when there is no
 residual. Autograd: both token tensors receive the patchify (the inverse permutation) of
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import models
+from .. import layout
 from .common import autotune_configs, triton_importable
 from .dispatch import TRITON, resolve
 from .unfold import TRITON_DTYPES
@@ -135,10 +135,10 @@ def unpatchify(
 
     tokens, residual: (B, (S/s)^3, s^3 Cout) -> (B, Cout, S, S, S) in ``out_dtype``
     (default: torch.promote_types of the two token dtypes). The sum is fp32, rounded once.
-    ``impl``: "auto" (Triton where it runs, else ``models.unpatchify``), "triton" or
+    ``impl``: "auto" (Triton where it runs, else ``layout.unpatchify``), "triton" or
     "torch"; see ``prdit_fast.ops.dispatch``. Differentiable with respect to both token tensors.
     """
-    models.validate_tiling(size, stride, stride, 0)
+    layout.validate_tiling(size, stride, stride, 0)
     N, width = (size // stride) ** 3, stride**3 * channels
     if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (N, width):
         raise ValueError(
@@ -159,7 +159,7 @@ def unpatchify(
         limits = f"batch {tokens.shape[0]} exceeds {_MAX_GRID_Y}"
     if resolve("unpatchify", impl, operands, limits) != TRITON:
         total = tokens.float() if residual is None else tokens.float() + residual.float()
-        return models.unpatchify(total.to(out_dtype), size, stride, channels)
+        return layout.unpatchify(total.to(out_dtype), size, stride, channels)
     return _UnpatchifyFunction.apply(
         tokens.contiguous(), residual.contiguous() if residual is not None else None, size, stride, channels, out_dtype
     )

@@ -3,7 +3,7 @@
     unfold3d(x, patch, stride, pad)                    (B, C, D, H, W) -> (B, N, C p^3)
     fold3d(tokens, size, patch, stride, pad, reduce)   (B, N, C p^3)   -> (B, C, D, H, W)
 
-``unfold3d`` is ``models.unfold3d`` without the padded copy: the reflect padding is index
+``unfold3d`` is ``layout.unfold3d`` without the padded copy: the reflect padding is index
 math (a mirrored coordinate), tokens are in raster order of the window grid (depth
 slowest) and each window is flattened (channel, d, h, w). It is a pure copy (exact in
 every dtype); ``out_dtype`` casts on the store, e.g. fp32 volume -> bf16 tokens in one pass.
@@ -20,10 +20,10 @@ Autograd: the backward of unfold3d is fold3d (sum) and vice versa (for "mean" th
 gradient is divided by the counts before unfolding), each gradient in its input's dtype;
 both are built from the two Functions, so higher-order gradients work too.
 
-Volumes may have distinct D, H, W; each edge must satisfy ``models.validate_tiling``.
+Volumes may have distinct D, H, W; each edge must satisfy ``layout.validate_tiling``.
 The Triton path covers fp32 / bf16 / fp16 with per-sample offsets below 2^31 and up to
 65535 samples; otherwise ``impl="auto"`` uses the plain-torch reference
-(``models.unfold3d`` and ``fold3d_reference``). When the windows tile without overlap
+(``layout.unfold3d`` and ``fold3d_reference``). When the windows tile without overlap
 (patch == stride, pad 0: the stride-16 256^3 models) there is nothing to mirror or
 overlap-add: ``impl="auto"`` then runs the torch implementation, which is
 ``blocked_unfold3d``, one permuted copy (cast on the store) whose autograd is the
@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .. import models
+from .. import layout
 from .common import autotune_configs, triton_importable
 from .dispatch import TRITON, resolve
 
@@ -299,7 +299,7 @@ def _as_size(size: int | Sequence[int]) -> tuple[int, int, int]:
 
 def _validate(size: tuple[int, int, int], patch: int, stride: int, pad: int) -> None:
     for edge in size:
-        models.validate_tiling(edge, patch, stride, pad)
+        layout.validate_tiling(edge, patch, stride, pad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,7 +350,7 @@ def unfold3d(
     (default x.dtype; e.g. fp32 volume -> bf16 tokens in one pass), N = (D/s)(H/s)(W/s),
     tokens in raster order (depth slowest), each window flattened (channel, d, h, w).
     ``impl``: "auto" (Triton where it runs, else the torch implementation: ``blocked_unfold3d``
-    for patch == stride, pad 0, else ``models.unfold3d``), "triton" or "torch"; see
+    for patch == stride, pad 0, else ``layout.unfold3d``), "triton" or "torch"; see
     ``prdit_fast.ops.dispatch``. Differentiable (the gradient comes back in x.dtype).
     """
     if x.dim() != 5:
@@ -367,7 +367,7 @@ def unfold3d(
         return _Unfold3dFunction.apply(x, patch, stride, pad, out_dtype)
     if blocked:
         return blocked_unfold3d(x, patch, out_dtype)
-    return models.unfold3d(x, patch, stride, pad).to(out_dtype)
+    return layout.unfold3d(x, patch, stride, pad).to(out_dtype)
 
 
 def fold3d(
@@ -419,7 +419,7 @@ def fold3d_reference(
     *,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Plain-torch fold3d: unfolding a volume of voxel indices with ``models.unfold3d``
+    """Plain-torch fold3d: unfolding a volume of voxel indices with ``layout.unfold3d``
     says where each token entry came from; a scatter-add (fp32) puts it back.
     Same shapes and dtypes as ``fold3d``; differentiable."""
     D, H, W = _as_size(size)
@@ -428,7 +428,7 @@ def fold3d_reference(
     numel = C * D * H * W
     # float64 holds voxel indices exactly (reflect padding has no integer kernel on every device)
     voxel = torch.arange(numel, device=tokens.device, dtype=torch.float64).view(1, C, D, H, W)
-    source = models.unfold3d(voxel, patch, stride, pad).long().reshape(-1)
+    source = layout.unfold3d(voxel, patch, stride, pad).long().reshape(-1)
     out = torch.zeros((B, numel), device=tokens.device, dtype=torch.float32)
     out = out.scatter_add(1, source.expand(B, -1), tokens.reshape(B, -1).float())
     if reduce == "mean":
