@@ -34,16 +34,14 @@ def _median_ms(fn) -> float:
 
 def run(batch: int, tokens: int, dim: int) -> dict:
     from prdit_fast.models import LocalDenoiser, SwiGLU
+    from prdit_fast.ops.denoiser import local_denoiser
+    from prdit_fast.ops.layernorm_gemm import chunk_moments, folded_norm_linear, tiles_within_samples
     from prdit_fast.ops.swiglu import (
         adaptive_swiglu,
-        chunk_moments,
-        folded_norm_linear,
         fused_adaptive_swiglu_rows,
         reference_adaptive_swiglu,
         swiglu_params,
-        tiles_within_samples,
     )
-    from prdit_fast.ops.denoiser import local_denoiser
 
     dev = "cuda"
     M = batch * tokens

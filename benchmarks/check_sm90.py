@@ -55,49 +55,49 @@ def _jit(kernel):
 
 
 def _gemm_cases() -> list[Case]:
-    from prdit_fast.ops import swiglu as sw
+    from prdit_fast.ops import layernorm_gemm as lg
 
-    M, D, groups = BATCH * TOKENS, WIDTH, -(-WIDTH // sw.STATS_GROUP)
+    M, D, groups = BATCH * TOKENS, WIDTH, -(-WIDTH // lg.STATS_GROUP)
     pointers = {name: "*bf16" for name in ("a_ptr", "res_ptr", "shift_ptr", "w_ptr", "bias_ptr", "w2_ptr",
                                            "bias2_ptr", "out_ptr")}
     pointers.update({name: "*fp32" for name in ("stats_ptr", "colsum_ptr", "colsum2_ptr", "scale_ptr",
                                                 "out_stats_ptr")})
     strides = dict(stride_am=D, stride_rm=D, stride_plane=M * groups, stride_sm=groups, stride_cb=D, stride_wn=D,
                    stride_w2n=D, stride_om=D, stride_out_plane=M * groups, stride_out_sm=groups)
-    common = dict(GROUPS_POW2=triton.next_power_of_2(groups), GROUP=sw.STATS_GROUP, DOT_PRECISION="tf32")
+    common = dict(GROUPS_POW2=triton.next_power_of_2(groups), GROUP=lg.STATS_GROUP, DOT_PRECISION="tf32")
 
     def on_load_constants(cx: dict) -> dict:
         return {"EVEN_K": D % cx["BLOCK_K"] == 0,
-                "TILE_MODULATION": sw._tile_modulation({"MODULATION": cx["MODULATION"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
+                "TILE_MODULATION": lg._tile_modulation({"MODULATION": cx["MODULATION"], "n_tokens": TOKENS, "BLOCK_M": cx["BLOCK_M"]})}
 
     def epilogue_constants(cx: dict) -> dict:
         return {"EVEN_K": D % cx["BLOCK_K"] == 0}
 
     def on_load(name, configs, n_out, flags):
         ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, n_samples=BATCH, **strides)
-        return Case(name, _jit(sw._normalize_on_load_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
+        return Case(name, _jit(lg._normalize_on_load_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
                     {**common, "GATED": False, "EMIT_STATS": False, "NORM_RMS": False, **flags}, on_load_constants)
 
     def epilogue(name, configs, n_out, flags, wb=0, vb=0):
         ints = dict(M=M, N=n_out, K=D, n_tokens=TOKENS, stride_wb=wb, stride_vb=vb, **strides)
-        return Case(name, _jit(sw._layernorm_epilogue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
+        return Case(name, _jit(lg._layernorm_epilogue_gemm_kernel), configs, pointers, ints, {"eps": 1e-6},
                     {**common, "GATED": False, "EMIT_STATS": False, "NORM_RMS": False, "SAMPLE_WEIGHTS": False, "RESIDUAL": False,
                      **flags},
                     epilogue_constants)
 
-    gated, single = sw._LAYERNORM_EPILOGUE["16bit_gated"].configs, sw._LAYERNORM_EPILOGUE["16bit"].configs
+    gated, single = lg._LAYERNORM_EPILOGUE["16bit_gated"].configs, lg._LAYERNORM_EPILOGUE["16bit"].configs
     out = STRIDE**3 * 2  # linear_final's width, s^3 Cout
     return [
         epilogue("swiglu fc1, folded weights", gated, D, dict(GATED=True, NORMALIZE=True, SAMPLE_WEIGHTS=True,
                  EMIT_STATS=True), wb=D * D, vb=D),
         on_load("swiglu fc1, normalize on load", gated, D, dict(GATED=True, NORMALIZE=True,
-                MODULATION=sw.MODULATION_PER_SAMPLE, EMIT_STATS=True)),
+                MODULATION=lg.MODULATION_PER_SAMPLE, EMIT_STATS=True)),
         epilogue("swiglu fc2", single, D, dict(NORMALIZE=True, EMIT_STATS=True)),
         epilogue("swiglu fc2 + residual", single, D, dict(NORMALIZE=True, RESIDUAL=True)),
         epilogue("linear_final, folded weights", single, out, dict(NORMALIZE=False, SAMPLE_WEIGHTS=True),
                  wb=out * D, vb=out),
         on_load("linear_final, modulate on load", single, out, dict(NORMALIZE=False,
-                MODULATION=sw.MODULATION_PER_SAMPLE)),
+                MODULATION=lg.MODULATION_PER_SAMPLE)),
     ]
 
 

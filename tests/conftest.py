@@ -7,7 +7,21 @@ from prdit_fast.testing import interpret_without_gpu, randomize_, rel_rms  # noq
 
 interpret_without_gpu()  # before Triton is first imported
 
+from prdit_fast.ops.dispatch import triton_runs_on  # noqa: E402 (after the interpreter is set)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Where the Triton kernel tests run: the GPU when there is one, else the CPU under the interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_triton = pytest.mark.skipif(
+    not triton_runs_on(torch.empty(0, device=TRITON_DEVICE)), reason="Triton cannot run here (no GPU, no interpreter)"
+)
+
+
+def assert_close_scaled(a: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    """Largest absolute error within ``tol`` times the reference's largest magnitude (at least 1)."""
+    err = (a - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"max abs error {err:.3e} vs reference max {scale:.3e}"
 
 
 @pytest.fixture(autouse=True, scope="session")

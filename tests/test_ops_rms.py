@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, requires_cuda
+from conftest import assert_close_scaled, randomize_, requires_cuda
 
 from prdit_fast.testing import randomized_model, rel_rms
 from prdit_fast.fast import accelerate
@@ -97,12 +97,6 @@ def assert_grads_close(got, want):
     for g, r in zip(got, want):
         # summation-order noise scales with the gradient's size: atol relative to its max
         torch.testing.assert_close(g, r, rtol=1e-4, atol=max(1e-5, 1e-4 * r.abs().max().item()))
-
-
-def assert_close_scaled(a, ref, tol=GEMM_TOL):
-    err = (a - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"max abs error {err:.3e} vs reference max {scale:.3e}"
 
 
 # token counts 7 (per-row gather), 33 (tiles straddling samples); width 200 leaves partial tiles

@@ -40,16 +40,15 @@ import torch.nn.functional as F
 from prdit_fast.ops.adaln import layernorm_modulate
 from prdit_fast.ops.derived import derived_for, recompute_backward
 from prdit_fast.ops.dispatch import GEMM, TORCH, resolve
-from prdit_fast.ops.swiglu import (
+from prdit_fast.ops.layernorm_gemm import (
     chunk_moments,
     dtype_refusal,
     folded_norm_linear,
     folds_modulation,
-    fused_adaptive_swiglu_rows,
     layernorm_epilogue_gemm,
     normalize_on_load_gemm,
-    swiglu_params,
 )
+from prdit_fast.ops.swiglu import fused_adaptive_swiglu_rows, swiglu_params
 from prdit_fast.ops.swiglu_gate import swiglu_gate_layernorm
 
 FC1 = "fc1"  # the name of [Wg; Wx], [bg; bx] in a SwiGLU block's derived-weight cache

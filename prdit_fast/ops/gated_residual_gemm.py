@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from prdit_fast.ops.common import autotune_configs, triton_importable
 from prdit_fast.ops.dispatch import TORCH, resolve
-from prdit_fast.ops.swiglu import _dot_precision, dtype_refusal
+from prdit_fast.ops.layernorm_gemm import dot_precision, dtype_refusal
 
 if triton_importable():
     import triton
@@ -105,7 +105,7 @@ def _launch(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate: tor
     _gated_residual_gemm_kernel[grid](
         rows, weight, bias, gate.contiguous(), res, out, M, N, K, T,
         rows.stride(0), weight.stride(0), gate.shape[1], res.stride(0), out.stride(0),
-        DOT_PRECISION=_dot_precision(a.dtype),
+        DOT_PRECISION=dot_precision(a.dtype),
     )
     return out.view(B, T, N)
 
