@@ -1,4 +1,4 @@
-"""Benchmark: bandwidth of the native CUDA kernels (``benchmarks/native.py``) against a
+"""Benchmark: bandwidth of the native CUDA kernels (``kernels/native.py``) against a
 device-to-device copy of the same number of bytes, measured in the same run (GPU only).
 
     python -m benchmarks.bench_native [--sizes 128 256] [--batch 4] [--patch 12] [--json out.json]
@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from benchmarks import native
+from kernels import native
 from prdit_fast import models
 from prdit_fast.atomic import atomic_path
 from prdit_fast.bench import measure_copy_bandwidth, time_call

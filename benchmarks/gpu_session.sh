@@ -70,7 +70,7 @@ stage_command() {
       bash kernels/build.sh ;;
     tests)
       # tests/test_gpu_session.py is this script's own CPU dry run: no GPU check, minutes of CPU
-      local select=${PYTEST_ARGS:-tests --ignore=tests/test_gpu_session.py}
+      local select=${PYTEST_ARGS:-tests kernels --ignore=tests/test_gpu_session.py}
       local parallel=()
       [ "$DRY_RUN" = 1 ] && select=${PYTEST_ARGS:-tests/test_reference_attention.py}
       python3 -c "import xdist" 2>/dev/null && [ "$DRY_RUN" != 1 ] && parallel=(-n 8 --dist loadfile)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Configure and build libprdit_kernels.so with CMake into build/native, then copy it into
-# build/lib/ where benchmarks/native.py loads it. A compile error exits non-zero.
+# build/lib/ where kernels/native.py loads it. A compile error exits non-zero.
 #   kernels/build.sh                      # sm_80 + sm_90
 #   CUDA_ARCHS="90" kernels/build.sh      # other architectures (CMAKE_CUDA_ARCHITECTURES syntax)
 set -euo pipefail

@@ -11,7 +11,7 @@ with the same layouts and numbers as the Triton ops in ``prdit_fast.ops``:
 
 It is a benchmark and cross-check, not part of the package: no prdit_fast code path runs it
 (``prdit_fast.ops.dispatch`` chooses among the torch reference, Triton and cuBLAS). The
-tests compare it against the Triton ops where it is built (tests/test_native.py) and
+tests compare it against the Triton ops where it is built (kernels/test_native.py) and
 ``benchmarks/bench_native.py`` times it.
 
 Build it with ``bash kernels/build.sh`` (needs nvcc and cmake); it lands in

@@ -1,25 +1,33 @@
-"""The native CUDA library (kernels/, benchmarks/native.py).
+"""The native CUDA library (kernels/, kernels/native.py).
 
-Without a GPU: the built artifact exists wherever nvcc does (CI builds it first with
-kernels/build.sh), it loads, its Philox integer core equals Triton's randint4x, and
-status() explains every way the library can be unusable. With a GPU: every op against
-the Triton ops and the plain-torch references.
+Without a GPU: the built artifact exists wherever nvcc does (the ``built_library`` fixture
+runs kernels/build.sh once when the library is missing or older than its sources), it
+loads, its Philox integer core equals Triton's randint4x, and status() explains every way
+the library can be unusable. With a GPU: every op against the Triton ops and the
+plain-torch references.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_cuda
 
-from benchmarks import native
-from prdit_fast import models
-from prdit_fast.diffusion import IaNDiffusion
-from prdit_fast.ops import sampling as triton_sampler
-from prdit_fast.ops import unfold as triton_unfold
-from prdit_fast.ops import token_cubes as triton_unpatchify
-from prdit_fast.schedules import build_step_table
+from prdit_fast.testing import interpret_without_gpu
+
+interpret_without_gpu()  # before Triton is first imported (this directory has no conftest)
+
+from kernels import native  # noqa: E402
+from prdit_fast import models  # noqa: E402
+from prdit_fast.diffusion import IaNDiffusion  # noqa: E402
+from prdit_fast.ops import sampling as triton_sampler  # noqa: E402
+from prdit_fast.ops import token_cubes as triton_unpatchify  # noqa: E402
+from prdit_fast.ops import unfold as triton_unfold  # noqa: E402
+from prdit_fast.schedules import build_step_table  # noqa: E402
 
 # (batch, edge, patch): odd sizes and every standard patch; stride 8, pad (p - 8) / 2.
 # p = 18 takes the kernels' generic (runtime patch, scalar store) path.
@@ -41,14 +49,58 @@ def library_env(monkeypatch):
     native.reload()
 
 
-def _library_loaded() -> bool:
-    return not native.status().startswith("absent")
+KERNELS = Path(__file__).resolve().parent
+BUILD_TIMEOUT_S = 900  # a cold build of two architectures; an up-to-date library costs nothing
 
 
-needs_library = pytest.mark.skipif(not _library_loaded(), reason="native library not built (kernels/build.sh)")
-needs_native_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and native.available()), reason=f"native ops cannot run: {native.status()}"
-)
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    return found or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
+
+
+def _stale(library: Path) -> bool:
+    """Missing, or older than a source, a header, the CMake file or the build script."""
+    if not library.is_file():
+        return True
+    sources = [*KERNELS.glob("*.cu"), *KERNELS.glob("*.cuh"), *KERNELS.glob("*.h"),
+               KERNELS / "build.sh", KERNELS.parent / "CMakeLists.txt"]
+    return library.stat().st_mtime < max(p.stat().st_mtime for p in sources)
+
+
+@pytest.fixture(scope="session")
+def built_library() -> Path | None:
+    """The library the tests load: built with kernels/build.sh (into build/, which git
+    ignores) where nvcc and cmake exist and it is missing or stale, once per session and
+    under a file lock (pytest-xdist workers share it); None where it cannot be built. A
+    compile error fails the test that asked. $PRDIT_NATIVE_LIB, a built copy, is used as is."""
+    library = native.library_path()
+    if os.environ.get(native.LIBRARY_ENV) or _nvcc() is None or shutil.which("cmake") is None:
+        return library if library.is_file() else None
+    lock_path = KERNELS.parent / "build" / ".native-build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stale(library):
+            done = subprocess.run(["bash", str(KERNELS / "build.sh")], capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                pytest.fail(f"kernels/build.sh failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+    native.reload()
+    return library
+
+
+@pytest.fixture
+def library(built_library):
+    """Skips unless the native library loads (it needs no GPU to load)."""
+    if native.status().startswith("absent"):
+        pytest.skip(f"native library unavailable: {native.status()}")
+
+
+@pytest.fixture
+def native_gpu(library):
+    """Skips unless the native ops can run (a CUDA device the library was built for)."""
+    if not (torch.cuda.is_available() and native.available()):
+        pytest.skip(f"native ops cannot run: {native.status()}")
 
 
 # --------------------------------------------------------------------------- #
@@ -78,16 +130,17 @@ def test_unloadable_library_is_reported(library_env, tmp_path):
     assert native.available() is False
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the library is optional")
-def test_library_is_built_where_nvcc_exists():
+@pytest.mark.skipif(_nvcc() is None or shutil.which("cmake") is None, reason="no nvcc or cmake: the library is optional")
+def test_library_is_built_where_nvcc_exists(built_library):
     path = native.library_path()
-    assert path.is_file(), f"{path} missing: CI must run kernels/build.sh before the tests"
+    assert built_library == path and path.is_file(), f"{path} missing after kernels/build.sh"
+    assert not _stale(path)
     assert not native.status().startswith("absent"), native.status()
     archs = native.built_architectures().split(",")
     assert archs and all(a.startswith("sm_") for a in archs), archs
 
 
-@needs_library
+@pytest.mark.usefixtures("library")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_status_without_gpu_says_no_cuda_device():
     text = native.status()
@@ -128,7 +181,7 @@ def _signed64(key: int) -> int:
     return key - 2**64 if key >= 2**63 else key
 
 
-@needs_library
+@pytest.mark.usefixtures("library")
 @pytest.mark.parametrize("key", PHILOX_KEYS)
 def test_philox_words_equal_triton_randint4x(key):
     # element v at counter step: offset v + (step << 32), as the sampler draws its noise
@@ -138,7 +191,7 @@ def test_philox_words_equal_triton_randint4x(key):
     assert torch.equal(got, expected)
 
 
-@needs_library
+@pytest.mark.usefixtures("library")
 def test_philox_normal_on_host_matches_reference():
     keys = torch.tensor([_signed64(k) for k in PHILOX_KEYS], dtype=torch.int64)
     ref = triton_sampler.philox_normal(keys, 3, (2, 8, 8))  # (B, 2, 8, 8): element v = linear index
@@ -158,8 +211,7 @@ def _volume(B: int, C: int, S: int, dtype: torch.dtype, integers: bool = False) 
     return torch.randn(B, C, S, S, S, device="cuda").to(dtype)
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES)
 def test_unfold_equals_reference_and_triton(B, S, p, dtype):
@@ -172,16 +224,14 @@ def test_unfold_equals_reference_and_triton(B, S, p, dtype):
         assert torch.equal(got, triton_unfold.unfold3d(x, p, STRIDE, pad, impl="triton"))
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 def test_non_contiguous_input_is_rejected():
     x = _volume(2, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
         native.unfold3d(x.transpose(2, 4), 12, STRIDE, 2)
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES)
 def test_fold_sum_is_exact_in_fp32(B, S, p):
     pad = (p - STRIDE) // 2
@@ -200,8 +250,7 @@ def test_fold_sum_is_exact_in_fp32(B, S, p):
         assert torch.equal(got, triton_unfold.fold3d(tokens, S, p, STRIDE, pad, "sum", impl="triton"))
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES[:3])
 def test_fold_is_the_adjoint_of_unfold(B, S, p):
     pad = (p - STRIDE) // 2
@@ -212,8 +261,7 @@ def test_fold_is_the_adjoint_of_unfold(B, S, p):
     torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-6)  # fp32 fold sums, fp64 dot products
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES[:3])
 def test_fold_mean_inverts_unfold(B, S, p, dtype):
@@ -231,8 +279,7 @@ def test_fold_mean_inverts_unfold(B, S, p, dtype):
     )
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 def test_fold_bf16_integer_sums_are_exact():
     B, S, p = 3, 24, 12
     tokens = torch.randint(-8, 9, (B, (S // STRIDE) ** 3, p**3), device="cuda").to(torch.bfloat16)
@@ -240,8 +287,7 @@ def test_fold_bf16_integer_sums_are_exact():
     assert torch.equal(got, triton_unfold.fold3d_reference(tokens, S, p, STRIDE, 2))
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,S", [(1, 16), (3, 24), (1, 40)])
 def test_unpatchify_equals_reference_and_triton(B, S, dtype):
@@ -258,8 +304,7 @@ def test_unpatchify_equals_reference_and_triton(B, S, dtype):
     assert torch.equal(wide, models.unpatchify(tokens.float() + fine.float(), S, STRIDE, C_out))
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 def test_bad_inputs_raise_value_errors():
     x = _volume(1, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="2\\*pad"):
@@ -295,8 +340,7 @@ def _triton_randn(keys: torch.Tensor, step: int, numel: int) -> torch.Tensor:
     return out
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("step", [0, 1, 77])
 def test_philox_normal_equals_triton_randn(step):
     keys = torch.tensor([_signed64(k) for k in PHILOX_KEYS], dtype=torch.int64, device="cuda")
@@ -321,8 +365,7 @@ def _sampler_inputs(B: int, C: int, S: int, dtype: torch.dtype):
     return tokens, residual, x, keys, table
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,C,S", [(1, 1, 16), (3, 1, 24), (1, 2, 40)])
 @pytest.mark.parametrize("row", [0, 1])
@@ -347,8 +390,7 @@ def test_sampler_update_matches_reference_and_triton(B, C, S, dtype, row, with_r
     assert step.item() == row  # not advanced
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 def test_sampler_update_in_place_and_advance():
     tokens, _, x, keys, table = _sampler_inputs(2, 1, 24, torch.bfloat16)
     step = torch.zeros(1, dtype=torch.int64, device="cuda")
@@ -360,8 +402,7 @@ def test_sampler_update_in_place_and_advance():
     assert step.item() == 1
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("bad", [-1, 4])
 def test_sampler_update_out_of_range_step_gives_nan(bad):
     tokens, _, x, keys, table = _sampler_inputs(1, 1, 16, torch.float32)
@@ -370,8 +411,7 @@ def test_sampler_update_out_of_range_step_gives_nan(bad):
     assert torch.isnan(x_next).all() and torch.isnan(x0_hat).all()
 
 
-@requires_cuda
-@needs_native_gpu
+@pytest.mark.usefixtures("native_gpu")
 def test_sampler_update_rejects_mismatched_inputs():
     tokens, _, x, keys, table = _sampler_inputs(2, 1, 16, torch.float32)
     step = torch.zeros(1, dtype=torch.int64, device="cuda")
