@@ -14,7 +14,8 @@ import torch
 
 from conftest import requires_cuda
 from prdit_fast import models
-from prdit_fast.engine import keys_for, volume_to_tokens
+from prdit_fast.engine import keys_for
+from prdit_fast.layout import volume_to_tokens
 from prdit_fast.flow_matching import SOLVERS, fused_stages, solver_step
 from prdit_fast.schedules import stage_times
 from prdit_fast.ops.flow_update import flow_update, flow_update_reference
