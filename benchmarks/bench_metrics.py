@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +44,6 @@ from prdit_fast.metrics.distances import bootstrap_intervals, fid, fid_via_facto
 from prdit_fast.metrics.medicalnet import FeatureSet, scan
 from prdit_fast.metrics.ms_ssim import all_pairs, ms_ssim_pairs
 from prdit_fast.metrics.wasserstein import EDGE, WIDTHS, check_split, new_critics, train_step, wscore
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def smooth_volumes(count: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -69,11 +63,9 @@ def smooth_volumes(count: int, size: int, seed: int, device: torch.device) -> to
 
 
 def timed(device: torch.device, fn):
-    synchronize(device)
-    started = time.perf_counter()
-    value = fn()
-    synchronize(device)
-    return value, time.perf_counter() - started
+    """(what ``fn`` returns, wall seconds) of one call, through ``prdit_fast.bench.time_call``."""
+    timing = time_call(fn, device, warmup=0, min_reps=1, max_reps=1)
+    return timing.result, timing.median_ms / 1e3
 
 
 def wscore_rows(args, device: torch.device, real: torch.Tensor, fake: torch.Tensor) -> dict:

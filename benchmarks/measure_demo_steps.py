@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from prdit_fast.atomic import write_json
+from prdit_fast.bench.timing import time_call
 from prdit_fast.checkpoint import copy_matching_weights
 from prdit_fast.commands import demo
 from prdit_fast.diffusion import IaNDiffusion
@@ -28,10 +28,9 @@ from prdit_fast.phantom import PhantomDataset
 
 
 def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of fn()."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    """(wall seconds, CPU seconds of this process) of one call, through ``prdit_fast.bench.time_call``."""
+    timing = time_call(fn, torch.device("cpu"), warmup=0, min_reps=1, max_reps=1)
+    return timing.median_ms / 1e3, timing.cpu_s
 
 
 def main(argv: list[str] | None = None) -> dict:

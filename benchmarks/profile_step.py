@@ -9,7 +9,7 @@ Builds ``randomized_model(variant, size)`` on the device, wraps it with
 engine's CUDA graph captures (``forward_tokens`` + the fused predictor-corrector update),
 run eagerly so that every kernel is visible to the profiler. After ``WARMUP_STEPS`` untimed
 steps (the first calls compile and autotune the Triton kernels), ``--rounds`` rounds of
-``steps`` steps are timed without the profiler (CUDA events; ``perf_counter`` on the CPU),
+``steps`` steps are timed without the profiler (``prdit_fast.bench.time_call``: CUDA events; ``perf_counter`` on the CPU),
 then one round of ``steps`` steps runs under ``torch.profiler``. Reported per step:
 
 * every device kernel (on the CPU: every op, by self time) with its calls, ms, share of
@@ -44,9 +44,7 @@ import pkgutil
 import re
 import statistics
 import sys
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,26 +123,6 @@ def categorize(name: str, triton_names: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------- #
 # Measurement
 # --------------------------------------------------------------------------- #
-def _timed(device: torch.device, run: Callable[[], None]) -> tuple[float, float]:
-    """(wall ms, host ms) of ``run()``. Wall: CUDA events on a GPU (from the first launch to
-    the end of the last kernel), perf_counter on the CPU. Host: perf_counter until ``run``
-    returns, before waiting for the device: the time Python and the launches take."""
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        begin.record()
-        run()
-        end.record()
-        host = time.perf_counter() - start
-        end.synchronize()
-        return begin.elapsed_time(end), host * 1e3
-    start = time.perf_counter()
-    run()
-    host = (time.perf_counter() - start) * 1e3
-    return host, host
-
-
 def _kernel_times(prof: torch.profiler.profile, device: torch.device) -> tuple[dict[str, float], dict[str, int]]:
     """{name: total microseconds}, {name: calls} of what ran in ``prof``: device kernels,
     copies and memsets on a GPU; CPU ops by self time (nothing counted twice) on the CPU."""
@@ -235,9 +213,11 @@ def profile_step(
     rounds, host_rounds = [], []
     for _ in range(timing_rounds):
         rewind()
-        wall, host = _timed(device, run_steps)
-        rounds.append(wall / steps)
-        host_rounds.append(host / steps)
+        # one call: wall (CUDA events on a GPU) and host time (until run_steps returns, before
+        # waiting for the device: what Python and the launches take)
+        timing = bench.time_call(run_steps, device, warmup=0, min_reps=1, max_reps=1)
+        rounds.append(timing.median_ms / steps)
+        host_rounds.append(timing.host_ms / steps)
     wall_ms = statistics.median(rounds)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -245,7 +225,8 @@ def profile_step(
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     rewind()
     with torch.profiler.profile(activities=activities) as prof:
-        profiled_ms = _timed(device, run_steps)[0] / steps  # waits for the device before the profiler stops
+        # time_call waits for the device before the profiler stops
+        profiled_ms = bench.time_call(run_steps, device, warmup=0, min_reps=1, max_reps=1).median_ms / steps
     totals_us, calls = _kernel_times(prof, device)
     if not totals_us:
         raise RuntimeError(

@@ -18,43 +18,55 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class Timing:
-    median_ms: float
+    median_ms: float  # wall time per call: CUDA events on a GPU, perf_counter on the CPU
     reps: int
-    first_call_s: float  # includes compilation, autotuning, graph capture
+    first_call_s: float  # includes compilation, autotuning, graph capture (warmup=0: the first timed rep)
+    host_ms: float = 0.0  # median time until fn returned, before waiting for the device: Python + launches
+    cpu_s: float = 0.0  # median CPU seconds of this process per call (all its threads)
+    result: Any = None  # what fn returned on the last call
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 2, min_reps: int = 3,
               max_reps: int = 50, budget_s: float = 2.0) -> Timing:
     """Median wall time of ``fn`` in ms after ``warmup`` untimed calls (the first one, which
-    compiles / captures, is timed apart).
+    compiles / captures, is timed apart); ``warmup=0, min_reps=max_reps=1`` times a single
+    call, e.g. of a long computation whose ``result`` is wanted.
 
     The first timed rep sets how many follow: as many as fill ``budget_s``, within
     [min_reps, max_reps]. On CUDA each rep is timed with CUDA events; on CPU with perf_counter.
     """
 
-    def timed() -> float:
+    def timed() -> tuple[float, float, float, Any]:
+        cpu = time.process_time()
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             begin.record()
-            fn()
+            out = fn()
             end.record()
+            host = (time.perf_counter() - t0) * 1e3
             end.synchronize()
-            return begin.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+            wall = begin.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            wall = host = (time.perf_counter() - t0) * 1e3
+        return wall, host, time.process_time() - cpu, out
 
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    for _ in range(max(0, warmup - 1)):
+    first = None
+    if warmup > 0:
+        start = time.perf_counter()
         fn()
+        synchronize(device)
+        first = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            fn()
     synchronize(device)
-    times = [timed()]
-    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 // max(times[0], 1e-3))))
-    times += [timed() for _ in range(reps - 1)]
-    return Timing(statistics.median(times), reps, first)
+    reps = [timed()]
+    count = int(min(max_reps, max(min_reps, budget_s * 1e3 // max(reps[0][0], 1e-3))))
+    reps += [timed() for _ in range(count - 1)]
+    wall, host, cpu = (statistics.median(rep[i] for rep in reps) for i in range(3))
+    return Timing(wall, count, reps[0][0] / 1e3 if first is None else first, host, cpu, reps[-1][3])
 
 
 def measure_matmul_peak(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16,
