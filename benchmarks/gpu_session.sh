@@ -15,7 +15,7 @@
 #              whole 100- and 1000-step samples, attention kernel per row, MFU
 #   fp8        benchmarks/bench_fp8.py: e4m3 GEMMs vs bf16, step time, 1000-step samples against bf16
 #   swiglu     benchmarks/bench_ops_swiglu.py: fused vs cuBLAS-composed local denoiser
-#   epilogue   benchmarks/bench_ops_epilogue.py: the gate + residual GEMM epilogue vs today's composition
+#   epilogue   benchmarks/bench_ops_gated_residual_gemm.py: the gate + residual GEMM epilogue vs today's composition
 #   memory     pytest benchmarks/bench_ops_memory.py: unfold / fold / unpatchify / sampler update
 # Results are merged after every stage, so a stage cut off by its cap (or a killed command)
 # keeps what the earlier ones measured. $OUT (default ./gpu_out) receives at most 8 files:
@@ -91,7 +91,7 @@ stage_command() {
       if [ "$DRY_RUN" = 1 ]; then echo "skip: GPU only"; return 0; fi
       python3 -m benchmarks.bench_ops_swiglu --json "$WORK/swiglu.json" ;;
     epilogue)
-      python3 -m benchmarks.bench_ops_epilogue "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/epilogue.json" ;;
+      python3 -m benchmarks.bench_ops_gated_residual_gemm "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/epilogue.json" ;;
     fp8)
       python3 -m benchmarks.bench_fp8 "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/fp8.json" ;;
     memory)

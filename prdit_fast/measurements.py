@@ -1,6 +1,6 @@
 """Measurement operators and task losses for guided sampling (spec section 15).
 
-A guided sampler (``IaNDiffusion.sample_guided``, ``prdit_fast.guided.GuidedSampler``)
+A guided sampler (``IaNDiffusion.sample_guided``, ``prdit_fast.engine.GuidedSampler``)
 pulls the clean prediction ``x0_hat`` of a frozen prior toward an observation ``y``
 with the gradient of a task loss ``L(x0_hat, y)``. The gradient goes through the loss
 (and its operator) only, never through the network.

@@ -167,7 +167,7 @@ def step_times(steps: int) -> list[tuple[float, float]]:
 
 def stage_times(steps: int) -> list[tuple[float, float, float]]:
     """(t_i, t_i + dt/2, t_{i+1}) of each step: the times a fused solver stage evaluates at
-    (``prdit_fast.flow_matching.FusedStage.time`` is the column)."""
+    (a ``prdit_fast.flow_matching.FusedStage``'s ``time`` is the column)."""
     dt = 1.0 / steps
     return [(t, t + dt / 2, t_next) for t, t_next in step_times(steps)]
 

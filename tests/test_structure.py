@@ -302,3 +302,33 @@ def test_the_scans_see_an_upward_import_inside_a_function(tmp_path):
     })
     assert _layer_violations(package) == ["pkg.ops.assemble -> pkg.engine"]
     assert _cycles(_module_imports(package)) == [["pkg.engine", "pkg.ops", "pkg.ops.assemble", "pkg.engine"]]
+
+
+# --------------------------------------------------------------------------- file names
+# modules of prdit_fast/ops that are the ops' shared machinery, not ops, and where they are tested
+OPS_MACHINERY = {
+    "common": "the Triton import and autotune-config helpers: every op's tests",
+    "derived": "the derived-weight cache and recompute-in-backward: test_ops_denoiser, test_fast, test_ops_fp8_linear",
+    "dispatch": "the resolver: this file",
+}
+# test_ops_<family>.py / bench_ops_<family>.py that cover several ops at once: family -> its ops
+OP_FAMILIES = {
+    "rms": ("adaln", "swiglu", "denoiser"),  # TF-PRDiT's RMSNorm form of each
+    "memory": ("unfold", "token_cubes", "sampling"),  # the memory-bound ops as bandwidth
+}
+
+
+def test_op_test_and_benchmark_files_are_named_alike():
+    """ops/NAME.py is tested in tests/test_ops_NAME.py and benchmarked (where it is) in
+    benchmarks/bench_ops_NAME.py: no test or benchmark file carries the name of a module
+    that moved."""
+    ops = {path.stem for path in (PACKAGE / "ops").glob("*.py")} - {"__init__"}
+    tests = {path.stem.removeprefix("test_ops_") for path in (ROOT / "tests").glob("test_ops_*.py")}
+    benches = {path.stem.removeprefix("bench_ops_") for path in (ROOT / "benchmarks").glob("bench_ops_*.py")}
+    assert set(OPS_MACHINERY) <= ops and all(set(covered) <= ops for covered in OP_FAMILIES.values())
+    untested = sorted(ops - set(OPS_MACHINERY) - tests)
+    assert not untested, f"ops without tests/test_ops_<name>.py: {untested}"
+    for kind, names in (("tests/test_ops_", tests), ("benchmarks/bench_ops_", benches)):
+        strays = sorted(names - ops - set(OP_FAMILIES))
+        assert not strays, f"{kind}<name>.py files that name no module of prdit_fast/ops: {strays}"
+

@@ -13,7 +13,7 @@ and stores the fp32 sum, so the branch output never reaches memory.
 the plain-torch reference ``gated_residual_linear_reference``. The backward is the reference's own gradient,
 computed in plain torch from the saved inputs (the forward kernel has no backward).
 Whether the fast backend's DiT blocks use it (against the cuBLAS GEMM + the fused
-residual-LayerNorm pass they use now) is decided by ``benchmarks/bench_ops_epilogue.py``
+residual-LayerNorm pass they use now) is decided by ``benchmarks/bench_ops_gated_residual_gemm.py``
 on a GPU.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The adaLN gate + residual in the GEMM epilogue against what the fast backend runs now.
 
-    python benchmarks/bench_ops_epilogue.py --json epilogue.json      # GPU: PRDiT-B, 128^3, batch 4
-    python benchmarks/bench_ops_epilogue.py --device cpu --tiny       # the dry run: structure only
+    python benchmarks/bench_ops_gated_residual_gemm.py --json epilogue.json      # GPU: PRDiT-B, 128^3, batch 4
+    python benchmarks/bench_ops_gated_residual_gemm.py --device cpu --tiny       # the dry run: structure only
 
 For ``attn.proj`` (K = h) and ``mlp.fc2`` (K = 4h) of a DiT block at M = batch x tokens,
 hidden h, all timed with ``prdit_fast.bench.time_call``:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
     if args.device is None and not torch.cuda.is_available():
-        print("bench_ops_epilogue.py: no CUDA GPU; skipped (pass --device cpu --tiny for a CPU run of its structure)")
+        print("bench_ops_gated_residual_gemm.py: no CUDA GPU; skipped (pass --device cpu --tiny for a CPU run of its structure)")
         return 0
     if args.tiny:
         args.batch, args.tokens, args.hidden = 2, 9, 24
