@@ -20,14 +20,8 @@ import torch.nn.functional as F
 from prdit_fast.layout import modulate
 from prdit_fast.ops.derived import recompute_backward
 from prdit_fast.ops.dispatch import TRITON, resolve
-from prdit_fast.ops.layernorm_gemm import (
-    chunk_moments,
-    dtype_refusal,
-    folded_norm_linear,
-    folds_modulation,
-    layernorm_epilogue_gemm,
-    normalize_on_load_gemm,
-)
+from prdit_fast.ops.layernorm_gemm import chunk_moments, dtype_refusal, folded_norm_linear, folds_modulation
+from prdit_fast.ops.layernorm_gemm import layernorm_epilogue_gemm, normalize_on_load_gemm
 
 SWIGLU_PARAMS = (
     "fc1_g.weight", "fc1_g.bias", "fc1_x.weight", "fc1_x.bias",
