@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .checkpoint import is_model_folder, load_checkpoint, save_model_folder
-from .data.recipes import output_units
+from .data.recipes import OutputUnits, output_units
 from .orientation import canonical_affine
 from .sample_runs import batch_groups, checkpoint_volume_metadata
 from .volumes import Volume
@@ -194,14 +194,20 @@ class Pipeline:
         return volumes
 
     def _volume(self, unit: np.ndarray, like: Mapping[str, Any] | None) -> Volume:
-        """One model output (S, S, S) in [-1, 1] -> a Volume in the checkpoint's units."""
-        if like is not None:
-            from .data.preprocess import to_scanner
+        return output_volume(unit, self.units, like)
 
-            return to_scanner(unit, like, value_range=(-1.0, 1.0))
-        units = self.units
-        name = "HU" if units.hu_window is not None else "normalized [0, 1]"
-        return Volume(units.convert(unit), canonical_affine(units.voxel_size_mm), name, units.description)
+
+def output_volume(unit: np.ndarray, units: OutputUnits, like: Mapping[str, Any] | None = None) -> Volume:
+    """One model output (S, S, S) in [-1, 1] -> a Volume: in the checkpoint's ``units``
+    (``data.recipes.output_units``), or, given the sidecar record ``like`` of a
+    preprocessed volume, in HU placed where that scan lies (``data.preprocess.to_scanner``).
+    ``prdit-fast sample`` writes what this returns."""
+    if like is not None:
+        from .data.preprocess import to_scanner
+
+        return to_scanner(unit, like, value_range=(-1.0, 1.0))
+    name = "HU" if units.hu_window is not None else "normalized [0, 1]"
+    return Volume(units.convert(unit), canonical_affine(units.voxel_size_mm), name, units.description)
 
 
 def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLike, ema: bool = True,

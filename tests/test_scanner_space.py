@@ -145,3 +145,14 @@ def test_preprocess_sample_back_to_hu_and_scanner_space(tmp_path):
     np.testing.assert_allclose(_world_ras(written.affine, (np.asarray(written.shape) - 1) / 2), centre_of(back),
                                atol=1e-4)
     assert written.get_data_dtype() == np.int16
+
+    # the command does the same with --like: HU and the scan's geometry in the NIfTI header
+    assert main(["sample", "--ckpt", str(ckpt), "--num", "1", "--steps", "2", "--out", str(tmp_path / "like"),
+                 "--device", "cpu", "--like", str(npy), "--no-png"]) == 0
+    like = nib.load(str(tmp_path / "like" / "sample_000000.nii.gz"))
+    np.testing.assert_allclose(like.affine, written.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(like.dataobj), np.asarray(written.dataobj))
+    summary = json.loads((tmp_path / "like" / "summary.json").read_text())["runs"][0]
+    assert summary["units"] == "HU" and summary["hu_range"] == [sidecar["hu_min"], sidecar["hu_max"]]
+    assert main(["sample", "--ckpt", str(ckpt), "--num", "1", "--out", str(tmp_path / "bad"), "--like",
+                 str(tmp_path / "scan")]) == 2  # not a preprocessed volume

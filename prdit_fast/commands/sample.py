@@ -20,8 +20,10 @@ The summary gives the network evaluations (NFE) per volume. Units and geometry c
 (``prdit_fast.data.recipes``): Hounsfield units where the training data's intensity
 recipe is invertible (a fixed HU window: RAD-ChestCT, the phantom), else the model's
 normalized [0, 1] intensities, said in the NIfTI header description and the summary;
-the voxel size is the training data's. A volume with NaN or Inf values is an error and
-is not written.
+the voxel size is the training data's. ``--like`` a preprocessed volume of the training
+data writes HU through that volume's own intensity range (LIDC's min-max included) with
+its scanner geometry (``prdit_fast.data.preprocess.to_scanner``). A volume with NaN or
+Inf values is an error and is not written.
 
 Multi-GPU: ``torchrun --nproc_per_node G -m prdit_fast.cli sample ...`` (or any launcher
 that sets RANK / WORLD_SIZE / LOCAL_RANK): rank r samples the indices i with
@@ -48,7 +50,8 @@ from prdit_fast.diffusion import IaNDiffusion, diffusion_for
 from prdit_fast.checkpoint import checkpoint_process, is_model_folder
 from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
-from prdit_fast.pipeline import DTYPES, prepare_for_sampling
+from prdit_fast.data.preprocess import read_sidecar, sidecar_path
+from prdit_fast.pipeline import DTYPES, output_volume, prepare_for_sampling
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
 from prdit_fast.sample_runs import (
     append_record, batch_groups, checkpoint_volume_metadata, file_sha256, network_summary,
@@ -88,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", choices=("x", "x0_hat"), default=None,
                         help="x0_hat: the clean prediction of the last step (IaN default); x: the final sampler "
                              "state (the only output of flow matching)")
+    parser.add_argument("--like", metavar="PREPROCESSED",
+                        help="a volume of the training data (its .npy from prdit-fast preprocess, or the sidecar .json "
+                             "beside it): write HU through its intensity range, placed where that scan lies (affine "
+                             "in the NIfTI header)")
     parser.add_argument("--variant", help="variant name, e.g. PRDiT-B/12/4 (needed for bare state dicts)")
     parser.add_argument("--size", type=int, help="volume edge S (needed for bare state dicts)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA copy")
@@ -121,6 +128,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2^32) (the high half of the Philox key), got {args.seed}")
+    if args.like is not None:
+        try:
+            read_sidecar(args.like)
+        except ValueError as e:
+            raise UsageError(f"--like: {e}") from e
     if not Path(args.ckpt).is_file() and not is_model_folder(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r} is neither a checkpoint file nor a model folder (with config.json)")
 
@@ -177,26 +189,25 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.n
     return prepare_for_sampling(model, device, args.backend, args.dtype)
 
 
-def _write_volume(path: Path, volume: torch.Tensor, units: OutputUnits, fmt: str, png: bool) -> None:
-    """One model output (C, S, S, S) in [-1, 1] to disk in ``units``. PNG first, volume
-    last: the volume file is what marks index i as done."""
+def _write_volume(path: Path, volume: torch.Tensor, units: OutputUnits, fmt: str, png: bool,
+                  like: dict | None) -> None:
+    """One model output (C, S, S, S) in [-1, 1] to disk in ``units`` (or in HU and the
+    scanner space of the ``--like`` sidecar record). PNG first, volume last: the volume
+    file is what marks index i as done."""
     from prdit_fast.atomic import atomic_path
 
     v = volume[0] if volume.shape[0] == 1 else volume
-    array = units.convert(v.float().cpu().numpy())
+    result = output_volume(v.float().cpu().numpy(), units, like)
     if png:
         from prdit_fast.volumes import save_slices_png
 
-        windows = ("lung", "mediastinal") if units.hu_window is not None else ((0.0, 1.0),)
-        save_slices_png(path.with_name(path.name.split(".")[0] + ".png"), array, windows=windows)
+        windows = ("lung", "mediastinal") if result.units == "HU" else ((0.0, 1.0),)
+        save_slices_png(path.with_name(path.name.split(".")[0] + ".png"), result.array, windows=windows)
     if fmt == "nii.gz":
-        from prdit_fast.volumes import save_nifti
-
-        save_nifti(path, array, spacing=units.voxel_size_mm, dtype="int16" if units.hu_window else "float32",
-                   description=units.description)
+        result.save(path)
     else:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, array)
+            np.save(f, result.array)
 
 
 def _run_identity(args: argparse.Namespace, options: dict, world: int, batch_size: int) -> dict:
@@ -207,6 +218,8 @@ def _run_identity(args: argparse.Namespace, options: dict, world: int, batch_siz
         "dtype": args.dtype, "backend": args.backend, "batch_size": batch_size, "world_size": world,
         "format": args.format, "variant": args.variant, "size": args.size, "cuda_graph": not args.no_cuda_graph,
     }
+    if args.like is not None:  # the HU range and geometry come from the sidecar
+        identity["like_sha256"] = file_sha256(sidecar_path(args.like) if args.like.endswith(".npy") else args.like)
     if "eta" in options:  # flow matching
         identity.update(eta=options["eta"], err_target=options["err_target"])
     return identity
@@ -247,11 +260,15 @@ def _sample(args: argparse.Namespace, out: Path, options: dict, identity: dict, 
 
     device = resolve_device(args.device, local_rank)
     units = output_units(checkpoint_volume_metadata(args.ckpt))
+    like = read_sidecar(args.like) if args.like is not None else None
     summary: dict = {
         "checkpoint": str(args.ckpt), "num": args.num, "rank": rank, "world_size": world,
         "seed": args.seed, "format": args.format, "saved": options["save"], "identity": identity, **units.summary,
         "volumes_written": 0, "volumes_skipped": skipped,
     }
+    if like is not None:
+        summary.update(units="HU", like=str(args.like), hu_range=[like["hu_min"], like["hu_max"]],
+                       intensity_description=f"{like['intensity']} preprocessing of {like['source']} undone")
     if todo:
         model, dtype, backend = build_model(args, device)
         flow = {"eta": options["eta"], "err_target": options["err_target"]} if "eta" in options else {}
@@ -278,7 +295,7 @@ def _sample(args: argparse.Namespace, out: Path, options: dict, identity: dict, 
                     path = volume_path(out, index, args.format)
                     if path.exists() or index in broken:
                         continue
-                    _write_volume(path, result[j], units, args.format, png)
+                    _write_volume(path, result[j], units, args.format, png, like)
                     done += 1
                     per_volume = (time.perf_counter() - started) / done
                     hours_for_num = f"{args.num * per_volume / 3600:.2f}"  # on this device type, not a GPU's
