@@ -138,3 +138,16 @@ def test_a_real_full_file_system_while_checkpointing(tmp_path, model):
         assert e.value.errno == errno.ENOSPC and list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)  # the caught error may still hold the file
+
+
+def test_an_image_size_the_variant_cannot_take_is_a_usage_error(tmp_path, capsys):
+    import yaml
+
+    config = {"data": {"image_size": 17}, "model": {"name": "PRDiT-XS/12/0"},
+              "training": {"batch_size": 1, "total_steps": 1, "learning_rate": 1e-3, "device": "cpu"},
+              "output": {"results_dir": str(tmp_path / "run")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: model.name / data.image_size:") and "not a multiple of stride 8" in line
+    assert not (tmp_path / "run").exists()

@@ -19,8 +19,9 @@ import prdit_fast
 from prdit_fast.errors import UsageError
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
 
-# A child process: for each round r, wait for the start signal GO.r, claim OUT.r for
-# seed SEED (writing its file), hold it HOLD seconds; one line per round on stdout.
+# A child process: for each round r, wait for the start signal (a line on stdin; the parent
+# writes it to every child at once, and a closed stdin, the parent gone, ends the child),
+# claim OUT.r for seed SEED (writing its file), hold it HOLD seconds; one line per round.
 _CHILD = textwrap.dedent("""
     import sys, time, types
     from pathlib import Path
@@ -30,11 +31,11 @@ _CHILD = textwrap.dedent("""
     sys.modules["prdit_fast"] = package
     from prdit_fast.errors import UsageError
     from prdit_fast.run_claims import claim_run_folder
-    out, seed, go, hold, rounds = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+    out, seed, hold, rounds = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     for r in range(rounds):
         print("ready", flush=True)
-        while not Path(f"{go}.{r}").exists():
-            time.sleep(0.0005)
+        if not sys.stdin.readline():
+            sys.exit(3)  # the parent is gone
         folder = Path(f"{out}.{r}")
         try:
             claim = claim_run_folder(folder, {"seed": seed}, outputs=("result_*",))
@@ -48,24 +49,27 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _children(out, go, seeds, hold=0.0, rounds=1):
+def _children(out, seeds, hold=0.0, rounds=1):
     child = _CHILD.replace("PACKAGE_DIR", repr(os.path.dirname(prdit_fast.__file__)))
-    procs = [subprocess.Popen([sys.executable, "-c", child, str(out), str(s), str(go), str(hold), str(rounds)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in seeds]
-    return procs
+    return [subprocess.Popen([sys.executable, "-c", child, str(out), str(s), str(hold), str(rounds)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for s in seeds]
 
 
-def _all_ready(procs):
-    for p in procs:  # every child is spinning on the start signal
+def _start(procs):
+    for p in procs:  # every child is blocked on its stdin
         assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+    for p in procs:
+        p.stdin.flush()
 
 
 def test_runs_started_together_one_wins(tmp_path):
-    out, go, rounds = tmp_path / "out", tmp_path / "go", 5
-    procs = _children(out, go, seeds=range(4), hold=0.05, rounds=rounds)
+    out, rounds = tmp_path / "out", 5
+    procs = _children(out, seeds=range(4), hold=0.05, rounds=rounds)
     for r in range(rounds):  # several races, each between 4 processes started at the same moment
-        _all_ready(procs)
-        (tmp_path / f"go.{r}").touch()
+        _start(procs)
         lines = [p.stdout.readline().strip() for p in procs]
         winners = [i for i, line in enumerate(lines) if line == "claimed"]
         assert len(winners) == 1, lines
@@ -75,14 +79,14 @@ def test_runs_started_together_one_wins(tmp_path):
         folder = tmp_path / f"out.{r}"
         assert sorted(p.name for p in folder.glob("result_*")) == [f"result_{winners[0]}.txt"]
         assert json.loads((folder / "run.json").read_text()) == {"seed": winners[0]}
+    for p in procs:
+        p.stdin.close()
     assert [p.wait(timeout=60) for p in procs] == [0] * 4
 
 
 def test_a_live_run_refuses_others_and_a_killed_run_is_released(tmp_path):
-    out, go = tmp_path / "out", tmp_path / "go"
-    (tmp_path / "go.0").touch()
-    (holder,) = _children(out, go, seeds=[7], hold=60)
-    _all_ready([holder])
+    (holder,) = _children(tmp_path / "out", seeds=[7], hold=60)
+    _start([holder])
     out = tmp_path / "out.0"
     assert holder.stdout.readline().strip() == "claimed"
     # while it lives: another identity, and the same identity, are refused with its pid
@@ -101,10 +105,8 @@ def test_a_live_run_refuses_others_and_a_killed_run_is_released(tmp_path):
 
 
 def test_a_killed_run_without_outputs_leaves_the_folder_free(tmp_path):
-    out, go = tmp_path / "out", tmp_path / "go"
-    (tmp_path / "go.0").touch()
-    (holder,) = _children(out, go, seeds=[1], hold=60)
-    _all_ready([holder])
+    (holder,) = _children(tmp_path / "out", seeds=[1], hold=60)
+    _start([holder])
     out = tmp_path / "out.0"
     assert holder.stdout.readline().strip() == "claimed"
     (out / "result_1.txt").unlink()  # as if killed before its first output

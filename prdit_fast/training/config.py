@@ -24,7 +24,7 @@ from ..checkpoint import MODEL_BACKENDS
 from ..data.cache import DTYPES as CACHE_DTYPES
 from ..data.feed import ON_DEVICE_CHOICES
 from ..errors import UsageError
-from ..models import canonical_name
+from ..models import canonical_name, variant_config
 from ..sr import config_from_official_sr, is_official_sr_config
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -383,6 +383,11 @@ def _check_across_keys(config: TrainConfig) -> None:
         )
     if config.stage3:
         _check_stage3(config)
+    else:  # the network must exist at this edge (e.g. an edge the stride divides)
+        try:
+            variant_config(model.name, config.data.image_size, model.in_channels, model.out_channels)
+        except ValueError as e:
+            raise ConfigError(f"model.name / data.image_size: {e}") from e
 
 
 def _check_stage3(config: TrainConfig) -> None:
