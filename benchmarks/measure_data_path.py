@@ -64,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="prdit-data-path-") as tmp:
         tmp = Path(tmp)
-        lidc = make_sources(tmp / "src", 256, args.volumes)["official-lidc"]
+        lidc = make_sources(tmp / "src", 256, args.volumes, kinds=("official-lidc",))["official-lidc"]
         (tmp / "train.txt").write_text("\n".join(map(str, lidc)) + "\n")
         pooled = tmp / "pooled"
         pooled.mkdir()

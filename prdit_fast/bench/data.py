@@ -58,25 +58,28 @@ def _unit_volumes(edge: int, count: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def make_sources(folder: Path, edge: int, count: int) -> dict[str, list[Path]]:
-    """The three file sources of ``count`` volumes of edge ``edge`` under ``folder``."""
+def make_sources(folder: Path, edge: int, count: int, kinds: tuple[str, ...] = SOURCES[:3]) -> dict[str, list[Path]]:
+    """The file sources ``kinds`` (default all three) of ``count`` volumes of edge ``edge``
+    under ``folder``."""
     import nibabel as nib
 
     files: dict[str, list[Path]] = {k: [] for k in SOURCES[:3]}
     for n, v in enumerate(_unit_volumes(edge, count), 1):
-        series = folder / "LIDC-IDRI" / f"LIDC-IDRI-{n:04d}" / "1.3.6.1.4.1.14519"
-        series.mkdir(parents=True, exist_ok=True)
-        path = series / "processed.nii.gz"
-        nib.save(nib.Nifti1Image(v, np.eye(4)), str(path))
-        files["official-lidc"].append(path)
-        path = folder / "rad_chestct" / f"trn{n:05d}.npz"
-        path.parent.mkdir(exist_ok=True)
-        np.savez_compressed(path, ct=v, volume=v)
-        files["official-rad"].append(path)
-        path = folder / "npy" / f"volume_{n:04d}.npy"
-        path.parent.mkdir(exist_ok=True)
-        np.save(path, v.astype(np.float16))
-        files["npy"].append(path)
+        if "official-lidc" in kinds:
+            path = folder / "LIDC-IDRI" / f"LIDC-IDRI-{n:04d}" / "1.3.6.1.4.1.14519" / "processed.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(v, np.eye(4)), str(path))
+            files["official-lidc"].append(path)
+        if "official-rad" in kinds:
+            path = folder / "rad_chestct" / f"trn{n:05d}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, ct=v, volume=v)
+            files["official-rad"].append(path)
+        if "npy" in kinds:
+            path = folder / "npy" / f"volume_{n:04d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, v.astype(np.float16))
+            files["npy"].append(path)
     return files
 
 
