@@ -47,17 +47,26 @@ def split(tmp_path_factory) -> Path:
     return folder / "train.txt"
 
 
-def test_cache_on_first_use_same_losses_and_data_wait_logged(tmp_path, split, caplog):
+def test_cache_on_first_use_same_losses_and_data_wait_logged(tmp_path, split, caplog, monkeypatch):
+    def raise_workers_once(self, wait, rate):  # as a waiting step would: the loader restarts with 1 worker
+        grow, self.workers = self.workers == 0, 1
+        return grow
+
     with caplog.at_level(logging.INFO, logger="prdit_fast"):
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_more_workers", raise_workers_once)
+            train(_config(tmp_path / "resized", split, data={"cache_dir": str(tmp_path / "c2")}))
         train(_config(tmp_path / "direct", split, data={"cache": False}))
         train(_config(tmp_path / "exact", split, data={"cache_dtype": "float32", "cache_dir": str(tmp_path / "c")}))
         train(_config(tmp_path / "half", split, data={"cache_dir": str(tmp_path / "c")}))
         train(_config(tmp_path / "device", split, data={"cache_dir": str(tmp_path / "c"), "on_device": True}))
     messages = [r.getMessage() for r in caplog.records]
-    assert sum(m.startswith("cache: building") for m in messages) == 2  # float32, then float16; reused after
+    assert sum(m.startswith("cache: building") for m in messages) == 3  # c2 (float16); c: float32, float16
     assert any(m.startswith(f"data: train cache {tmp_path / 'c'}") for m in messages)  # where it lives is said
     assert any(m.startswith("data: the cached set on cpu (data.on_device: true)") for m in messages)
-    losses = {run: [r["loss"] for r in _records(tmp_path / run)] for run in ("direct", "exact", "half", "device")}
+    runs = ("direct", "exact", "half", "device", "resized")
+    losses = {run: [r["loss"] for r in _records(tmp_path / run)] for run in runs}
+    assert losses["resized"] == losses["half"]  # a loader restarted at the stream position: the same order
     assert losses["exact"] == losses["direct"]  # float32 cache: the same samples in the same order
     assert losses["half"][0] == pytest.approx(losses["direct"][0], rel=1e-3)  # float16: within its rounding
     assert losses["device"] == losses["half"]  # on the device: the loader path's batches, bit for bit
@@ -86,6 +95,8 @@ def test_user_dataset_trains_and_a_slow_one_is_warned_about(tmp_path, caplog):
     warned = [m for m in messages if m.startswith("the step waits for data")]
     assert warned and "loader workers" in warned[0], messages
     assert _records(tmp_path / "run")[0]["data_wait_pct"] > 5  # the first batch is read while the step waits
+    # the loader's workers are raised from the measured read time (at most one per core here)
+    assert any(m.startswith("data: loader workers 0 -> ") for m in messages), messages
     with pytest.raises(ValueError, match="training needs \\(1, 16, 16, 16\\)"):
         train(_config(tmp_path / "bad", None), dataset=[torch.zeros(1, 8, 8, 8)])
 

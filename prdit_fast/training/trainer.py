@@ -167,6 +167,7 @@ class Trainer:
         self.step = 0
         self.best_val: tuple[float, int] | None = None  # (EMA validation loss, step) of the best evaluation
         self.read_ms: float | None = None  # one core's time per sample, measured when the loader starts
+        self.workers = self.config.data.num_workers  # this rank's loader workers; raised when the step waits
         self.position = 0  # samples of the training stream consumed (all ranks)
         self.monitor = None  # prdit_fast.monitor.RunMonitor, opened by run()
         self.val_set = self._validation_set()
@@ -270,11 +271,29 @@ class Trainer:
         if on_device:
             self._info(f"data: the cached set on {self.device} ({why}); batches gathered there")
             return DeviceBatches(upload(self.dataset.array, self.device), sampler, per_rank)
-        workers = self.config.data.num_workers
-        self.read_ms = 1e3 * read_seconds(self.dataset)
-        self._info(f"data: loader with {workers} workers, {self.read_ms:.1f} ms per sample on one core, next batch "
-                   f"prefetched to {self.device} ({why})")
-        return PrefetchedBatches(self.dataset, sampler, per_rank, self.device, workers)
+        if self.read_ms is None:
+            self.read_ms = 1e3 * read_seconds(self.dataset)
+        self._info(f"data: loader with {self.workers} workers, {self.read_ms:.1f} ms per sample on one core, next "
+                   f"batch prefetched to {self.device} ({why})")
+        return PrefetchedBatches(self.dataset, sampler, per_rank, self.device, self.workers)
+
+    def _more_workers(self, wait: dict, samples_per_s: float) -> bool:
+        """After a window that waited for data more than 5% of the time: raise this rank's
+        loader workers to what the measured read time needs at the step's rate without the
+        wait (at most the cores this rank has). True when the loader is to be restarted (at
+        the current stream position, so the sample order is unchanged)."""
+        from ..data.feed import cores_per_rank, workers_needed
+
+        if self.read_ms is None or wait["data_wait_pct"] <= 100 * WAIT_WARNING:
+            return False
+        unhindered = samples_per_s / max(1.0 - wait["data_wait_pct"] / 100, 0.05)
+        wanted = min(cores_per_rank(), workers_needed(self.read_ms / 1e3, unhindered))
+        if wanted <= self.workers:
+            return False
+        self._info(f"data: loader workers {self.workers} -> {wanted} ({self.read_ms:.1f} ms per sample per core, the "
+                   f"step takes {unhindered:.1f} samples/s per rank without waiting)")
+        self.workers = wanted
+        return True
 
     def _restore_latest_readable(self, candidates: list[Path]) -> None:
         """Resume from the newest checkpoint that reads; an unreadable one (a truncated
@@ -492,7 +511,10 @@ class Trainer:
             window_loss += loss
             window_steps += 1
             if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
-                self._log_window(window_loss, window_steps, time.perf_counter() - t_window)
+                wait, rate = self._log_window(window_loss, window_steps, time.perf_counter() - t_window)
+                if self._more_workers(wait, rate):
+                    batches.close()
+                    batches = self._loader()
                 window_loss.zero_()
                 window_steps = 0
                 t_window = time.perf_counter()
@@ -512,7 +534,9 @@ class Trainer:
         self.monitor.close()
         return self.last_checkpoint
 
-    def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> None:
+    def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> tuple[dict, float]:
+        """Log the window's mean loss, throughput and data wait (rank 0); returns (this
+        rank's data wait record, its samples/s)."""
         mean = loss_sum / steps
         if self.distributed:
             dist.all_reduce(mean)
@@ -537,6 +561,7 @@ class Trainer:
             )
             if wait["data_wait_pct"] > 100 * WAIT_WARNING:
                 self._warn_data_wait(wait, record["samples_per_s"] / self.world)
+        return wait, steps_per_s * self.samples_per_step / self.world
 
     def _warn_data_wait(self, wait: dict, samples_per_s: float) -> None:
         from ..data.feed import workers_needed
@@ -545,7 +570,7 @@ class Trainer:
         if self.read_ms is not None:
             need = workers_needed(self.read_ms / 1e3, samples_per_s)
             advice = (f"reading takes {self.read_ms:.1f} ms per sample per core, so {samples_per_s:.1f} samples/s need "
-                      f"about {need} loader workers (data.num_workers is {self.config.data.num_workers}); the "
+                      f"about {need} loader workers ({self.workers} now, at most one per core); the "
                       f"training cache (data.cache) and data.on_device remove most of that work")
         log.warning("the step waits for data %.1f%% of the time (%.1f ms per step, above %.0f%%): %s",
                     wait["data_wait_pct"], wait["data_wait_ms"], 100 * WAIT_WARNING, advice)
