@@ -284,7 +284,8 @@ class Trainer:
         the current stream position, so the sample order is unchanged)."""
         from ..data.feed import cores_per_rank, workers_needed
 
-        if self.read_ms is None or wait["data_wait_pct"] <= 100 * WAIT_WARNING:
+        first_window = self.step <= self.config.logging.log_every  # it holds the first batch's latency
+        if self.read_ms is None or first_window or wait["data_wait_pct"] <= 100 * WAIT_WARNING:
             return False
         unhindered = samples_per_s / max(1.0 - wait["data_wait_pct"] / 100, 0.05)
         wanted = min(cores_per_rank(), workers_needed(self.read_ms / 1e3, unhindered))
