@@ -332,3 +332,9 @@ def test_op_test_and_benchmark_files_are_named_alike():
         strays = sorted(names - ops - set(OP_FAMILIES))
         assert not strays, f"{kind}<name>.py files that name no module of prdit_fast/ops: {strays}"
 
+
+def test_no_module_is_longer_than_800_lines():
+    lengths = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert len(lengths) > 50
+    long = {name: n for name, n in lengths.items() if n > 800}
+    assert not long, f"modules over 800 lines (split them by responsibility): {long}"
