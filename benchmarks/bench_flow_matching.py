@@ -1,27 +1,35 @@
 """The released 256^3 model, every way to run it, in one run: PRDiT-B/16/12-s16 with flow
 matching (spec section 14), sampling and training.
 
-    python -m benchmarks.bench_flow_matching --json fm.json            # B/16/12-s16 at 256^3, batch 1
+    python -m benchmarks.bench_flow_matching --json fm.json            # B/16/12-s16 at 256^3, batch 1 and 2
+    python -m benchmarks.bench_flow_matching --rows fast-graph compile --json fm-compile.json
     python -m benchmarks.bench_flow_matching --device cpu --variant PRDiT-XS/4/0 --size 8 --steps 2
 
-Sampling rows (one network evaluation ``forward_ms``; one Euler step ``step_ms``; a whole
-``--steps``-step Euler sample ``whole_s`` and ``s_per_volume``, the initial noise drawn
-inside the timed region; ``mfu`` against a bf16 matmul peak measured in this run):
+Sampling rows, each at every ``--batch-sizes`` (one network evaluation ``forward_ms``; one
+Euler step ``step_ms``; a whole ``--steps``-step Euler sample ``whole_s`` and
+``s_per_volume``, the initial noise drawn inside the timed region; ``peak_memory_gib`` of
+the row; ``attention``, the attention kernels one evaluation launched; ``rel_rms_error`` of
+one evaluation against the fp32 reference with TF32 off; ``mfu`` against a bf16 matmul
+peak measured in this run):
 
-* ``official``       the official code path: reference fp32 eager, TF32 off, SDPA attention,
-                     its plain Euler loop keeping the trajectory on the host (x.cpu() every step);
+* ``official``       the official loop as its users run it: ``FlowMatching.sample`` over the
+                     reference in fp32 with TF32 matmuls, SDPA attention;
 * ``reference-bf16`` the reference under ``torch.autocast(bfloat16)``, driven by the engine;
+* ``fast-eager``     ``accelerate(model, bf16)`` in the engine's ``Sampler``, no graph;
+* ``fast-graph``     the same, one CUDA graph per step;
 * ``compile``        ``torch.compile(reference, mode="max-autotune")`` under bf16 autocast,
-                     driven by the engine (its own CUDA graphs);
-* ``fast-graph``     ``accelerate(model, bf16)`` in the engine's ``Sampler``, one CUDA graph per step.
+                     driven by the engine (its own CUDA graphs); run last (minutes of autotuning).
 
-Training rows (one optimizer step of ``--train-batch`` x ``--accum`` volumes with the
-flow-matching loss, activation checkpointing of the trainable blocks: ``train_step_s``,
-``samples_per_s``, ``peak_memory_gib``): ``official`` (fp32 eager, SDPA), ``reference-bf16``
-(bf16 autocast, as the official configs' ``training.amp``), ``fast`` (the fast backend, bf16).
+Training rows (``--training``: one optimizer step of ``--train-batch`` x ``--accum`` volumes
+with the flow-matching loss, activation checkpointing of the trainable blocks:
+``train_step_s``, ``samples_per_s``, ``peak_memory_gib``): ``official`` (fp32 eager, SDPA),
+``reference-bf16`` (bf16 autocast, as the official configs' ``training.amp``), ``fast`` (the
+fast backend, bf16).
 
-Ratios (``x_official``, ``x_compile``) are within this run. On the CPU the compile and graph
-rows are skipped with the reason recorded and every figure is a CPU figure (``label``).
+Ratios (``x_official``, ``x_compile``) are step-time ratios within this run at the same batch
+size. ``--json`` is rewritten after every row, so a run cut off keeps its rows. On the CPU
+the compile and graph rows are skipped with the reason recorded and every figure is a CPU
+figure (``label``).
 """
 from __future__ import annotations
 
@@ -34,24 +42,26 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.bench_sampling import _CompiledStep, skip_reason, tf32
+from benchmarks.bench_sampling import _CompiledStep, _rel_rms, attention_kernels, attention_label, skip_reason, tf32
 from benchmarks.bench_sampling import RowSpec as _RowSpec
 from prdit_fast import bench
 from prdit_fast.atomic import write_json
 from prdit_fast.devices import resolve_device
 
-SCHEMA = "prdit-fast-flow-matching/1"
-VARIANT, SIZE, STEPS = "PRDiT-B/16/12-s16", 256, 100
+SCHEMA = "prdit-fast-flow-matching/2"
+VARIANT, SIZE, STEPS, BATCH_SIZES = "PRDiT-B/16/12-s16", 256, 100, (1, 2)
 SAMPLING_ROWS = (
-    _RowSpec("official", "reference fp32 eager, TF32 off, SDPA; Euler loop with the trajectory copied to the host",
-             "reference", official_loop=True),
+    _RowSpec("official", "FlowMatching.sample over the reference, fp32 with TF32 matmuls, SDPA", "reference",
+             official_loop=True, tf32=True),
     _RowSpec("reference-bf16", "reference, SDPA, bf16 autocast; engine Euler step, eager", "reference",
              autocast_bf16=True),
-    _RowSpec("compile", 'torch.compile(reference, mode="max-autotune"), bf16 autocast; engine Euler step',
-             "reference", autocast_bf16=True, compiled=True),
+    _RowSpec("fast-eager", "accelerate(model, bf16), engine Euler step (fused update), eager", "fast"),
     _RowSpec("fast-graph", "accelerate(model, bf16), engine Euler step replayed from one CUDA graph", "fast",
              cuda_graph=True),
+    _RowSpec("compile", 'torch.compile(reference, mode="max-autotune"), bf16 autocast; engine Euler step',
+             "reference", autocast_bf16=True, compiled=True),
 )
+SAMPLING_NAMES = tuple(r.name for r in SAMPLING_ROWS)
 TRAINING_ROWS = (
     _RowSpec("official", "reference fp32 eager, SDPA, activation checkpointing", "reference"),
     _RowSpec("reference-bf16", "reference, bf16 autocast (training.amp), activation checkpointing", "reference",
@@ -78,15 +88,15 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def sampling_row(spec, model, batch: int, steps: int, device: torch.device, timing: dict, compile_mode: str) -> dict:
+def sampling_row(spec, model, batch: int, steps: int, device: torch.device, timing: dict, compile_mode: str,
+                 truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
     from prdit_fast.engine import Sampler, keys_for
     from prdit_fast.fast import accelerate
     from prdit_fast.flow_matching import FlowMatching
 
     cfg = model.config
     shape = (batch, cfg.in_channels) + (cfg.input_size,) * 3
-    x = torch.randn(shape, device=device)
-    t = torch.full((batch,), 500.0, device=device)
+    x, t, want = truth
     cpu = device.type != "cuda"
     if spec.network == "fast":
         net = accelerate(model, dtype=torch.float32 if cpu else torch.bfloat16, impl="torch" if cpu else "auto")
@@ -98,32 +108,31 @@ def sampling_row(spec, model, batch: int, steps: int, device: torch.device, timi
         with torch.no_grad(), _autocast(device, spec.autocast_bf16):
             return net(x, t)
 
-    out: dict[str, Any] = {"forward_ms": bench.time_call(forward, device, **timing).median_ms}
+    out: dict[str, Any] = {"rel_rms_error": _rel_rms(forward().float(), want)}  # the first call builds / compiles
+    out["forward_ms"] = bench.time_call(forward, device, **timing).median_ms
+    out["attention"] = attention_label(attention_kernels(forward, device), cfg.depth, graphs=spec.compiled)
+    if spec.network == "fast" and cfg.depth:
+        from prdit_fast.ops.attention_backends import last_backend
+
+        out["attention"] = f"{last_backend()}: {out['attention']}"
     if spec.official_loop:
         fm = FlowMatching()
 
         def sample(n: int) -> Callable[[], Any]:
-            def run() -> list[torch.Tensor]:
-                state, dt, trajectory = fm.initial_noise(shape, device=device), 1.0 / n, []
-                with torch.no_grad():
-                    for i in range(n):
-                        v = model(state, torch.full((batch,), 1000.0 * i * dt, device=device))
-                        state = state + dt * v
-                        trajectory.append(state.cpu())  # as the official sampler keeps it
-                return trajectory
-
-            return run
+            return lambda: fm.sample(model, fm.initial_noise(shape, device=device), n, "euler")
 
         out["step_ms"] = bench.time_call(sample(1), device, **timing).median_ms
         out["cuda_graph"] = False
     else:
         calls = timing["warmup"] + timing["max_reps"] + 1
-        engine = Sampler(net, batch, max(steps, calls), "euler", dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
         keys = keys_for(0, range(batch))
+        engine = Sampler(net, batch, max(steps, calls), "euler", dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
         engine.sample(keys)
         engine.step.zero_()
         out["step_ms"] = bench.time_call(engine.advance, device, **timing).median_ms
         out["cuda_graph"] = engine.cuda_graph
+        engine = None
+        bench.release(device)
         engine = Sampler(net, batch, steps, "euler", dtype=autocast_dtype, cuda_graph=spec.cuda_graph)
 
         def sample(n: int) -> Callable[[], Any]:
@@ -168,39 +177,61 @@ def training_row(spec, model, batch: int, accum: int, device: torch.device, timi
             "activation_checkpointed_blocks": checkpointed}
 
 
-def run(variant: str = VARIANT, size: int = SIZE, batch: int = 1, steps: int = STEPS, train_batch: int = 2,
-        accum: int = 2, device: str | torch.device | None = None, compile_mode: str = "max-autotune",
-        training: bool = True) -> dict[str, Any]:
-    """Every sampling row, then every training row; a failing row (OOM, compile error) is recorded."""
+def run(variant: str = VARIANT, size: int = SIZE, batch_sizes: tuple[int, ...] = BATCH_SIZES, steps: int = STEPS,
+        train_batch: int = 2, accum: int = 2, device: str | torch.device | None = None,
+        compile_mode: str = "max-autotune", training: bool = False, rows: tuple[str, ...] = SAMPLING_NAMES,
+        on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """The sampling ``rows`` at every batch size (compile last), then, with ``training``, every
+    training row; a failing row (OOM, compile error) is recorded; ``on_row(result)`` after each."""
     from prdit_fast.flops import flops_per_step
 
+    unknown = [r for r in rows if r not in SAMPLING_NAMES]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; valid: {list(SAMPLING_NAMES)}")
     device = resolve_device(device)
     cpu = device.type != "cuda"
     timing = CPU_TIMING if cpu else TIMING
     peak = bench.measure_matmul_peak(device, 256 if cpu else 8192, torch.bfloat16)
     model = fm_model(bench.variant_name(variant), size).to(device)
-    flop = flops_per_step(model.config) * batch
+    flop = flops_per_step(model.config)
     result: dict[str, Any] = {
         "schema": SCHEMA, **bench.environment(device), "label": "CPU results (not GPU figures)" if cpu else "GPU",
-        "settings": {"variant": model.config.name, "size": size, "batch": batch, "steps": steps, "solver": "euler",
-                     "train_batch": train_batch, "grad_accum_steps": accum, "compile_mode": compile_mode},
-        "peak": peak, "flop_per_evaluation": flop, "sampling": [], "training": [],
+        "settings": {"variant": model.config.name, "size": size, "batch_sizes": list(batch_sizes), "steps": steps,
+                     "solver": "euler", "train_batch": train_batch, "grad_accum_steps": accum,
+                     "compile_mode": compile_mode},
+        "peak": peak, "flop_per_evaluation_per_volume": flop, "sampling": [], "training": [],
     }
-    jobs = [("sampling", s) for s in SAMPLING_ROWS] + ([("training", s) for s in TRAINING_ROWS] if training else [])
-    for kind, spec in jobs:
-        row: dict[str, Any] = {"row": spec.name, "description": spec.description}
-        reason = skip_reason(spec, device)
+    chosen = [s for s in SAMPLING_ROWS if s.name in rows]
+    # torch.compile's autotuning takes minutes: every other row first, at every batch size
+    jobs = [("sampling", spec, b) for compiled in (False, True) for b in batch_sizes for spec in chosen
+            if spec.compiled == compiled]
+    jobs += [("training", s, train_batch) for s in TRAINING_ROWS] if training else []
+    truth: dict[int, tuple] = {}
+    for kind, spec, batch in jobs:
+        row: dict[str, Any] = {"row": spec.name, "batch": batch, "description": spec.description}
+        # the official loop runs on the CPU too: in fp32 there (TF32 is a GPU mode)
+        reason = None if spec.official_loop else skip_reason(spec, device)
         if reason is not None:
             row["status"] = f"skipped: {reason}"
             result[kind].append(row)
+            if on_row is not None:
+                on_row(result)
             continue
         bench.release(device)
-        bench.reset_peak_memory(device)
         try:
-            with tf32(False):
+            if kind == "sampling" and batch not in truth:
+                truth.clear()  # one batch size's inputs at a time
+                bench.release(device)
+                generator = torch.Generator(device).manual_seed(0)
+                x = torch.randn((batch, 1) + (size,) * 3, device=device, generator=generator)
+                t = torch.full((batch,), 500.0, device=device)
+                with tf32(False), torch.no_grad():
+                    truth[batch] = (x, t, model(x, t).float())
+            bench.reset_peak_memory(device)
+            with tf32(spec.tf32):
                 if kind == "sampling":
-                    row.update(sampling_row(spec, model, batch, steps, device, timing, compile_mode))
-                    row["mfu"] = flop / (row["step_ms"] / 1e3) / 1e12 / peak["tflops"]
+                    row.update(sampling_row(spec, model, batch, steps, device, timing, compile_mode, truth[batch]))
+                    row["mfu"] = flop * batch / (row["step_ms"] / 1e3) / 1e12 / peak["tflops"]
                 else:
                     row.update(training_row(spec, model, train_batch, accum, device, timing))
             row["status"] = "ok"
@@ -210,35 +241,43 @@ def run(variant: str = VARIANT, size: int = SIZE, batch: int = 1, steps: int = S
         result[kind].append(row)
         if spec.compiled:
             torch.compiler.reset()
-    _add_ratios(result)
+        _add_ratios(result)
+        if on_row is not None:
+            on_row(result)
     return result
 
 
 def _add_ratios(result: dict[str, Any]) -> None:
     for kind, key in (("sampling", "step_ms"), ("training", "train_step_s")):
-        ok = {r["row"]: r for r in result[kind] if r.get("status") == "ok"}
-        for r in ok.values():
+        ok = {(r["row"], r.get("batch")): r for r in result[kind] if r.get("status") == "ok"}
+        for (_, batch), r in ok.items():
             for other, name in (("official", "x_official"), ("compile", "x_compile")):
-                if other in ok:
-                    r[name] = ok[other][key] / r[key]
+                if (other, batch) in ok:
+                    r[name] = ok[other, batch][key] / r[key]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default=VARIANT)
     parser.add_argument("--size", type=int, default=SIZE)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--rows", nargs="+", choices=SAMPLING_NAMES, default=list(SAMPLING_NAMES))
+    parser.add_argument("--compile-mode", default="max-autotune")
+    parser.add_argument("--training", action="store_true", help="also the training rows")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--accum", type=int, default=2)
-    parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--device")
-    parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--json", help="write the result here (rewritten after every row)")
     args = parser.parse_args(argv)
-    result = run(args.variant, args.size, args.batch_size, args.steps, args.train_batch, args.accum, args.device,
-                 training=not args.no_training)
-    if args.json:
-        write_json(args.json, result)
+
+    def save(result: dict) -> None:
+        if args.json:
+            write_json(args.json, result)
+
+    result = run(args.variant, args.size, tuple(args.batch_sizes), args.steps, args.train_batch, args.accum,
+                 args.device, args.compile_mode, args.training, tuple(args.rows), on_row=save)
+    save(result)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -142,9 +142,20 @@ def _update_cases() -> list[Case]:
     pointers.update(TOK="*bf16", RES="*bf16", STEP="*i64", KEYS="*i64")
     flags = dict(C=1, S=256, STRIDE=16, HAS_RESIDUAL=True, BLOCK_M=1024)
     config = triton.Config({}, num_warps=4)  # the launcher's fixed configuration
-    return [Case(f"flow_update {name}", _jit(fu._flow_update_kernel), [config], pointers, {"num_steps": 100},
-                 constexprs=dict(flags, HAS_ACC=acc, HAS_NOISE=noise))
-            for name, acc, noise in (("euler", False, False), ("heun/rk4 acc", True, False), ("pc noise", False, True))]
+    cases = [Case(f"flow_update {name}", _jit(fu._flow_update_kernel), [config], pointers, {"num_steps": 100},
+                  constexprs=dict(flags, HAS_ACC=acc, HAS_NOISE=noise))
+             for name, acc, noise in (("euler", False, False), ("heun/rk4 acc", True, False), ("pc noise", False, True))]
+    # the IaN update at B/12/4 128^3 (coarse + fine tokens), and PRDiT-SR 128 -> 256 reading the base itself
+    sampling = importlib.import_module("prdit_fast.ops.sampling")
+    pointers = {name: "*fp32" for name in ("BASE", "X", "X_OUT", "X0_OUT", "TABLE")}
+    pointers.update(TOK="*bf16", RES="*bf16", STEP="*i64", KEYS="*i64")
+    for name, flags in (("sampler_update", dict(S=EDGE, HAS_RESIDUAL=True, HAS_BASE=False, S_LO=EDGE, SCALE=1.0)),
+                        ("sampler_update SR base", dict(S=2 * EDGE, HAS_RESIDUAL=False, HAS_BASE=True, S_LO=EDGE,
+                                                        SCALE=0.5))):
+        cases.append(Case(name, _jit(sampling._sampler_update_kernel), [config], pointers, {"num_steps": 1000},
+                          constexprs=dict(flags, C=1, STRIDE=STRIDE, BLOCK_M=sampling.SR_UPDATE_BLOCK
+                                          if flags["HAS_BASE"] else sampling.UPDATE_BLOCK)))
+    return cases
 
 
 def _tools() -> str:

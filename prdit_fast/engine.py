@@ -62,7 +62,9 @@ class Sampler:
 
     ``model`` is a reference ``PRDiT`` or a fast backend (``prdit_fast.fast.accelerate``;
     anything with ``token_parts(x, t) -> (tokens, more tokens or None)``, each
-    (B, N, s^3 Cout), whose fp32 sum is the output, and ``config``), already on
+    (B, N, s^3 Cout), whose fp32 sum is the output, and ``config``; a fast PRDiT-SR's
+    ``sr_parts(x, t) -> (head tokens, base prediction (B, 2C, S_lo^3))`` is read instead,
+    the update upsampling the base), already on
     its device and in eval mode. For an IaN model ``sampler`` is 'cold' or 'pc' (the
     default) with predictor step ``k``; for a flow-matching model (``config.process``) it
     is a solver of ``prdit_fast.flow_matching.SOLVERS`` (default 'euler') with ``eta`` and
@@ -121,6 +123,8 @@ class Sampler:
         self.k = k
         self.device = _model_device(model)
         self.uses_token_parts = callable(getattr(model, "token_parts", None))
+        # a fast PRDiT-SR: the head's tokens and the base's low-resolution prediction
+        self.uses_sr_parts = callable(getattr(model, "sr_parts", None))
         self.param_dtype = next(model.parameters()).dtype
         if self.uses_token_parts:
             own = getattr(model, "dtype", None)
@@ -165,27 +169,32 @@ class Sampler:
         # the weight-cast cache must stay off where the step is captured in a graph
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
-    def _network(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The IaN model at the current step: (tokens, residual tokens or None), summed by the update."""
+    def _network(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The IaN model at the current step: (tokens, residual tokens or None, a PRDiT-SR base's
+        low-resolution prediction or None), summed (the base upsampled) by the update."""
         t = self.grid_t.index_select(0, self.step).expand(self.batch_size)
         with torch.no_grad(), self._autocast():
+            if self.uses_sr_parts:
+                # the base is upsampled inside the update kernel: no full-resolution assembly
+                head, base = self.model.sr_parts(self.x, t)
+                return head, None, base
             if self.uses_token_parts:
                 # the coarse + fine sum happens in the update kernel, in fp32: no pass of its own
-                return self.model.token_parts(self.x, t)
+                return (*self.model.token_parts(self.x, t), None)
             # autocast casts what the Linears read; the network's own input must match its weights
             out = self.model(self.x.to(self.param_dtype), t)
-            return volume_to_tokens(out, self.config.stride), None
+            return volume_to_tokens(out, self.config.stride), None, None
 
     def _step(self) -> None:
         """One denoising step on the static buffers; no host input, no host sync."""
         if self.flow:
             self._flow_step()
             return
-        tokens, residual = self._network()
+        tokens, residual, base = self._network()
         # in place (each voxel is read before it is written) and the counter advanced on device
         sampler_update(
             tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
-            residual=residual, x_out=self.x, x0_out=self.x0_hat, advance=True,
+            residual=residual, base=base, x_out=self.x, x0_out=self.x0_hat, advance=True,
         )
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -449,10 +458,10 @@ class GuidedSampler(Sampler):
         return step_table(self.plan, self.device)
 
     def _step(self) -> None:
-        tokens, residual = self._network()
+        tokens, residual, base = self._network()
         sampler_update(
             tokens, self.x, self.table, self.step, self.keys, stride=self.config.stride,
-            residual=residual, x_out=self.x, x0_out=self.x0_hat, advance=False,
+            residual=residual, base=base, x_out=self.x, x0_out=self.x0_hat, advance=False,
         )
         grad = guidance_gradient(self.loss, self.x0_hat, self.y)
         weight = self.guidance_weight.index_select(0, self.step)  # (1,), read on the device

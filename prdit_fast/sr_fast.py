@@ -16,11 +16,12 @@ Per step, for x at S_hi:
   ``token_parts``, which the engine's fused sampler update reads. The upsampled base
   prediction never exists on its own.
 
-What is NOT fused: in sampling the assembled tokens are one full-resolution fp32
-intermediate between the assembly pass and the sampler update (the update kernel does not
-read the base's low-resolution prediction itself). With autograd on (training), the
-assembly is the plain-torch composition (``F.interpolate`` + unpatchify), which has a
-backward; the Triton pass has none.
+In sampling there is no assembly pass at all: ``sr_parts`` hands the engine the head's
+tokens and the base's low-resolution prediction, and the fused sampler update
+(``ops.sampler_update(..., base=)``) upsamples and adds the base as it reads the head's
+tokens, so no full-resolution intermediate sits between the network and the update. With
+autograd on (training), the assembly is the plain-torch composition (``F.interpolate`` +
+unpatchify), which has a backward; the Triton passes have none.
 """
 from __future__ import annotations
 
@@ -114,6 +115,15 @@ class FastPRDiTSR(nn.Module):
         else:
             result = sr_assemble(base_out, cfg.input_size, cfg.stride, head, "volume", impl=self._assemble_impl)
         return (result, base_out) if return_base else result
+
+    @torch.no_grad()
+    def sr_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's tokens (B, N', s'^3 2C) in the compute dtype, the base's [eps_lo, x0_lo]
+        (B, 2C, S_lo^3) fp32): what the engine's sampler update reads, upsampling and adding
+        the base itself (``ops.sampler_update(..., base=)``). Inference only."""
+        self.check_input(x, t)
+        head, _ = self._head.token_parts(x, t)
+        return head, self.base_prediction(x, t)
 
     @torch.no_grad()
     def token_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:

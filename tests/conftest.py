@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -35,6 +36,26 @@ def _private_training_cache(tmp_path_factory):
         os.environ.pop("PRDIT_FAST_CACHE_DIR", None)
     else:
         os.environ["PRDIT_FAST_CACHE_DIR"] = saved
+# the skip reasons of the tests that only a GPU runs (requires_cuda, FP8 tensor cores, the native library)
+_GPU_ONLY = re.compile(r"needs a (CUDA )?GPU|native ops cannot run")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda-only", action="store_true",
+                     help="run only the tests that skip without a CUDA GPU (benchmarks/gpu_session.sh; CI runs the rest)")
+
+
+def needs_gpu(item: pytest.Item) -> bool:
+    """True when ``item`` is skipped without a GPU by one of the GPU-only markers."""
+    return any(_GPU_ONLY.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--cuda-only"):
+        return
+    deselected = [item for item in items if not needs_gpu(item)]
+    items[:] = [item for item in items if needs_gpu(item)]
+    config.hook.pytest_deselected(items=deselected)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "check_sm90.py"
 KINDS = {"swiglu fc1, folded weights", "swiglu fc1, normalize on load", "swiglu fc2", "swiglu fc2 + residual",
          "linear_final, folded weights", "linear_final, modulate on load", "unfold3d fp32 -> bf16", "fold3d bf16 -> fp32",
          "gated residual attn.proj", "gated residual mlp.fc2",
-         "flow_update euler", "flow_update heun/rk4 acc", "flow_update pc noise"}
+         "flow_update euler", "flow_update heun/rk4 acc", "flow_update pc noise", "sampler_update",
+         "sampler_update SR base"}
 
 
 def test_first_configs_fit_an_h100(tmp_path):

@@ -17,7 +17,9 @@ from prdit_fast import create_model, create_sr_model, load_checkpoint, save_chec
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.engine import Sampler, keys_for
 from prdit_fast.fast import FAST_OPS, accelerate
-from prdit_fast.ops.sampling import philox_normal
+from prdit_fast.ops.sampling import philox_normal, sampler_update, sampler_update_reference
+from prdit_fast.ops.sr_assemble import sr_assemble_reference
+from prdit_fast.schedules import build_step_table
 from prdit_fast.sr import PRDiTSR
 from prdit_fast.sr_fast import FastPRDiTSR
 
@@ -85,6 +87,35 @@ def test_fast_wrapper_shares_parameters_and_state_dict(tmp_path):
     assert not ref.base.coarse.mlp_denoise.linear_final.weight.requires_grad
 
 
+@pytest.mark.parametrize(
+    "batch, channels, lo, size, stride",
+    [(3, 1, 8, 16, 4), (1, 2, 5, 10, 5), (3, 1, 3, 6, 2)],  # odd grids, a 3x factor
+)
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_update_reads_the_base_prediction_itself(batch, channels, lo, size, stride, head_dtype):
+    """sampler_update(head, base=) in Triton (the interpreter) against its reference and
+    against the two-pass path it replaces (sr_assemble to fp32 tokens, then the update),
+    fp32, with corrector noise: 2e-6 (the trilinear products' rounding, the normals' ulp)."""
+    base = torch.randn(batch, 2 * channels, lo, lo, lo)
+    head = torch.randn(batch, (size // stride) ** 3, stride**3 * 2 * channels).to(head_dtype)
+    x = torch.randn(batch, channels, size, size, size)
+    table = build_step_table(IaNDiffusion(), 4, "pc", 2)
+    corrector = int((table[:, 4] != 0).nonzero()[0])  # a row that draws noise (sigma != 0)
+    keys, step = keys_for(5, range(batch)), torch.tensor([corrector])
+    got = sampler_update(head, x, table, step, keys, stride=stride, base=base, impl="triton")
+    want = sampler_update_reference(head, x, table, step, keys, stride=stride, base=base)
+    assembled = sr_assemble_reference(base, size, stride, head, "tokens")
+    two_pass = sampler_update_reference(assembled, x, table, step, keys, stride=stride)
+    for g, w, t in zip(got, want, two_pass):
+        torch.testing.assert_close(g, w, rtol=0, atol=2e-6)
+        torch.testing.assert_close(g, t, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="base must be the fp32"):
+        sampler_update(head, x, table, step, keys, stride=stride, base=base.repeat(2, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="multiple"):
+        sampler_update(head, x, table, step, keys, stride=stride, base=torch.randn(batch, 2 * channels, 4, 4, 4)
+                       if size % 4 else torch.randn(batch, 2 * channels, 7, 7, 7))
+
+
 STEPS = 4  # pc with k = 2 makes a corrector step (grid 750, 500, 250, 0)
 
 
@@ -106,11 +137,12 @@ def test_engine_through_the_wrapper_matches_reference_and_is_batch_invariant():
     ref = tiny_sr().eval()
     keys = keys_for(7, [0, 1, 2])
     x_ref, x0_ref = reference_sample(ref, keys[1:2], STEPS)
-    # the network's ops in plain torch (bookkeeping under test), the assembly pass in Triton
+    # the network's ops in plain torch (bookkeeping under test); the engine's update (Triton)
+    # reads the head's tokens and upsamples the base's prediction itself
     fast = accelerate(ref, dtype=torch.float32, impl={**{op: "torch" for op in FAST_OPS}, "sr_assemble": "triton"})
     single = Sampler(fast, batch_size=1, steps=STEPS)
     triple = Sampler(fast, batch_size=3, steps=STEPS)
-    assert single.uses_token_parts and single.describe()["backend"] == "fast"
+    assert single.uses_token_parts and single.uses_sr_parts and single.describe()["backend"] == "fast"
     x1, x0_1 = single.sample(keys[1:2])
     x3, x0_3 = triple.sample(keys[[2, 1, 0]])
     assert x1.shape == (1, 1, HI, HI, HI)

@@ -44,6 +44,7 @@ from .. import layout
 from ..schedules import NOISE_STD
 from .common import triton_importable
 from .dispatch import TRITON, resolve
+from .sr_assemble import check_base, sr_assemble_reference
 
 _MASK32 = 0xFFFFFFFF
 # Philox4x32 constants (Salmon et al. 2011), as in triton.language.random
@@ -59,11 +60,16 @@ _TABLE_COLUMNS = 5
 _CHUNK = 2**20  # counters per pass of philox_normal
 _INT32_LIMIT = 2**31
 _MAX_GRID_Y = 65535
+UPDATE_BLOCK = 1024  # voxels per program of the update, 4 warps
+# with the base's trilinear gather: half the voxels per thread keeps its index math in
+# registers without starving occupancy (benchmarks/check_sm90.py reports both)
+SR_UPDATE_BLOCK = 512
 
 if triton_importable():
     import triton
     import triton.language as tl
 
+    from .sr_assemble import upsampled_base
     from .token_cubes import cube_token_offset
 
     @triton.jit
@@ -77,9 +83,10 @@ if triton_importable():
 
     @triton.jit
     def _sampler_update_kernel(
-        TOK, RES, X, X_OUT, X0_OUT, TABLE, STEP, KEYS, num_steps,
+        TOK, RES, BASE, X, X_OUT, X0_OUT, TABLE, STEP, KEYS, num_steps,
         C: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_BASE: tl.constexpr, S_LO: tl.constexpr, SCALE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         VOLUME: tl.constexpr = S * S * S
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,6 +106,10 @@ if triton_importable():
             if HAS_RESIDUAL:
                 eps_hat += tl.load(RES + tok_offset + c, mask=ok).to(tl.float32)
                 x0_hat += tl.load(RES + tok_offset + C + c, mask=ok).to(tl.float32)
+            if HAS_BASE:  # PRDiT-SR: the base's low-resolution prediction, upsampled here
+                eps_up, x0_up = upsampled_base(BASE, b, c, m, ok, S, S_LO, SCALE, C)
+                eps_hat += eps_up
+                x0_hat += x0_up
             voxel = c * VOLUME + m  # (channel, d, h, w) index: the Philox counter
             x = tl.load(X + b * (VOLUME * C) + voxel, mask=ok)
             f = sin_i * x0_hat - cos_i * eps_hat
@@ -281,10 +292,15 @@ def check_state(x: torch.Tensor, stride: int, step_index: torch.Tensor) -> None:
         )
 
 
-def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out):
+def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out, base=None):
     """Validate shapes, dtypes and devices (nothing is read from the device)."""
     check_state(x, stride, step_index)
     B, C, S = x.shape[:3]
+    if base is not None:
+        check_base(base, S, stride)
+        if base.shape[:2] != (B, 2 * C) or base.dtype != torch.float32:
+            raise ValueError(f"base must be the fp32 (B, 2C, S_lo^3) = ({B}, {2 * C}, ...) prediction, got "
+                             f"{base.dtype} {tuple(base.shape)}")
     expected = (B, (S // stride) ** 3, stride**3 * 2 * C)
     if tokens.dim() != 3 or tuple(tokens.shape) != expected:
         raise ValueError(
@@ -302,7 +318,7 @@ def _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out):
             raise ValueError(f"{name} must be a contiguous tensor of shape {tuple(x.shape)}")
     if x_out is not None and x_out.dtype != torch.float32:
         raise ValueError(f"x_out must be fp32, got {x_out.dtype}")
-    devices = {t.device for t in (tokens, x, table, step_index, keys, residual, x_out, x0_out) if t is not None}
+    devices = {t.device for t in (tokens, x, table, step_index, keys, residual, x_out, x0_out, base) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
@@ -316,6 +332,7 @@ def sampler_update(
     *,
     stride: int = layout.STRIDE,
     residual: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     advance: bool = False,
@@ -324,6 +341,8 @@ def sampler_update(
     """One sampler step from the model's output tokens, fused with the corrector noise.
 
     tokens (and residual): (B, (S/s)^3, s^3 2C), channels [eps_hat, x0_hat], any float dtype;
+    base (PRDiT-SR): the base's [eps_lo, x0_lo] (B, 2C, S_lo^3) fp32, upsampled inside the
+    update (eps nearest, x0 trilinear, ``sr.upsample_prediction``) and added to the tokens;
     x: (B, C, S, S, S) fp32; table: (steps, 5) fp32 (``build_step_table``); step_index:
     one-element int32/int64 device tensor, the step n (never read on the host); keys: (B,)
     int64. Writes x_next into ``x_out`` (default: a new tensor; ``x_out=x`` updates in
@@ -331,9 +350,9 @@ def sampler_update(
     step_index afterwards. Returns (x_next, x0_hat). ``impl``: "auto", "triton" or
     "torch" (``sampler_update_reference``, which reads the step on the host). No autograd.
     """
-    _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out)
+    _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out, base)
     B, C, S = x.shape[:3]
-    operands = [t for t in (tokens, x, table, step_index, keys, residual) if t is not None]
+    operands = [t for t in (tokens, x, table, step_index, keys, residual, base) if t is not None]
     limits = None
     if B > _MAX_GRID_Y:
         limits = f"batch {B} exceeds {_MAX_GRID_Y}"
@@ -341,20 +360,23 @@ def sampler_update(
         limits = "one sample spans 2^31 elements or more (the kernel indexes a sample with int32)"
     if resolve("sampler_update", impl, operands, limits) != TRITON:
         return sampler_update_reference(
-            tokens, x, table, step_index, keys, stride=stride, residual=residual,
+            tokens, x, table, step_index, keys, stride=stride, residual=residual, base=base,
             x_out=x_out, x0_out=x0_out, advance=advance,
         )
     x_out = torch.empty_like(x) if x_out is None else x_out
     x0_out = torch.empty_like(x) if x0_out is None else x0_out
     tokens = tokens.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    block = 1024
+    block = UPDATE_BLOCK if base is None else SR_UPDATE_BLOCK
     grid = (triton.cdiv(S**3, block), B)
     # fixed configuration, no autotuning: autotuning would run the in-place update
     # several times and cannot happen inside CUDA graph capture
+    lo = base.shape[-1] if base is not None else S
     _sampler_update_kernel[grid](
-        tokens, residual if residual is not None else tokens, x.contiguous(), x_out, x0_out, table, step_index, keys,
-        table.shape[0], C=C, S=S, STRIDE=stride, HAS_RESIDUAL=residual is not None, BLOCK_M=block, num_warps=4,
+        tokens, residual if residual is not None else tokens, base.contiguous() if base is not None else x,
+        x.contiguous(), x_out, x0_out, table, step_index, keys, table.shape[0],
+        C=C, S=S, STRIDE=stride, HAS_RESIDUAL=residual is not None, HAS_BASE=base is not None, S_LO=lo,
+        SCALE=lo / S, BLOCK_M=block, num_warps=4,
     )
     if advance:
         step_index.add_(1)
@@ -371,20 +393,23 @@ def sampler_update_reference(
     *,
     stride: int = layout.STRIDE,
     residual: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     advance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sampler_update`` in plain torch (``layout.unpatchify`` + ``philox_normal``); same
-    arguments and results, but it reads the step index on the host (a sync) and raises
-    ValueError when it is outside the table."""
-    _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out)
+    """``sampler_update`` in plain torch (``layout.unpatchify`` + ``sr_assemble_reference``
+    + ``philox_normal``); same arguments and results, but it reads the step index on the
+    host (a sync) and raises ValueError when it is outside the table."""
+    _check(tokens, x, table, step_index, keys, stride, residual, x_out, x0_out, base)
     C, S = x.shape[1], x.shape[2]
     step = int(step_index.reshape(-1)[0].item())
     if not 0 <= step < table.shape[0]:
         raise ValueError(f"step index {step} is outside the step table of {table.shape[0]} rows")
     total = tokens.float() if residual is None else tokens.float() + residual.float()
     out = layout.unpatchify(total, S, stride, 2 * C)
+    if base is not None:
+        out = out + sr_assemble_reference(base, S, stride)
     eps_hat, x0_hat = out[:, :C], out[:, C:]
     sin_i, cos_i, move, a, sigma = table[step].unbind()
     x_next = a * (x - move * (sin_i * x0_hat - cos_i * eps_hat))

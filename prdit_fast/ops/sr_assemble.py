@@ -45,17 +45,13 @@ if triton_importable():
         return i0, i1, 1.0 - l1, l1
 
     @triton.jit
-    def _sr_assemble_kernel(
-        BASE, HEAD, OUT,
-        S: tl.constexpr, S_LO: tl.constexpr, SCALE: tl.constexpr, STRIDE: tl.constexpr, C: tl.constexpr,
-        HAS_HEAD: tl.constexpr, TO_VOLUME: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        VOLUME: tl.constexpr = S * S * S
-        V_LO: tl.constexpr = S_LO * S_LO * S_LO
+    def upsampled_base(BASE, b, c, m, ok, S: tl.constexpr, S_LO: tl.constexpr, SCALE: tl.constexpr,
+                       C: tl.constexpr):
+        """(eps, x0) fp32 of channel c at voxels m (linear (d, h, w) of S^3) of sample b: the
+        base's [eps_lo, x0_lo] (B, 2C, S_LO^3) fp32 upsampled, eps nearest, x0 trilinear.
+        Shared by the assembly kernel and the sampler update (``ops.sampling``)."""
         F: tl.constexpr = S // S_LO
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        b = tl.program_id(1).to(tl.int64)
-        ok = m < VOLUME
+        V_LO: tl.constexpr = S_LO * S_LO * S_LO
         d = m // (S * S)
         h = m // S % S
         w = m % S
@@ -63,22 +59,35 @@ if triton_importable():
         d0, d1, ld0, ld1 = _trilinear_axis(d, SCALE, S_LO)
         h0, h1, lh0, lh1 = _trilinear_axis(h, SCALE, S_LO)
         w0, w1, lw0, lw1 = _trilinear_axis(w, SCALE, S_LO)
+        eps_plane = BASE + (b * 2 * C + c) * V_LO
+        x0_plane = BASE + (b * 2 * C + C + c) * V_LO
+        eps = tl.load(eps_plane + nearest, mask=ok)
+        r00 = (d0 * S_LO + h0) * S_LO
+        r01 = (d0 * S_LO + h1) * S_LO
+        r10 = (d1 * S_LO + h0) * S_LO
+        r11 = (d1 * S_LO + h1) * S_LO
+        x0 = ld0 * (
+            lh0 * (lw0 * tl.load(x0_plane + r00 + w0, mask=ok) + lw1 * tl.load(x0_plane + r00 + w1, mask=ok))
+            + lh1 * (lw0 * tl.load(x0_plane + r01 + w0, mask=ok) + lw1 * tl.load(x0_plane + r01 + w1, mask=ok))
+        ) + ld1 * (
+            lh0 * (lw0 * tl.load(x0_plane + r10 + w0, mask=ok) + lw1 * tl.load(x0_plane + r10 + w1, mask=ok))
+            + lh1 * (lw0 * tl.load(x0_plane + r11 + w0, mask=ok) + lw1 * tl.load(x0_plane + r11 + w1, mask=ok))
+        )
+        return eps, x0
+
+    @triton.jit
+    def _sr_assemble_kernel(
+        BASE, HEAD, OUT,
+        S: tl.constexpr, S_LO: tl.constexpr, SCALE: tl.constexpr, STRIDE: tl.constexpr, C: tl.constexpr,
+        HAS_HEAD: tl.constexpr, TO_VOLUME: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        VOLUME: tl.constexpr = S * S * S
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b = tl.program_id(1).to(tl.int64)
+        ok = m < VOLUME
         tok_offset = b * (VOLUME * 2 * C) + cube_token_offset(m, S, STRIDE, 2 * C)
         for c in tl.static_range(C):
-            eps_plane = BASE + (b * 2 * C + c) * V_LO
-            x0_plane = BASE + (b * 2 * C + C + c) * V_LO
-            eps = tl.load(eps_plane + nearest, mask=ok)
-            r00 = (d0 * S_LO + h0) * S_LO
-            r01 = (d0 * S_LO + h1) * S_LO
-            r10 = (d1 * S_LO + h0) * S_LO
-            r11 = (d1 * S_LO + h1) * S_LO
-            x0 = ld0 * (
-                lh0 * (lw0 * tl.load(x0_plane + r00 + w0, mask=ok) + lw1 * tl.load(x0_plane + r00 + w1, mask=ok))
-                + lh1 * (lw0 * tl.load(x0_plane + r01 + w0, mask=ok) + lw1 * tl.load(x0_plane + r01 + w1, mask=ok))
-            ) + ld1 * (
-                lh0 * (lw0 * tl.load(x0_plane + r10 + w0, mask=ok) + lw1 * tl.load(x0_plane + r10 + w1, mask=ok))
-                + lh1 * (lw0 * tl.load(x0_plane + r11 + w0, mask=ok) + lw1 * tl.load(x0_plane + r11 + w1, mask=ok))
-            )
+            eps, x0 = upsampled_base(BASE, b, c, m, ok, S, S_LO, SCALE, C)
             if HAS_HEAD:
                 eps += tl.load(HEAD + tok_offset + c, mask=ok).to(tl.float32)
                 x0 += tl.load(HEAD + tok_offset + C + c, mask=ok).to(tl.float32)
@@ -88,6 +97,16 @@ if triton_importable():
             else:
                 tl.store(OUT + tok_offset + c, eps, mask=ok)
                 tl.store(OUT + tok_offset + C + c, x0, mask=ok)
+
+
+def check_base(base: torch.Tensor, size: int, stride: int) -> None:
+    """ValueError unless ``base`` is a cubic (B, 2C, S_lo^3) prediction that upsamples to ``size``^3 by an
+    integer factor > 1, with ``size`` a multiple of ``stride``."""
+    if base.dim() != 5 or base.shape[1] % 2 or len(set(base.shape[2:])) != 1:
+        raise ValueError(f"base must be a cubic (B, 2C, S_lo, S_lo, S_lo) prediction, got {tuple(base.shape)}")
+    lo = base.shape[-1]
+    if size % lo or size == lo or size % stride:
+        raise ValueError(f"size {size} must be a multiple (> 1) of the base edge {lo} and of the stride {stride}")
 
 
 def sr_assemble_reference(
@@ -116,11 +135,8 @@ def sr_assemble(
     (``prdit_fast.ops.dispatch``). No autograd."""
     if to not in _TARGETS:
         raise ValueError(f"to must be one of {_TARGETS}, got {to!r}")
-    if base.dim() != 5 or base.shape[1] % 2 or len(set(base.shape[2:])) != 1:
-        raise ValueError(f"base must be a cubic (B, 2C, S_lo, S_lo, S_lo) prediction, got {tuple(base.shape)}")
+    check_base(base, size, stride)
     B, channels, lo = base.shape[0], base.shape[1], base.shape[-1]
-    if size % lo or size == lo or size % stride:
-        raise ValueError(f"size {size} must be a multiple (> 1) of the base edge {lo} and of the stride {stride}")
     tokens_shape = (B, (size // stride) ** 3, stride**3 * channels)
     if head is not None and tuple(head.shape) != tokens_shape:
         raise ValueError(f"head tokens must have shape {tokens_shape}, got {tuple(head.shape)}")
