@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import models
-from .interface import OfficialInterface
+from .interface import OfficialInterface, last_block
 from .models import PRDiT, PRDiTConfig
 from .ops import (
     attention,
@@ -229,7 +229,7 @@ class FastPRDiT(OfficialInterface, nn.Module):
         (GEMMs in the compute dtype): no local denoiser, no final layer."""
         self.check_input(x, t)
         cfg = self.config
-        last = cfg.depth - 1 if final else max(blocks)
+        last = last_block(cfg.depth, blocks, final, self._model_name())
         tokens = unfold3d(x, cfg.patch, cfg.stride, cfg.pad, out_dtype=self.dtype, impl=self._impls["unfold3d"])
         with torch.no_grad():  # the frozen coarse path's timestep MLP, as in forward
             c = self.t_embedder(t)

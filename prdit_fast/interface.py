@@ -87,6 +87,18 @@ def capture_indices(capture_layers: int | Sequence[int] | None, depth: int, name
     return indices
 
 
+def last_block(depth: int, blocks: Sequence[int], final: bool, name: str) -> int:
+    """The last block ``hidden_features`` must run for ``blocks`` (and ``final``: all of
+    them); RuntimeError at depth 0, ValueError for nothing requested or an index outside
+    [0, depth)."""
+    if depth == 0:
+        raise RuntimeError(f"{name} has no transformer (depth 0): there are no hidden features")
+    if not blocks and not final:
+        raise ValueError("hidden_features needs at least one block index (or final=True)")
+    capture_indices(list(blocks), depth, name)
+    return depth - 1 if final else max(blocks)
+
+
 class OfficialInterface:
     """Spec section 16 over ``denoise`` / ``denoise_parts`` / ``hidden_features``; mixed into
     ``PRDiT`` and ``FastPRDiT`` (whose ``config`` is a ``PRDiTConfig``)."""

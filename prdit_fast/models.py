@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .interface import OfficialInterface
+from .interface import OfficialInterface, last_block
 from .layout import PATCHES, STRIDE, modulate, unfold3d, unpatchify, validate_tiling
 
 # size -> (hidden, heads); spec section 1
@@ -556,7 +556,7 @@ class PRDiT(OfficialInterface, nn.Module):
         positions), "block_i" after each block i of ``blocks``, "final" after the last block.
         Runs the blocks up to the last one needed; no local denoiser, no final layer."""
         self.check_input(x, t)
-        last = self.config.depth - 1 if final else max(blocks)
+        last = last_block(self.config.depth, blocks, final, self._model_name())
         with torch.no_grad():  # the frozen coarse path's timestep MLP, as in forward
             c = self.t_embedder(t)
         c_fine = self.t_embedder.fine_head(c)

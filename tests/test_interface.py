@@ -237,3 +237,19 @@ def test_fast_features_on_the_triton_kernels():
     assert rel_max(feats["patch_embed"], embed) < FP32_TOL
     for key, state in (("block_0", states[0]), ("block_5", states[5]), ("final", states[7])):
         assert rel_max(feats[key], state) < FP32_TOL, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_features_checks_its_request(backend):
+    """hidden_features (what `prdit-fast features` calls) refuses an empty or out-of-range
+    request and a model without a transformer."""
+    _, model = build("PRDiT-XS/10/1", backend)
+    x, t = torch.randn(1, 1, S, S, S), torch.tensor([1])
+    with pytest.raises(ValueError, match="at least one block"):
+        model.hidden_features(x, t, [])
+    with pytest.raises(ValueError, match=r"valid range \[0, 1\)"):
+        model.hidden_features(x, t, [1])
+    assert set(model.hidden_features(x, t, [0], patch_embed=True)) == {"patch_embed", "block_0"}
+    _, flat = build("PRDiT-XS/10/0", backend)
+    with pytest.raises(RuntimeError, match="depth 0"):
+        flat.hidden_features(x, t, [0])
