@@ -47,7 +47,7 @@ FORMATS = ("npy", "safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prdit_fast.commands.sample import _DTYPES
+    from prdit_fast.pipeline import DTYPES
 
     parser.add_argument("inputs", nargs="+", help="volume files, folders (searched recursively) or split-list files")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (official .pt, prdit_fast, or a bare state dict)")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=("auto", "fast", "reference"), default="auto",
         help="fast (Triton/CUDA kernels, only the blocks needed) or reference; auto: fast on CUDA",
     )
-    parser.add_argument("--dtype", choices=("auto", *_DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="compute dtype; auto: bf16 on CUDA, fp32 on CPU (features are saved in fp32)")
     parser.add_argument("--variant", help="variant name, e.g. PRDiT-B/12/12 (needed for bare state dicts)")
     parser.add_argument("--size", type=int, help="volume edge S (needed for bare state dicts)")
