@@ -338,3 +338,49 @@ def test_no_module_is_longer_than_800_lines():
     assert len(lengths) > 50
     long = {name: n for name, n in lengths.items() if n > 800}
     assert not long, f"modules over 800 lines (split them by responsibility): {long}"
+
+
+def _documented_layers() -> tuple[dict[str, int], set[str]]:
+    """docs/architecture.md's layer diagram: package part (top-level module or subpackage)
+    -> its row, and the helpers drawn beside every row."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    diagram = text.split("## Layers: who imports whom", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    lines = diagram.splitlines()
+    header = next(line for line in lines if "what they are" in line)
+    what, beside = header.index("what they are"), header.index("helpers beside")
+    parts = {path.stem if path.is_file() else path.name for path in PACKAGE.iterdir()} - {"__init__", "__pycache__"}
+    rows, helpers, row = {}, set(), None
+    for line in lines:
+        if line[:5].strip().isdigit():
+            row = int(line[:5])
+        named = [w for w in re.findall(r"[a-z_]+", line[5:what]) if w in parts]
+        if line[:5].strip().isdigit() or (row is not None and named and "|" not in line):
+            rows.update({name: row for name in named})
+        helpers |= {w for w in re.findall(r"[a-z_]+", line[beside:]) if w in parts}
+    return rows, helpers
+
+
+def test_the_architecture_diagram_matches_the_imports():
+    """Every top-level module and subpackage stands in one row of docs/architecture.md's
+    diagram (or beside it), and imports only its own row, the rows below and the helpers;
+    the helpers import only helpers."""
+    rows, helpers = _documented_layers()
+    graph = _module_imports()
+    part = lambda name: name.split(".")[1] if "." in name else None  # noqa: E731 (None: the package itself)
+    parts = {part(name) for name in graph} - {None}
+    assert not (set(rows) & helpers), set(rows) & helpers
+    assert parts == set(rows) | helpers, f"not drawn: {sorted(parts - set(rows) - helpers)}; drawn, absent: " \
+                                         f"{sorted(set(rows) | helpers - parts)}"
+    wrong = set()
+    for name, targets in graph.items():
+        source = part(name)
+        for target in map(part, targets):
+            if source is None or target in (None, source):
+                continue
+            if source in helpers:
+                ok = target in helpers
+            else:
+                ok = target in helpers or rows[target] <= rows[source]
+            if not ok:
+                wrong.add(f"{source} -> {target}")
+    assert not wrong, "imports the diagram does not allow: " + ", ".join(sorted(wrong))
