@@ -116,7 +116,7 @@ def test_cli_writes_report_and_trace(profile_step_module, tmp_path):
     ({"variant": "PRDiT-Q/12/4"}, "unknown PRDiT variant"),
     ({"size": 20}, "not a multiple of stride"),
     ({"device": "meta"}, "device must be 'cpu' or 'cuda"),
-    ({"device": "gpu0"}, "device must be 'cpu' or 'cuda"),
+    ({"device": "gpu0"}, "'gpu0' is not a torch device"),
 ])
 def test_bad_input_is_a_value_error(profile_step_module, kwargs, message):
     args = {"variant": VARIANT, "size": SIZE, "batch": BATCH, "steps": STEPS, "device": "cpu"} | kwargs
