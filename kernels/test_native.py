@@ -50,6 +50,9 @@ def library_env(monkeypatch):
 
 
 KERNELS = Path(__file__).resolve().parent
+# A marker, not only the fixture: `pytest --cuda-only` (tests/conftest.py, the GPU session)
+# selects the tests whose skipif reason says they need a GPU.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BUILD_TIMEOUT_S = 900  # a cold build of two architectures; an up-to-date library costs nothing
 
 
@@ -211,6 +214,7 @@ def _volume(B: int, C: int, S: int, dtype: torch.dtype, integers: bool = False) 
     return torch.randn(B, C, S, S, S, device="cuda").to(dtype)
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES)
@@ -224,6 +228,7 @@ def test_unfold_equals_reference_and_triton(B, S, p, dtype):
         assert torch.equal(got, triton_unfold.unfold3d(x, p, STRIDE, pad, impl="triton"))
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 def test_non_contiguous_input_is_rejected():
     x = _volume(2, 1, 16, torch.float32)
@@ -231,6 +236,7 @@ def test_non_contiguous_input_is_rejected():
         native.unfold3d(x.transpose(2, 4), 12, STRIDE, 2)
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES)
 def test_fold_sum_is_exact_in_fp32(B, S, p):
@@ -250,6 +256,7 @@ def test_fold_sum_is_exact_in_fp32(B, S, p):
         assert torch.equal(got, triton_unfold.fold3d(tokens, S, p, STRIDE, pad, "sum", impl="triton"))
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES[:3])
 def test_fold_is_the_adjoint_of_unfold(B, S, p):
@@ -261,6 +268,7 @@ def test_fold_is_the_adjoint_of_unfold(B, S, p):
     torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-6)  # fp32 fold sums, fp64 dot products
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,S,p", WINDOW_CASES[:3])
@@ -279,6 +287,7 @@ def test_fold_mean_inverts_unfold(B, S, p, dtype):
     )
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 def test_fold_bf16_integer_sums_are_exact():
     B, S, p = 3, 24, 12
@@ -287,6 +296,7 @@ def test_fold_bf16_integer_sums_are_exact():
     assert torch.equal(got, triton_unfold.fold3d_reference(tokens, S, p, STRIDE, 2))
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,S", [(1, 16), (3, 24), (1, 40)])
@@ -304,6 +314,7 @@ def test_unpatchify_equals_reference_and_triton(B, S, dtype):
     assert torch.equal(wide, models.unpatchify(tokens.float() + fine.float(), S, STRIDE, C_out))
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 def test_bad_inputs_raise_value_errors():
     x = _volume(1, 1, 16, torch.float32)
@@ -340,6 +351,7 @@ def _triton_randn(keys: torch.Tensor, step: int, numel: int) -> torch.Tensor:
     return out
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("step", [0, 1, 77])
 def test_philox_normal_equals_triton_randn(step):
@@ -365,6 +377,7 @@ def _sampler_inputs(B: int, C: int, S: int, dtype: torch.dtype):
     return tokens, residual, x, keys, table
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,C,S", [(1, 1, 16), (3, 1, 24), (1, 2, 40)])
@@ -390,6 +403,7 @@ def test_sampler_update_matches_reference_and_triton(B, C, S, dtype, row, with_r
     assert step.item() == row  # not advanced
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 def test_sampler_update_in_place_and_advance():
     tokens, _, x, keys, table = _sampler_inputs(2, 1, 24, torch.bfloat16)
@@ -402,6 +416,7 @@ def test_sampler_update_in_place_and_advance():
     assert step.item() == 1
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 @pytest.mark.parametrize("bad", [-1, 4])
 def test_sampler_update_out_of_range_step_gives_nan(bad):
@@ -411,6 +426,7 @@ def test_sampler_update_out_of_range_step_gives_nan(bad):
     assert torch.isnan(x_next).all() and torch.isnan(x0_hat).all()
 
 
+@requires_cuda
 @pytest.mark.usefixtures("native_gpu")
 def test_sampler_update_rejects_mismatched_inputs():
     tokens, _, x, keys, table = _sampler_inputs(2, 1, 16, torch.float32)
