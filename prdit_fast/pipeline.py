@@ -17,7 +17,7 @@ the same checkpoint, seed and settings:
   across batch sizes). IaN models return
   the clean prediction x0_hat of the last step, flow-matching models the final state;
 - units and geometry: the checkpoint's ``volume`` record
-  (``sample_runs.checkpoint_volume_metadata``) through ``data.recipes.output_units``: HU
+  (``checkpoint.checkpoint_volume_metadata``) through ``data.recipes.output_units``: HU
   where the intensity recipe is invertible, else the model's normalized [0, 1], clamped to
   that range, at the training data's voxel size; or, with ``like=`` a preprocessed volume,
   ``data.preprocess.to_scanner``: that volume's HU range and its place in the scanner.
@@ -40,10 +40,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .checkpoint import is_model_folder, load_checkpoint, save_model_folder
+from .checkpoint import checkpoint_volume_metadata, is_model_folder, load_checkpoint, save_model_folder
 from .data.recipes import OutputUnits, output_units
 from .orientation import canonical_affine
-from .sample_runs import batch_groups, checkpoint_volume_metadata
+from .sample_runs import batch_groups
 from .volumes import Volume
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # compute dtypes by name

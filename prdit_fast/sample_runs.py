@@ -36,25 +36,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_volume_metadata(path: str | os.PathLike) -> Mapping[str, Any] | None:
-    """The ``volume`` record of a checkpoint (voxel size, intensity recipe;
-    ``prdit_fast.data.recipes``): a training checkpoint's config section, a model folder's
-    ``config.json`` entry; None when the checkpoint has none. The weights are
-    memory-mapped (files) or not read (folders)."""
-    from .checkpoint import is_model_folder, read_checkpoint, read_model_folder_config
-
-    if is_model_folder(path):
-        volume = read_model_folder_config(path).get("volume")
-        return volume if isinstance(volume, Mapping) else None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip-format torch file (safetensors, legacy): read it the general way
-        ckpt = read_checkpoint(path)
-    config = ckpt.get("config") if isinstance(ckpt, Mapping) else None
-    volume = config.get("volume") if isinstance(config, Mapping) else None
-    return volume if isinstance(volume, Mapping) else None
-
-
 def batch_groups(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     """``indices`` cut into consecutive groups of ``batch_size`` (the last may be shorter)."""
     indices = list(indices)

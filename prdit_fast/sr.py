@@ -89,6 +89,10 @@ class SRConfig:
         return self.base.process
 
     @property
+    def norm(self) -> str:  # the base's normalization ("layer" or "rms")
+        return self.base.norm
+
+    @property
     def depth(self) -> int:  # the transformer depth (the base's; the head has none)
         return self.base.depth
 
@@ -132,63 +136,6 @@ class SRConfig:
         if set(base) - base_fields:
             raise ValueError(f"unknown base config fields {sorted(set(base) - base_fields)}; known: {sorted(base_fields)}")
         return cls(base=PRDiTConfig(**base), **{k: v for k, v in data.items() if k != "base"})
-
-
-def is_official_sr_config(config: Any) -> bool:
-    """True for the official stage-3 config dict (a ``base_model`` section naming the base)."""
-    return isinstance(config, Mapping) and isinstance(config.get("base_model"), Mapping) and bool(
-        config["base_model"].get("name")
-    )
-
-
-def config_from_official_sr(config: Mapping[str, Any]) -> SRConfig:
-    """SRConfig from the official stage-3 config: ``data.image_size`` (S_hi),
-    ``data.base_image_size`` (S_lo), ``base_model.{name, in_channels, out_channels}``,
-    ``sr_model.{hidden_size, patch_size, stride, padding}`` (defaults 768, 12, 8, 2).
-    ValueError names a missing or inconsistent key."""
-    from .models import variant_config
-
-    data, base_model = config.get("data") or {}, config["base_model"]
-    sr_model = config.get("sr_model") or {}
-    try:
-        name, hi, lo = base_model["name"], data["image_size"], data["base_image_size"]
-    except KeyError as e:
-        raise ValueError(
-            f"stage-3 config lacks {e}: it needs data.image_size, data.base_image_size and base_model.name"
-        ) from None
-    channels = int(base_model.get("in_channels", 1))
-    out = base_model.get("out_channels")
-    if out is not None and int(out) != 2 * channels:
-        raise ValueError(
-            f"base_model.out_channels {out} must be 2 * in_channels = {2 * channels}: PRDiT-SR refines an IaN "
-            f"base (eps_hat, x0_hat)"
-        )
-    base = variant_config(name, _edge(lo, "data.base_image_size"), channels)
-    return SRConfig(
-        base=base, input_size=_edge(hi, "data.image_size"),
-        hidden=int(sr_model.get("hidden_size", SR_HIDDEN)), patch=int(sr_model.get("patch_size", SR_PATCH)),
-        stride=int(sr_model.get("stride", SR_STRIDE)), pad=int(sr_model.get("padding", SR_PAD)),
-    )
-
-
-def _edge(size: Any, key: str) -> int:
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"PRDiT-SR needs cubic volumes; {key} is {list(size)}")
-        size = size[0]
-    return int(size)
-
-
-def official_sr_config(cfg: SRConfig, base_checkpoint: str | None = None, finetune: bool = False) -> dict:
-    """The official stage-3 config sections describing ``cfg`` (what checkpoints carry)."""
-    return {
-        "data": {"image_size": cfg.input_size, "base_image_size": cfg.base.input_size},
-        "base_model": {
-            "name": cfg.base.name, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "checkpoint": base_checkpoint, "finetune": finetune,
-        },
-        "sr_model": {"hidden_size": cfg.hidden, "patch_size": cfg.patch, "stride": cfg.stride, "padding": cfg.pad},
-    }
 
 
 # --------------------------------------------------------------------------- #

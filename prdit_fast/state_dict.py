@@ -1,5 +1,5 @@
 """What a PRDiT state dict says by its keys and shapes, shared by checkpoint loading
-(``checkpoint.py``) and by wrapping foreign modules (``fast.accelerate``)."""
+(``prdit_fast.checkpoint``) and by wrapping foreign modules (``fast.accelerate``)."""
 from __future__ import annotations
 
 import re

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from conftest import randomize_
 
 from prdit_fast import IaNDiffusion, create_model, create_sr_model, load_checkpoint, save_checkpoint
-from prdit_fast.checkpoint import CheckpointError, model_from_config
+from prdit_fast.checkpoint import CheckpointError, model_from_config, official_sr_config
 from prdit_fast.flops import flops_breakdown, flops_per_step
 from prdit_fast.models import count_parameters, unfold3d, unpatchify
 from prdit_fast.layout import upsample_prediction
-from prdit_fast.sr import PRDiTSR, SRConfig, official_sr_config
+from prdit_fast.sr import PRDiTSR, SRConfig
 
 BASE, LO, HI = "PRDiT-XS/10/1", 16, 32
 HEAD = {"hidden": 64, "patch": 10, "stride": 8, "pad": 1}

@@ -384,3 +384,47 @@ def test_the_architecture_diagram_matches_the_imports():
             if not ok:
                 wrong.add(f"{source} -> {target}")
     assert not wrong, "imports the diagram does not allow: " + ", ".join(sorted(wrong))
+
+
+# --------------------------------------------------------------------------- checkpoint I/O
+# The one module that reads a file with torch.load without being a checkpoint reader:
+# the MedicalNet ResNet-50 weights are a third-party feature extractor's state dict for
+# the metrics, not a PRDiT checkpoint (no config to resolve, no training state, never
+# written by us); it reads them with weights_only=True too.
+CHECKPOINT_IO_EXCEPTIONS = {"prdit_fast/metrics/medicalnet.py": {"torch.load"}}
+
+
+def _torch_io_calls(path: Path) -> list[tuple[str, ast.Call]]:
+    """(``torch.save`` | ``torch.load``, call node) for every such call in ``path``."""
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("save", "load") and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"):
+            calls.append((f"torch.{node.func.attr}", node))
+    return calls
+
+
+def test_checkpoint_io_only_in_the_checkpoint_package():
+    """Every torch.save / torch.load of the package is in prdit_fast/checkpoint/ (the one
+    owner of checkpoint layouts on disk), apart from CHECKPOINT_IO_EXCEPTIONS above; and
+    every torch.load anywhere reads with weights_only=True."""
+    outside, loads = [], 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        for name, call in _torch_io_calls(path):
+            if name == "torch.load":
+                loads += 1
+                flags = {k.arg: k.value for k in call.keywords}
+                assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, (
+                    f"{where}:{call.lineno} torch.load without weights_only=True")
+            if not where.startswith("prdit_fast/checkpoint/") and name not in CHECKPOINT_IO_EXCEPTIONS.get(where, ()):
+                outside.append(f"{where}:{call.lineno} {name}")
+    assert not outside, "checkpoint I/O outside prdit_fast/checkpoint/: " + ", ".join(outside)
+    assert loads >= 2  # the scan saw the checkpoint readers
+
+
+def test_the_io_scan_sees_calls(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import torch\ndef f(p):\n    torch.save({}, p)\n    return torch.load(p, weights_only=True)\n")
+    assert [name for name, _ in _torch_io_calls(source)] == ["torch.save", "torch.load"]

@@ -47,15 +47,13 @@ from prdit_fast.atomic import remove_stale_temps
 from prdit_fast.data.recipes import OutputUnits, output_units
 from prdit_fast.devices import resolve_device
 from prdit_fast.diffusion import IaNDiffusion, diffusion_for
-from prdit_fast.checkpoint import checkpoint_process, is_model_folder
+from prdit_fast.checkpoint import checkpoint_process, checkpoint_volume_metadata, is_model_folder
 from prdit_fast.errors import UsageError
 from prdit_fast.flow_matching import DEFAULT_SOLVER, SOLVERS, check_solver
 from prdit_fast.data.preprocess import read_sidecar, sidecar_path
 from prdit_fast.pipeline import DTYPES, output_volume, prepare_for_sampling
 from prdit_fast.run_claims import check_out_folder, claim_run_folder
-from prdit_fast.sample_runs import (
-    append_record, batch_groups, checkpoint_volume_metadata, file_sha256, network_summary,
-)
+from prdit_fast.sample_runs import append_record, batch_groups, file_sha256, network_summary
 
 log = logging.getLogger("prdit_fast")
 

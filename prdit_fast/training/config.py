@@ -20,12 +20,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..checkpoint import MODEL_BACKENDS
+from ..checkpoint import MODEL_BACKENDS, config_from_official_sr, is_official_sr_config
 from ..data.cache import DTYPES as CACHE_DTYPES
 from ..data.feed import ON_DEVICE_CHOICES
 from ..errors import UsageError
 from ..models import canonical_name, variant_config
-from ..sr import config_from_official_sr, is_official_sr_config
 
 DEVICES = ("auto", "cuda", "cpu")
 

@@ -20,7 +20,9 @@ from typing import Mapping
 import torch.nn as nn
 
 from ..checkpoint import (
+    build_network,
     checkpoint_norm,
+    config_from_official_sr,
     copy_matching_weights,
     load_checkpoint,
     read_checkpoint,
@@ -28,7 +30,7 @@ from ..checkpoint import (
     strip_wrapper_prefixes,
 )
 from ..models import DiTBlock, PRDiT, SwiGLU, create_model
-from ..sr import PRDiTSR, build_sr_model, config_from_official_sr
+from ..sr import PRDiTSR
 from .config import ConfigError, TrainConfig
 
 log = logging.getLogger("prdit_fast.train")
@@ -64,7 +66,7 @@ def _stage3_model(config: TrainConfig, fresh: bool) -> PRDiTSR:
     the whole wrapper's ``model`` weights come from ``sr_model.resume_checkpoint``."""
     cfg = config_from_official_sr(config.to_dict())
     finetune = config.base_model.finetune
-    model = build_sr_model(cfg)
+    model = build_network(cfg)
     if fresh and finetune:
         source = config.sr_model.resume_checkpoint
         if not source:

@@ -38,13 +38,13 @@ from torch.utils.data import Dataset
 from ..atomic import atomic_path, remove_stale_temps
 from ..checkpoint import (
     CheckpointError,
+    TrainingState,
     checkpoints_newest_first,
     link_latest,
-    read_checkpoint,
+    read_training_checkpoint,
     remove_training_checkpoints,
     resolve_checkpoint,
     save_training_checkpoint,
-    strip_wrapper_prefixes,
     training_checkpoint_path,
 )
 from ..data.feed import WAIT_WARNING, DataWait
@@ -153,10 +153,9 @@ class Trainer:
         self.net = net
         # the head decides the process, as in the official code (spec section 14); the IaN noise
         # scale follows the network's norm (TF-PRDiT: 1.0, spec section 15)
-        network = self.model.config.base if self.stage3 else self.model.config  # SR: its base network's
         self.diffusion = (
             FlowMatching() if self.model.config.process == "flow_matching"
-            else IaNDiffusion(noise_std=default_noise_std(network.norm))
+            else IaNDiffusion(noise_std=default_noise_std(self.model.config.norm))  # SR: its base network's
         )
         # one fused kernel on CUDA; elsewhere the multi-tensor (foreach) path, not a loop
         impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
@@ -301,7 +300,7 @@ class Trainer:
         copy, a disk error) is skipped with a warning."""
         for path in candidates:
             try:
-                ckpt = read_checkpoint(path, map_location=self.device)
+                ckpt = read_training_checkpoint(path, map_location=self.device)
             except CheckpointError as e:
                 log.warning("cannot read %s (%s); trying the previous checkpoint", path, e)
                 continue
@@ -309,20 +308,20 @@ class Trainer:
             return
         raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoints in {self.ckpt_dir} can be read")
 
-    def _restore(self, path: Path, ckpt: Mapping[str, Any]) -> None:
-        mine, theirs = run_identity(self.config.to_dict()), run_identity(ckpt.get("config", {}))
+    def _restore(self, path: Path, ckpt: TrainingState) -> None:
+        mine, theirs = run_identity(self.config.to_dict()), run_identity(ckpt.config)
         if mine != theirs:
             raise ValueError(
                 f"cannot resume from {path}: it trains {', '.join(map(str, theirs))}; "
                 f"the config asks for {', '.join(map(str, mine))}; use another output.results_dir"
             )
-        self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
-        self.ema.load_state_dict(strip_wrapper_prefixes(ckpt["ema"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self._apply_config_hyperparameters(ckpt)
-        self.step = int(ckpt["train_steps"])
-        self.position = int(ckpt.get("data_position", self.step * self.samples_per_step))
-        states = ckpt.get("rng") or []
+        self.model.load_state_dict(ckpt.model)
+        self.ema.load_state_dict(ckpt.ema)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self._apply_config_hyperparameters()
+        self.step = ckpt.train_steps
+        self.position = ckpt.data_position if ckpt.data_position is not None else self.step * self.samples_per_step
+        states = ckpt.rng
         if len(states) == self.world:
             set_rng_state(states[self.rank], self.noise)
         else:
@@ -335,7 +334,7 @@ class Trainer:
         self.last_checkpoint = path
         self._info(f"resumed from {path} at step {self.step}")
 
-    def _apply_config_hyperparameters(self, ckpt: Mapping[str, Any]) -> None:
+    def _apply_config_hyperparameters(self) -> None:
         """The config's learning rate and weight decay win over the checkpoint's optimizer
         state (a resumed run may lower them); a change is logged and the checkpoint
         config records the new values."""
