@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prdit_fast.checkpoint import checkpoint_process
+from prdit_fast.checkpoint import checkpoint_process, checkpoint_volume_metadata
 from prdit_fast.errors import UsageError
 from prdit_fast.data.recipes import INPUT_UNITS, ValueRange
 from prdit_fast.measurements import (
@@ -359,7 +359,7 @@ def _reconstruct(args: argparse.Namespace, out: Path, settings: dict) -> int:
     from prdit_fast.engine import GuidedSampler, keys_for
     from prdit_fast.measurements import data_consistency, effective_guidance_scale, guidance_parametrization
     from prdit_fast.orientation import voxel_sizes
-    from prdit_fast.sample_runs import checkpoint_volume_metadata, network_summary
+    from prdit_fast.sample_runs import network_summary
     from prdit_fast.volumes import save_nifti, save_slices_png
 
     device = resolve_device(args.device)
