@@ -13,7 +13,10 @@ from prdit_fast.checkpoint import (
     load_checkpoint,
     model_from_config,
     read_checkpoint,
+    read_training_checkpoint,
     save_checkpoint,
+    save_official_checkpoint,
+    save_training_checkpoint,
 )
 from prdit_fast.testing import randomized_model
 from prdit_fast.models import create_model
@@ -269,3 +272,30 @@ def test_copy_matching_weights_starts_stage_two_from_stage_one(model):
     for k, v in stage1.state_dict().items():
         assert torch.equal(stage2.state_dict()[k], v)
     assert not any(p.requires_grad for p in stage2.coarse_parameters())
+
+
+# --------------------------------------------------------------------------- official layout, resume state
+def test_save_official_checkpoint_writes_the_official_layout(tmp_path, model, probe):
+    ema = randomized("XS/10/1", 3)
+    config = {"model": {"name": "PRDiT-XS/10/1", "in_channels": 1}, "data": {"image_size": S}}
+    path = save_official_checkpoint(tmp_path / "official.pt", model, ema, config, train_steps=7, epoch=1)
+    raw = read_checkpoint(path)
+    assert set(raw) == {"model", "ema", "config", "train_steps", "epoch"} and raw["train_steps"] == 7
+    loaded = load_checkpoint(path)  # the EMA, strictly, from the official config
+    assert loaded.checkpoint_weights == "ema" and torch.equal(outputs(loaded, probe), outputs(ema, probe))
+    with pytest.raises(TypeError, match="extra\\['note'\\]"):
+        save_official_checkpoint(tmp_path / "bad.pt", model, ema, config, note=object())
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_read_training_checkpoint_needs_the_resume_state(tmp_path, model):
+    config = {"model": {"name": "PRDiT-XS/10/1"}, "data": {"image_size": S}}
+    official = save_official_checkpoint(tmp_path / "official.pt", model, model, config)
+    with pytest.raises(CheckpointError, match="not a training checkpoint .*lacks optimizer"):
+        read_training_checkpoint(official)
+    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
+    path = save_training_checkpoint(tmp_path / "0000003.pt", model, model, optimizer, config, train_steps=3, epoch=0,
+                                    data_position=6, world_size=1, rng=[])
+    state = read_training_checkpoint(path)
+    assert (state.train_steps, state.data_position, state.rng) == (3, 6, [])
+    assert state.model.keys() == model.state_dict().keys()

@@ -1,7 +1,8 @@
 """Writing checkpoint files, atomically (``prdit_fast.atomic``): our format
-(``save_checkpoint``) and a training run's ``<checkpoint_dir>/<step:07d>.pt`` files, which
-are also listed and read back for a resume here. The layouts are described in
-``read.py``.
+(``save_checkpoint``), the official layout (``save_official_checkpoint``), model folders
+(``save_model_folder``) and a training run's ``<checkpoint_dir>/<step:07d>.pt`` files, which
+are also named, listed, linked as ``latest``, pruned and read back for a resume here. The
+layouts are described in ``read.py``.
 """
 from __future__ import annotations
 
