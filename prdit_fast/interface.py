@@ -26,9 +26,11 @@ return_intermediate=False)``: no encode mode and no feature helpers (TypeError).
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Sequence
+import os
+from typing import Iterable, Mapping, Sequence
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 MODES = ("denoise", "encode")
 ENCODE_BLOCK = 5  # mode="encode" returns the tokens after block index 5 (the sixth block)
@@ -185,3 +187,32 @@ class OfficialInterface:
         blocks = capture_indices(capture_layers, depth, self._model_name())
         features = self.hidden_features(input, batch_timesteps(t, input), blocks, include_patch_embed, final=True)
         return {k: v.detach() for k, v in features.items()} if detach else features
+
+    def load_coarse_checkpoint(self, path: str | os.PathLike) -> list[str]:
+        """Stage 2's start in the official trainer: the ``model`` weights of a stage-1 file (an
+        official dict, ours, or a bare state dict; DDP ``module.`` / compile ``_orig_mod.``
+        prefixes dropped) loaded non-strictly, then ``freeze_coarse_path()``. Returns the
+        names loaded. ValueError when the file does not hold this model's whole coarse path;
+        a name with another shape is torch's RuntimeError (as in the official code)."""
+        from .checkpoint.read import read_checkpoint  # imports nothing from the package
+
+        ckpt = read_checkpoint(path)
+        state = ckpt["model"] if isinstance(ckpt.get("model"), Mapping) else ckpt
+        state = dict(state)
+        for prefix in ("module.", "_orig_mod."):
+            consume_prefix_in_state_dict_if_present(state, prefix)
+        coarse = [n for n, _ in self.named_parameters() if n.startswith(_COARSE_PREFIXES)]
+        absent = [n for n in coarse if n not in state]
+        if absent:
+            raise ValueError(
+                f"{path} is not a stage-1 checkpoint of {self._model_name()}: its model weights lack "
+                f"{len(absent)} of the coarse path's {len(coarse)} tensors, e.g. {absent[:3]}"
+            )
+        own = set(self.state_dict())
+        self.load_state_dict(state, strict=False)
+        self.freeze_coarse_path()
+        return [name for name in state if name in own]
+
+
+# the coarse path's parameters (spec section 6): what a stage-1 checkpoint provides
+_COARSE_PREFIXES = ("t_embedder.mlp.", "t_embedder.coarse_head.", "coarse.")

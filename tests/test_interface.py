@@ -253,3 +253,31 @@ def test_hidden_features_checks_its_request(backend):
     _, flat = build("PRDiT-XS/10/0", backend)
     with pytest.raises(RuntimeError, match="depth 0"):
         flat.hidden_features(x, t, [0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_coarse_checkpoint(backend, tmp_path):
+    """A stage-1 file's ``model`` weights (official layout, DDP prefixes) fill the coarse path,
+    non-strictly (the transformer keeps its weights), and the coarse path is frozen."""
+    torch.manual_seed(1)
+    stage1 = randomize_(create_model("PRDiT-XS/10/0", S), std=0.05).eval()
+    official = {"model": {"module." + k: v for k, v in stage1.state_dict().items()},
+                "ema": stage1.state_dict(), "config": {"model": {"name": "PRDiT-XS/10/0"}}, "epoch": 3}
+    torch.save(official, tmp_path / "stage1.pt")
+    _, model = build("PRDiT-XS/10/1", backend)
+    model.requires_grad_(True)
+    fine_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("fine.")}
+    loaded = model.load_coarse_checkpoint(tmp_path / "stage1.pt")
+    assert sorted(loaded) == sorted(stage1.state_dict())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in stage1.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in fine_before.items())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("fine.", "t_embedder.fine_head.")) for n in trainable)
+    x, t = torch.randn(3, 1, S, S, S), torch.tensor([3, 300, 900])
+    with torch.no_grad():
+        coarse, _ = model(x, t, return_intermediate=True)
+        assert rel_max(coarse, stage1(x, t)) < FP32_TOL  # the stage-1 model's prediction
+    torch.save({"model": {"fine.patch_embedder.skip.weight": torch.zeros(192, 1000)}}, tmp_path / "stage2.pt")
+    with pytest.raises(ValueError, match="not a stage-1 checkpoint"):
+        model.load_coarse_checkpoint(tmp_path / "stage2.pt")
