@@ -201,7 +201,8 @@ class OfficialInterface:
         state = dict(state)
         for prefix in ("module.", "_orig_mod."):
             consume_prefix_in_state_dict_if_present(state, prefix)
-        coarse = [n for n, _ in self.named_parameters() if n.startswith(_COARSE_PREFIXES)]
+        coarse_ids = {id(p) for p in self.coarse_parameters()}
+        coarse = [n for n, p in self.named_parameters() if id(p) in coarse_ids]
         absent = [n for n in coarse if n not in state]
         if absent:
             raise ValueError(
@@ -212,7 +213,3 @@ class OfficialInterface:
         self.load_state_dict(state, strict=False)
         self.freeze_coarse_path()
         return [name for name in state if name in own]
-
-
-# the coarse path's parameters (spec section 6): what a stage-1 checkpoint provides
-_COARSE_PREFIXES = ("t_embedder.mlp.", "t_embedder.coarse_head.", "coarse.")
