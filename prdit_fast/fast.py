@@ -81,7 +81,8 @@ from .ops.dispatch import GEMM, per_op_impl, resolve
 from .ops.fp8_linear import E4M3, fp8_linear, fp8_unsupported, quantize_e4m3
 from .sr import PRDiTSR
 from .sr_fast import FastPRDiTSR
-from .state_dict import infer_architecture, strip_wrapper_prefixes
+from .checkpoint_read import strip_wrapper_prefixes
+from .state_dict import infer_architecture
 
 # float8_e4m3fn: the GEMMs in FP8 with per-row scales (inference only), the rest in bf16
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, E4M3)

@@ -30,7 +30,8 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from .checkpoint_read import read_checkpoint, strip_wrapper_prefixes
 
 MODES = ("denoise", "encode")
 ENCODE_BLOCK = 5  # mode="encode" returns the tokens after block index 5 (the sixth block)
@@ -194,13 +195,9 @@ class OfficialInterface:
         prefixes dropped) loaded non-strictly, then ``freeze_coarse_path()``. Returns the
         names loaded. ValueError when the file does not hold this model's whole coarse path;
         a name with another shape is torch's RuntimeError (as in the official code)."""
-        from .checkpoint.read import read_checkpoint  # imports nothing from the package
-
         ckpt = read_checkpoint(path)
         state = ckpt["model"] if isinstance(ckpt.get("model"), Mapping) else ckpt
-        state = dict(state)
-        for prefix in ("module.", "_orig_mod."):
-            consume_prefix_in_state_dict_if_present(state, prefix)
+        state = strip_wrapper_prefixes(state)
         coarse_ids = {id(p) for p in self.coarse_parameters()}
         coarse = [n for n, p in self.named_parameters() if id(p) in coarse_ids]
         absent = [n for n in coarse if n not in state]

@@ -9,19 +9,7 @@ import torch
 
 from .models import SIZES, canonical_name
 
-# DDP wraps the model in ``module.``, torch.compile in ``_orig_mod.``
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _BLOCK_RE = re.compile(r"^fine\.blocks\.(\d+)\.")
-
-
-def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from every key."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
 
 
 def _geometry_from_rows(coarse_rows: int, out_rows: int) -> tuple[int, int, int, int] | None:

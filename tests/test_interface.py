@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prdit_fast.checkpoint import save_checkpoint
 from prdit_fast.fast import accelerate
 from prdit_fast.models import create_model, unfold3d, unpatchify
 from prdit_fast.sr import create_sr_model, downsample_nearest, upsample_prediction
@@ -257,8 +258,9 @@ def test_hidden_features_checks_its_request(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_load_coarse_checkpoint(backend, tmp_path):
-    """A stage-1 file's ``model`` weights (official layout, DDP prefixes) fill the coarse path,
-    non-strictly (the transformer keeps its weights), and the coarse path is frozen."""
+    """A stage-1 file's ``model`` weights (official layout with DDP prefixes; our safetensors
+    format) fill the coarse path, non-strictly (the transformer keeps its weights), and the
+    coarse path is frozen; a file without the coarse path is refused."""
     torch.manual_seed(1)
     stage1 = randomize_(create_model("PRDiT-XS/10/0", S), std=0.05).eval()
     official = {"model": {"module." + k: v for k, v in stage1.state_dict().items()},
@@ -278,6 +280,10 @@ def test_load_coarse_checkpoint(backend, tmp_path):
     with torch.no_grad():
         coarse, _ = model(x, t, return_intermediate=True)
         assert rel_max(coarse, stage1(x, t)) < FP32_TOL  # the stage-1 model's prediction
+    save_checkpoint(tmp_path / "ours.safetensors", stage1)  # our format: the EMA weights stand in for model
+    _, again = build("PRDiT-XS/10/1", backend)
+    again.load_coarse_checkpoint(tmp_path / "ours.safetensors")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in stage1.state_dict().items())
     torch.save({"model": {"fine.patch_embedder.skip.weight": torch.zeros(192, 1000)}}, tmp_path / "stage2.pt")
     with pytest.raises(ValueError, match="not a stage-1 checkpoint"):
         model.load_coarse_checkpoint(tmp_path / "stage2.pt")

@@ -1,8 +1,8 @@
 """Our modules driven the way the official scripts drive theirs (spec section 16): the
 sampler's ``model(x, t, **model_kwargs)`` with ``model_kwargs = {"y": None}`` and 1-d,
 0-d or int t, the bound ``forward`` passed as a function, the IaN cold sampler loop,
-DDP wrapping (gloo, world size 1, CPU), the nn.Module methods the scripts call, and
-state dicts. The fast backend runs fp32 with its plain-torch op references
+DDP wrapping (gloo, world size 1, CPU), the nn.Module methods the scripts call,
+``torch.compile(model)``, and state dicts. The fast backend runs fp32 with its plain-torch op references
 (``impl="torch"``; the Triton kernels have their own interpreter tests).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from prdit_fast.diffusion import IaNDiffusion
 from prdit_fast.fast import FastPRDiT, accelerate
+from conftest import requires_cuda
 from prdit_fast.testing import randomized_model, rel_max, rel_rms
 
 S = 16
@@ -137,3 +138,42 @@ def test_fp8_training_says_what_to_use():
     fast = accelerate(ref, dtype=torch.float8_e4m3fn, impl="torch")
     with pytest.raises(RuntimeError, match="inference only"):
         fast(torch.randn(1, 1, S, S, S, requires_grad=True), 5)
+
+
+def test_torch_compile_captures_the_fast_module_in_one_graph():
+    """``torch.compile(fast)`` as a script would call it: Dynamo captures the whole forward
+    and backward in one graph (``fullgraph=True`` raises on any break), and the compiled
+    module's output and gradients are the eager ones. The ``aot_eager`` backend runs the
+    captured graph with torch's own kernels: inductor's CPU compile takes minutes on a
+    2-core machine, and inductor with the Triton kernels is the CUDA test below."""
+    ref, fast = models()
+    x, t = torch.randn(3, 1, S, S, S), torch.tensor([3, 300, 900])
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_max(compiled(x, t, y=None), fast(x, t)) < FP32_TOL
+    fast.train()
+    weights = torch.linspace(-1, 1, x.numel() * 2).view(3, 2, S, S, S)
+    grads = []
+    for module in (fast, compiled):
+        fast.zero_grad()
+        (module(x, t) * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert rel_max(grads[1][name], grads[0][name]) < FP32_TOL, name
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+def test_torch_compile_with_the_triton_kernels_on_cuda(dtype, tol):
+    """``torch.compile(fast)`` with inductor over the Triton kernels (``impl="auto"``):
+    the compiled module's output equals the eager fast module's within the dtype's
+    tolerance (relative RMS; TF32 off), with ``y=None`` and an int t."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = randomized_model("PRDiT-XS/12/2", 32, std=0.05).cuda().eval()
+    fast = accelerate(ref, dtype=dtype)
+    compiled = torch.compile(fast)
+    x = torch.randn(3, 1, 32, 32, 32, device="cuda")
+    with torch.no_grad():
+        for t in (torch.tensor([5, 300, 990], device="cuda"), 250):
+            assert rel_rms(compiled(x, t, y=None), fast(x, t)) < tol

@@ -387,6 +387,10 @@ def test_the_architecture_diagram_matches_the_imports():
 
 
 # --------------------------------------------------------------------------- checkpoint I/O
+# Where checkpoint files are read and written: the reader beside every layer (it imports
+# nothing from the package, so the models can read a stage-1 file through it) and the
+# package that writes, resolves and loads.
+CHECKPOINT_IO_HOMES = ("prdit_fast/checkpoint_read.py", "prdit_fast/checkpoint/")
 # The one module that reads a file with torch.load without being a checkpoint reader:
 # the MedicalNet ResNet-50 weights are a third-party feature extractor's state dict for
 # the metrics, not a PRDiT checkpoint (no config to resolve, no training state, never
@@ -405,9 +409,9 @@ def _torch_io_calls(path: Path) -> list[tuple[str, ast.Call]]:
     return calls
 
 
-def test_checkpoint_io_only_in_the_checkpoint_package():
-    """Every torch.save / torch.load of the package is in prdit_fast/checkpoint/ (the one
-    owner of checkpoint layouts on disk), apart from CHECKPOINT_IO_EXCEPTIONS above; and
+def test_checkpoint_io_only_in_the_checkpoint_modules():
+    """Every torch.save / torch.load of the package is in CHECKPOINT_IO_HOMES (the owners
+    of checkpoint layouts on disk), apart from CHECKPOINT_IO_EXCEPTIONS above; and
     every torch.load anywhere reads with weights_only=True."""
     outside, loads = [], 0
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -418,9 +422,9 @@ def test_checkpoint_io_only_in_the_checkpoint_package():
                 flags = {k.arg: k.value for k in call.keywords}
                 assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, (
                     f"{where}:{call.lineno} torch.load without weights_only=True")
-            if not where.startswith("prdit_fast/checkpoint/") and name not in CHECKPOINT_IO_EXCEPTIONS.get(where, ()):
+            if not where.startswith(CHECKPOINT_IO_HOMES) and name not in CHECKPOINT_IO_EXCEPTIONS.get(where, ()):
                 outside.append(f"{where}:{call.lineno} {name}")
-    assert not outside, "checkpoint I/O outside prdit_fast/checkpoint/: " + ", ".join(outside)
+    assert not outside, f"checkpoint I/O outside {CHECKPOINT_IO_HOMES}: " + ", ".join(outside)
     assert loads >= 2  # the scan saw the checkpoint readers
 
 

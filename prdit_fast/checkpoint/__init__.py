@@ -1,8 +1,10 @@
-"""Checkpoints: every layout on disk, ours and the official ones, read and written here
-and nowhere else in the package.
+"""Checkpoints: every layout on disk, ours and the official ones, written and resolved
+here and nowhere else in the package; read by ``prdit_fast/checkpoint_read.py``, whose
+names this package re-exports.
 
-- ``read``: reading any file (``read_checkpoint``), the layouts described; it imports
-  nothing from the package, so any module may read through it;
+- ``prdit_fast.checkpoint_read`` (beside the package, not in it): reading any file
+  (``read_checkpoint``), the layouts described; it imports nothing from the package, so
+  any module may read through it, the models' ``load_coarse_checkpoint`` included;
 - ``write``: ``save_checkpoint`` (our format, torch or safetensors), ``save_model_folder``,
   ``save_official_checkpoint`` (the official layout) and a training run's ``<step>.pt``
   files (``save_training_checkpoint``, ``read_training_checkpoint``, ``latest_checkpoint``);
@@ -11,8 +13,7 @@ and nowhere else in the package.
 - ``load``: ``load_checkpoint`` in one pass: read -> resolve -> ``build_network`` (the one
   factory) -> check keys -> load strictly.
 """
-from ..state_dict import infer_architecture, strip_wrapper_prefixes
-from .read import (
+from ..checkpoint_read import (
     FORMAT,
     FORMAT_VERSION,
     MODEL_CONFIG_FILE,
@@ -23,7 +24,9 @@ from .read import (
     read_checkpoint,
     read_lazily,
     read_model_folder_config,
+    strip_wrapper_prefixes,
 )
+from ..state_dict import infer_architecture
 from .write import (
     LATEST,
     checkpoints_newest_first,

@@ -12,8 +12,7 @@ import torch.nn as nn
 
 from ..models import PRDiT, PRDiTConfig
 from ..sr import PRDiTSR, SRConfig, build_sr_model
-from ..state_dict import strip_wrapper_prefixes
-from .read import CheckpointError, read_checkpoint
+from ..checkpoint_read import CheckpointError, read_checkpoint, strip_wrapper_prefixes
 from .resolve import parse_config, resolve_network
 
 # what ``load_checkpoint(backend=...)`` and training's ``model.backend`` build

@@ -29,8 +29,8 @@ import torch
 from ..diffusion import default_noise_std
 from ..models import NORMS, PRDiTConfig, canonical_name, variant_config
 from ..sr import SR_HIDDEN, SR_PAD, SR_PATCH, SR_STRIDE, SRConfig
-from ..state_dict import infer_architecture, strip_wrapper_prefixes
-from .read import FORMAT, FORMAT_VERSION, CheckpointError, read_lazily
+from ..checkpoint_read import FORMAT, FORMAT_VERSION, CheckpointError, read_lazily, strip_wrapper_prefixes
+from ..state_dict import infer_architecture
 
 _NORM_WORDS = {"layer": "PRDiT, LayerNorm", "rms": "TF-PRDiT, RMSNorm"}
 

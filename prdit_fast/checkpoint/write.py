@@ -20,8 +20,7 @@ from ..atomic import atomic_path, write_json
 from ..diffusion import default_noise_std
 from ..models import PRDiTConfig
 from ..sr import SRConfig
-from ..state_dict import strip_wrapper_prefixes
-from .read import _EMA_PREFIX, FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, CheckpointError, read_checkpoint
+from ..checkpoint_read import strip_wrapper_prefixes, _EMA_PREFIX, FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, CheckpointError, read_checkpoint
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

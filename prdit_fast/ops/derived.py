@@ -35,8 +35,8 @@ class DerivedWeights:
         sources = tuple(sources)
         if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
             return build()  # differentiable; a cached tensor would cut the gradient
-        if any(p.is_inference() for p in sources):
-            return build()  # no version counter to key a cache on
+        if torch.compiler.is_compiling() or any(p.is_inference() for p in sources):
+            return build()  # a traced graph holds the derivation; inference tensors have no version to key on
         key = [(p.data_ptr(), p._version, p.device, p.dtype) for p in sources]
         hit = self._store.get(name)
         if hit is not None and hit[1] == key and all(ref() is p for ref, p in zip(hit[0], sources)):

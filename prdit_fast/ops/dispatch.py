@@ -141,8 +141,9 @@ def resolve(op: str, impl: str, tensors: Sequence[torch.Tensor], refusal: str | 
 
 
 def announce(op: str, chosen: str, why: str) -> str:
-    """Log ``op runs chosen (why)`` the first time this (op, chosen) pair is seen; returns chosen."""
-    if (op, chosen) not in _announced:
+    """Log ``op runs chosen (why)`` the first time this (op, chosen) pair is seen; returns chosen.
+    Not while torch.compile traces (a log call would break its graph): eager calls log."""
+    if (op, chosen) not in _announced and not torch.compiler.is_compiling():
         _announced.add((op, chosen))
         logger.info("%s runs %s (%s)", op, chosen, why)
     return chosen

@@ -9,7 +9,7 @@ Layouts:
   exact resume needs (``data_position``, ``world_size``, ``rng``: one state per rank);
   ``save_training_checkpoint`` / ``read_training_checkpoint``;
 * a bare state dict (torch or safetensors file);
-* a model folder (``write.save_model_folder``; ``prdit_fast.Pipeline.save_pretrained``,
+* a model folder (``checkpoint.write.save_model_folder``; ``prdit_fast.Pipeline.save_pretrained``,
   ``prdit-fast export``): ``config.json`` (``format``, ``version``, ``config``, ``process``,
   ``diffusion``, ``volume``: the training data's voxel size and intensity recipe) and
   ``model.safetensors`` (one state dict: the weights to sample with);
@@ -21,9 +21,11 @@ Layouts:
   EMA weights under an ``ema.`` prefix.
 
 Files are always read with ``torch.load(..., weights_only=True)``: nothing in a checkpoint
-can run code. This module imports nothing from the package, so any module may read a
-file through it; which network a file holds is decided in ``resolve.py``, writing is
-``write.py``.
+can run code. This module imports nothing from the package: it sits below the models, so
+any module may read a file through it (the models' ``load_coarse_checkpoint`` does). The
+rest of the checkpoint code is the package ``prdit_fast/checkpoint/``, which re-exports
+these names: which network a file holds is decided in ``checkpoint/resolve.py``, writing is
+``checkpoint/write.py``, loading into a network ``checkpoint/load.py``.
 """
 from __future__ import annotations
 
@@ -43,6 +45,20 @@ _EMA_PREFIX = "ema."
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the requested model."""
+
+
+# DDP wraps the model in ``module.``, torch.compile in ``_orig_mod.``
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from every key."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- #
