@@ -3,7 +3,15 @@ matching (spec section 14), sampling and training.
 
     python -m benchmarks.bench_flow_matching --json fm.json            # B/16/12-s16 at 256^3, batch 1 and 2
     python -m benchmarks.bench_flow_matching --rows fast-graph compile --json fm-compile.json
+    python -m benchmarks.bench_flow_matching --checkpoint prdit256_fm.pt --json fm.json   # the released file
     python -m benchmarks.bench_flow_matching --device cpu --variant PRDiT-XS/4/0 --size 8 --steps 2
+
+The network is loaded the way a user of the release loads it: ``--checkpoint`` names the
+released file (official layout), read by ``prdit_fast.load_checkpoint`` (its EMA weights);
+without it, random weights (every weight N(0, 0.02), so the figures do not depend on a
+trained model) are first written in the official layout (``save_official_checkpoint``, the
+flow-matching head: ``out_channels`` = ``in_channels``) and read back the same way.
+``weights`` in the result says which.
 
 Sampling rows, each at every ``--batch-sizes`` (one network evaluation ``forward_ms``; one
 Euler step ``step_ms``; a whole ``--steps``-step Euler sample ``whole_s`` and
@@ -38,6 +46,8 @@ import contextlib
 import copy
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,6 +92,32 @@ def fm_model(variant: str, size: int, std: float = 0.02) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(0.0, std)
     return model.eval()
+
+
+def released_model(variant: str, size: int, device: torch.device,
+                   checkpoint: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the network every row runs, where its weights came from), loaded by ``load_checkpoint``
+    from a file in the official layout: ``checkpoint`` (variant and size from the file), or
+    ``fm_model(variant, size)`` written to a temporary one first."""
+    from prdit_fast.checkpoint import load_checkpoint, save_official_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="prdit-fm-bench-") as folder:
+        if checkpoint is None:
+            model = fm_model(variant, size)
+            cfg = model.config
+            config = {"model": {"name": cfg.name, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels},
+                      "data": {"image_size": size}}
+            path = save_official_checkpoint(Path(folder) / "fm.pt", model, model, config)
+            del model
+            source = "random N(0, 0.02), written in the official layout and read by load_checkpoint"
+        else:
+            path, source = Path(checkpoint), f"{checkpoint} (read by load_checkpoint)"
+        model = load_checkpoint(path, map_location=device)
+    cfg = model.config
+    if cfg.out_channels != cfg.in_channels:
+        raise ValueError(f"{path} holds an IaN network ({cfg.out_channels} output channels for {cfg.in_channels} "
+                         f"input): this benchmark measures the flow-matching model; give the released 256^3 file")
+    return model.eval(), {"source": source, "checkpoint_weights": model.checkpoint_weights}
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -180,9 +216,11 @@ def training_row(spec, model, batch: int, accum: int, device: torch.device, timi
 def run(variant: str = VARIANT, size: int = SIZE, batch_sizes: tuple[int, ...] = BATCH_SIZES, steps: int = STEPS,
         train_batch: int = 2, accum: int = 2, device: str | torch.device | None = None,
         compile_mode: str = "max-autotune", training: bool = False, rows: tuple[str, ...] = SAMPLING_NAMES,
-        on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        on_row: Callable[[dict], None] | None = None, checkpoint: str | None = None) -> dict[str, Any]:
     """The sampling ``rows`` at every batch size (compile last), then, with ``training``, every
-    training row; a failing row (OOM, compile error) is recorded; ``on_row(result)`` after each."""
+    training row; a failing row (OOM, compile error) is recorded; ``on_row(result)`` after each.
+    ``checkpoint``: the released file (its variant and size replace ``variant`` and ``size``);
+    None: random weights through the official layout (``released_model``)."""
     from prdit_fast.flops import flops_per_step
 
     unknown = [r for r in rows if r not in SAMPLING_NAMES]
@@ -192,14 +230,15 @@ def run(variant: str = VARIANT, size: int = SIZE, batch_sizes: tuple[int, ...] =
     cpu = device.type != "cuda"
     timing = CPU_TIMING if cpu else TIMING
     peak = bench.measure_matmul_peak(device, 256 if cpu else 8192, torch.bfloat16)
-    model = fm_model(bench.variant_name(variant), size).to(device)
+    model, weights = released_model(bench.variant_name(variant), size, device, checkpoint)
+    size = model.config.input_size
     flop = flops_per_step(model.config)
     result: dict[str, Any] = {
         "schema": SCHEMA, **bench.environment(device), "label": "CPU results (not GPU figures)" if cpu else "GPU",
         "settings": {"variant": model.config.name, "size": size, "batch_sizes": list(batch_sizes), "steps": steps,
                      "solver": "euler", "train_batch": train_batch, "grad_accum_steps": accum,
                      "compile_mode": compile_mode},
-        "peak": peak, "flop_per_evaluation_per_volume": flop, "sampling": [], "training": [],
+        "weights": weights, "peak": peak, "flop_per_evaluation_per_volume": flop, "sampling": [], "training": [],
     }
     chosen = [s for s in SAMPLING_ROWS if s.name in rows]
     # torch.compile's autotuning takes minutes: every other row first, at every batch size
@@ -267,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training", action="store_true", help="also the training rows")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--checkpoint", help="the released file (official layout); its variant and size replace "
+                        "--variant and --size (default: random weights written in the official layout)")
     parser.add_argument("--device")
     parser.add_argument("--json", help="write the result here (rewritten after every row)")
     args = parser.parse_args(argv)
@@ -276,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, result)
 
     result = run(args.variant, args.size, tuple(args.batch_sizes), args.steps, args.train_batch, args.accum,
-                 args.device, args.compile_mode, args.training, tuple(args.rows), on_row=save)
+                 args.device, args.compile_mode, args.training, tuple(args.rows), on_row=save,
+                 checkpoint=args.checkpoint)
     save(result)
     print(json.dumps(result, indent=2, default=str))
     return 0

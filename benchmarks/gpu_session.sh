@@ -11,7 +11,8 @@
 #   tests       the CUDA tests only (pytest --cuda-only: the tests that skip without a GPU; CI
 #               runs the rest), in parallel, at most 10 failures, each test capped; a failure
 #               fails the stage, the log and summary.md name the failing tests, later stages run
-#   fm          the released 256^3 model B/16/12-s16 (flow matching, random weights), 100 Euler
+#   fm          the released 256^3 model B/16/12-s16 (flow matching; random weights written in the
+#               official layout and read by load_checkpoint, or FM_CHECKPOINT=<released file>), 100 Euler
 #               steps per volume at batch 1 and 2: the official loop (FlowMatching.sample, fp32
 #               with TF32, SDPA), the reference under bf16 autocast, ours eager, ours with CUDA
 #               graphs (benchmarks/bench_flow_matching.py); peak memory and attention per row
@@ -57,6 +58,8 @@ MIN_STAGE_S=${MIN_STAGE_S:-15}
 REPORT_RESERVE_S=10
 STAGES=${STAGES:-tests fm guided fm_compile baselines profile sr fp8 metrics features}
 RESUME=${RESUME:-}
+FM_WEIGHTS=()
+[ -n "${FM_CHECKPOINT:-}" ] && FM_WEIGHTS=(--checkpoint "$FM_CHECKPOINT")
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
@@ -97,14 +100,15 @@ stage_command() {
         python3 -m benchmarks.bench_flow_matching "${DEVICE[@]}" --variant PRDiT-XS/4/0 --size 8 --steps 1 \
           --rows official reference-bf16 fast-eager fast-graph --json "$WORK/fm.json"
       else
-        python3 -m benchmarks.bench_flow_matching --rows official reference-bf16 fast-eager fast-graph --json "$WORK/fm.json"
+        python3 -m benchmarks.bench_flow_matching "${FM_WEIGHTS[@]}" --rows official reference-bf16 fast-eager fast-graph \
+          --json "$WORK/fm.json"
       fi ;;
     fm_compile)
       if [ "$DRY_RUN" = 1 ]; then
         python3 -m benchmarks.bench_flow_matching "${DEVICE[@]}" --variant PRDiT-XS/4/0 --size 8 --steps 1 \
           --rows fast-graph compile --json "$WORK/fm_compile.json"
       else
-        python3 -m benchmarks.bench_flow_matching --rows fast-graph compile --json "$WORK/fm_compile.json"
+        python3 -m benchmarks.bench_flow_matching "${FM_WEIGHTS[@]}" --rows fast-graph compile --json "$WORK/fm_compile.json"
       fi ;;
     guided)
       if [ "$DRY_RUN" = 1 ]; then

@@ -158,6 +158,7 @@ def _fm_lines(data: dict[str, Any]) -> list[str]:
     s = data["settings"]
     lines = [f"{s['variant']} at {s['size']}^3, {s['steps']} {s['solver']} steps, [{data['label']}]; bf16 matmul peak "
              f"{data['peak']['tflops']:.4g} TFLOP/s measured in this run; ratios within this stage, same batch", "",
+             f"weights: {data.get('weights', {}).get('source', 'not recorded')}", "",
              "| row | batch | attention | graph | forward ms | step ms | whole s | s/volume | peak GiB | MFU "
              "| x official | x compile | rel err |", "|" + " --- |" * 13]
     for r in data.get("sampling", []):
