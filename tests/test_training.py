@@ -73,6 +73,13 @@ def test_official_style_config_resolves():
     assert "log_every" not in cfg.to_dict()["training"]  # config.yaml lists it once, where it is read
     assert cfg.training.ema_decay == 0.9999 and cfg.model.pretrained_path is None
     assert cfg.data.path is None and cfg.model.backend == "reference"
+    assert cfg.data.augment is False and cfg.to_dict()["data"]["augment"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # data.augment is implemented: no "not implemented" warning
+        flipping = resolve_config(apply_overrides(official, ["data.image_size=128", "data.augment=true"]))
+    assert flipping.data.augment is True and resolve_config(flipping.to_dict()).data.augment is True
+    with pytest.raises(ValueError, match="data.augment must be true or false"):
+        resolve_config(apply_overrides(official, ["data.image_size=128", "data.augment=0.5"]))
 
     with pytest.warns(UserWarning, match="unknown config key training.lerning_rate"):
         resolve_config(apply_overrides(official, ["data.image_size=128", "training.lerning_rate=3"]))
@@ -105,6 +112,24 @@ def test_stream_sampler_shards_and_resumes():
     assert interleaved == stream[:20]
     resumed = StreamSampler(5, 4, 0, 1, seed=3, position=8)
     assert [i for _, i in zip(range(12), resumed)] == stream[8:20]
+
+
+def test_flip_bits_shard_resume_and_leave_the_order_alone():
+    draws = lambda s, n: [d for _, d in zip(range(n), s.draws())]  # noqa: E731
+    full = draws(StreamSampler(5, 4, 0, 1, seed=3, position=0, augment=True), 20)
+    assert [i for i, _ in full] == [i for i, _ in draws(StreamSampler(5, 4, 0, 1, seed=3, position=0), 20)]
+    assert not any(f for _, f in draws(StreamSampler(5, 4, 0, 1, seed=3, position=0), 20))  # off: no flips
+    per_rank = [draws(StreamSampler(5, 4, r, 2, seed=3, position=0, augment=True), 10) for r in range(2)]
+    assert [x for step in range(5) for r in range(2) for x in per_rank[r][2 * step:2 * step + 2]] == full
+    assert draws(StreamSampler(5, 4, 0, 1, seed=3, position=8, augment=True), 12) == full[8:20]
+    # p = 0.5 per sample: the deterministic stream of 3 seeds x 2000 positions flips about half,
+    # differently per epoch and per seed
+    streams = [[f for _, f in draws(StreamSampler(100, 8, 0, 1, seed=seed, position=0, augment=True), 2000)]
+               for seed in range(3)]
+    for flips in streams:
+        assert 900 <= sum(flips) <= 1100, sum(flips)
+        assert flips[:100] != flips[100:200]
+    assert streams[0] != streams[1]
 
 
 # ----------------------------------------------------------------------------- two stages
@@ -176,11 +201,15 @@ def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_bit_exact(tmp_path):
-    # phantom_length 3 with batch 2: the run crosses epoch boundaries mid-batch
-    straight = train(tiny_config(tmp_path / "a", "PRDiT-XS/10/1", 4, data={"phantom_length": 3}), from_scratch=True)
+    # phantom_length 3 with batch 2: the run crosses epoch boundaries mid-batch; data.augment
+    # flips samples before and after the interruption (a function of the stream position)
+    data = {"phantom_length": 3, "augment": True}
+    drawn = [flip for _, (_, flip) in zip(range(8), StreamSampler(3, 2, 0, 1, 0, 0, augment=True).draws())]
+    assert any(drawn[:4]) and any(drawn[4:]) and not all(drawn)  # 4 steps x batch 2: flips on both sides
+    straight = train(tiny_config(tmp_path / "a", "PRDiT-XS/10/1", 4, data=data), from_scratch=True)
     # the interrupted run goes through the CLI: YAML config + overrides, then --resume
     config_file = tmp_path / "b.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "b", "PRDiT-XS/10/1", 4, data={"phantom_length": 3})))
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "b", "PRDiT-XS/10/1", 4, data=data)))
     assert main(["train", "--config", str(config_file), "--from-scratch", "training.total_steps=2"]) == 0
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "0000002.pt"
     assert main(["train", "--config", str(config_file), "--resume"]) == 0
@@ -245,7 +274,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> Non
 
 
 def test_two_process_gloo_keeps_replicas_identical(tmp_path):
-    config = tiny_config(tmp_path / "run", "PRDiT-XS/10/1", 2, training={"batch_size": 4})
+    config = tiny_config(tmp_path / "run", "PRDiT-XS/10/1", 2, training={"batch_size": 4}, data={"augment": True})
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
     hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert hashes[0] == hashes[1]

@@ -1,7 +1,9 @@
 """Training's data path and run hygiene: the cache built on first use gives the direct
 read's first-step loss, the on-device path the loader path's losses exactly, the data wait
 is logged (and warned about), a user dataset trains, retention keeps what it says,
-``latest`` resolves for stage 2 and --resume, and a too-slow EMA is warned about.
+``latest`` resolves for stage 2 and --resume, a too-slow EMA is warned about, and
+data.augment flips the training batches (along LIDC's superior-inferior axis), never the
+validation volumes.
 Official-layout 32^3 files pooled to 16^3, PRDiT-XS, a few CPU steps."""
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from prdit_fast.checkpoint import LATEST, checkpoints_newest_first, resolve_checkpoint
 from prdit_fast.cli import main
 from prdit_fast.data.feed import cores_per_rank
-from prdit_fast.training import Trainer, train
+from prdit_fast.training import StreamSampler, Trainer, train
 from prdit_fast.training.retention import checkpoints_to_remove, ema_decay_at, ema_warning, steps_to_keep
 
 from test_official_layouts import lidc_root
@@ -168,3 +170,27 @@ def test_ema_warning_and_warm_up(tmp_path):
     trainer.run()
     for init, ema, model in zip(before, trainer.ema_params, trainer.trainable):
         torch.testing.assert_close(ema, init.lerp(model.detach(), 0.9))  # decay 0.1 at the first step
+
+
+def test_augment_flips_training_batches_never_validation(tmp_path, split, caplog):
+    config = _config(tmp_path / "run", split, data={"augment": True}, logging={"eval_every": 1, "eval_samples": 0})
+    config["data"]["val_list"] = str(split)
+    trainer = Trainer(config)
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+    losses = trainer.diffusion.training_losses
+
+    def recorded(model, x, **kwargs):  # what each loss sees: the training net's batches, the EMA's validation
+        seen["val" if model is trainer.ema else "train"].append(x.clone())
+        return losses(model, x, **kwargs)
+
+    trainer.diffusion.training_losses = recorded
+    with caplog.at_level(logging.INFO, logger="prdit_fast"):
+        trainer.run()
+    said = [r.getMessage() for r in caplog.records if "data.augment on" in r.getMessage()]
+    assert len(said) == 1 and "p = 0.5 along d (superior-inferior)" in said[0], said
+    draws = [d for _, d in zip(range(4), StreamSampler(3, 2, 0, 1, 0, 0, augment=True).draws())]  # 2 steps x 2
+    assert 0 < sum(flip for _, flip in draws) < 4, draws
+    expected = [torch.flip(trainer.dataset[i], [-3]) if flip else trainer.dataset[i] for i, flip in draws]
+    assert torch.equal(torch.cat(seen["train"]), torch.stack(expected))
+    volumes = torch.stack([trainer.val_set[i] for i in range(len(trainer.val_set))])
+    assert len(seen["val"]) == 4 and all(torch.equal(torch.cat(seen["val"][k:k + 2]), volumes) for k in (0, 2))

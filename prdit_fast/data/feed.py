@@ -1,8 +1,9 @@
 """Feeding training batches to the device without making the step wait.
 
-Two paths, one sample order: both draw indices from the same index stream (the
-trainer's ``StreamSampler``), ``per_rank`` at a time, so for the same seed and position
-they give the same batches, bit for bit.
+Two paths, one sample order: both take (index, flip) draws from the same stream (the
+trainer's ``StreamSampler.draws``), ``per_rank`` at a time, and flip the drawn samples
+(``data.augment``) on the device once the batch is there (``flip_samples``), so for the
+same seed and position they give the same batches, bit for bit.
 
 - ``DeviceBatches`` (``data.on_device``): the whole pooled set lives in device memory in
   its stored dtype (the training cache's float16), and a batch is one ``index_select``
@@ -29,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,36 +71,70 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return out
 
 
+Draw = tuple[int, bool]  # (dataset index, flip the sample): one position of the training stream
+
+
+def flip_samples(batch: torch.Tensor, flipped: Sequence[bool], dim: int) -> torch.Tensor:
+    """``batch`` (B, C, S, S, S) with the samples marked in ``flipped`` (B host booleans)
+    reversed along ``dim``: in place by one gather and one scatter on the batch's device
+    when some are marked, a new tensor when all are."""
+    rows = [i for i, flip in enumerate(flipped) if flip]
+    if not rows:
+        return batch
+    if len(rows) == len(batch):
+        return batch.flip(dim)
+    index = torch.tensor(rows, dtype=torch.long).to(batch.device, non_blocking=True)
+    return batch.index_copy_(0, index, batch.index_select(0, index).flip(dim))
+
+
 class DeviceBatches:
     """Batches of ``per_rank`` volumes gathered on the device from ``data`` (N, C, S, S, S)
-    in the order of ``indices``, as float32."""
+    in the order of ``draws``, as float32, the flipped ones reversed along ``flip_dim``."""
 
-    def __init__(self, data: torch.Tensor, indices: Iterable[int], per_rank: int):
-        self.data, self.indices, self.per_rank = data, iter(indices), per_rank
+    def __init__(self, data: torch.Tensor, draws: Iterable[Draw], per_rank: int, flip_dim: int = -1):
+        self.data, self.draws, self.per_rank, self.flip_dim = data, iter(draws), per_rank, flip_dim
 
     def __iter__(self) -> "DeviceBatches":
         return self
 
     def __next__(self) -> torch.Tensor:
-        chosen = torch.tensor([next(self.indices) for _ in range(self.per_rank)], dtype=torch.long)
-        return self.data.index_select(0, chosen.to(self.data.device, non_blocking=True)).float()
+        drawn = [next(self.draws) for _ in range(self.per_rank)]
+        chosen = torch.tensor([index for index, _ in drawn], dtype=torch.long)
+        batch = self.data.index_select(0, chosen.to(self.data.device, non_blocking=True)).float()
+        return flip_samples(batch, [flip for _, flip in drawn], self.flip_dim)
+
+
+class _DrawnItems(Dataset):
+    """``dataset`` read by draws: item (index, flip) -> (volume, flip), so the flip bits
+    travel through the loader beside their batch."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: Draw) -> tuple[torch.Tensor, bool]:
+        index, flip = draw
+        return self.dataset[index], flip
 
 
 class PrefetchedBatches:
-    """The batches of a DataLoader over ``dataset`` (sampled by ``indices``), each copied to
-    ``device`` ahead of use by a background thread (``depth`` batches in flight): pinned
-    memory and a side-stream non-blocking copy on CUDA. Worker errors are raised by
-    ``next``."""
+    """The batches of a DataLoader over ``dataset`` (in the order of ``draws``), each copied
+    to ``device`` ahead of use by a background thread (``depth`` batches in flight): pinned
+    memory and a side-stream non-blocking copy on CUDA; the flipped samples are reversed
+    along ``flip_dim`` there. Worker errors are raised by ``next``."""
 
-    def __init__(self, dataset: Dataset, indices: Iterable[int], per_rank: int, device: torch.device,
-                 workers: int, depth: int = 2):
+    def __init__(self, dataset: Dataset, draws: Iterable[Draw], per_rank: int, device: torch.device,
+                 workers: int, flip_dim: int = -1, depth: int = 2):
         cuda = device.type == "cuda"
         # a private generator for the workers' base seed: the loader draws nothing from the global
         # RNG, so both paths leave the training's random state alike
-        loader = DataLoader(dataset, batch_size=per_rank, sampler=indices, num_workers=workers, pin_memory=cuda,
-                            persistent_workers=workers > 0, drop_last=False, generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(_DrawnItems(dataset), batch_size=per_rank, sampler=draws, num_workers=workers,
+                            pin_memory=cuda, persistent_workers=workers > 0, drop_last=False,
+                            generator=torch.Generator().manual_seed(0))
         self.batches = iter(loader)  # here, not in the thread: worker start-up errors surface now
-        self.device = device
+        self.device, self.flip_dim = device, flip_dim
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -108,14 +143,14 @@ class PrefetchedBatches:
 
     def _fill(self) -> None:
         try:
-            for batch in self.batches:
+            for batch, flipped in self.batches:
                 if self.stream is not None:
                     with torch.cuda.stream(self.stream):
-                        batch = batch.to(self.device, non_blocking=True)
+                        batch = flip_samples(batch.to(self.device, non_blocking=True), flipped.tolist(), self.flip_dim)
                         event = torch.cuda.Event()
                         event.record(self.stream)
                 else:
-                    batch, event = batch.to(self.device), None
+                    batch, event = flip_samples(batch.to(self.device), flipped.tolist(), self.flip_dim), None
                 while not self.stop.is_set():
                     try:
                         self.ready.put((batch, event, None), timeout=0.1)

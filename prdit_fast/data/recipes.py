@@ -15,6 +15,13 @@ Files of the official preprocessing carry no manifest; their recipe is known fro
 official scripts: LIDC-IDRI ``processed.nii.gz`` at 1 mm with a per-volume min-max,
 RAD-ChestCT ``.npz`` with a window, a 99.5th-percentile clip and a min-max (not
 invertible) and no recorded spacing.
+
+The recipe also says which axis ``data.augment`` flips (``flip_axis``): the one the official
+loader of such data flips. Both official loaders reverse the stored array's last axis; for
+LIDC-IDRI's ``processed.nii.gz`` (dicom2nifti's LAS, see ``prdit_fast.orientation``) that is
+z, superior-inferior, which prdit_fast's order holds first (d, dim -3 of (C, d, h, w));
+RAD-ChestCT arrays are read as stored, so theirs stays w (patient right-left, dim -1). The
+phantom, unknown recipes and user datasets flip w, the last axis of what the trainer sees.
 """
 from __future__ import annotations
 
@@ -38,15 +45,26 @@ PHANTOM_FIELD_OF_VIEW_MM = 256.0  # the phantom spans the field of view of the 2
 class Recipe:
     description: str
     hu_window: tuple[float, float] | None = None  # [0, 1] <-> this HU range linearly; None: not invertible
+    flip_dim: int = -1  # data.augment flips this dim of (C, d, h, w) (module docstring)
 
 
 RECIPES: dict[str, Recipe] = {
-    "lidc": Recipe("per-volume min-max of HU clipped to [-1000, 99.9th percentile]"),
+    "lidc": Recipe("per-volume min-max of HU clipped to [-1000, 99.9th percentile]", flip_dim=-3),
     "rad": Recipe("HU clipped to [-1000, 1000], linear", (-1000.0, 1000.0)),
     "phantom": Recipe("synthetic phantom, HU clipped to [-1000, 1000], linear", (-1000.0, 1000.0)),
     "official-rad": Recipe("RAD-ChestCT official: HU clipped to [-1000, 1000] and its 99.5th percentile, min-max"),
     "unknown": Recipe("unknown preprocessing"),
 }
+
+
+FLIP_AXES = {-3: "d (superior-inferior)", -1: "w (patient right-left)"}
+
+
+def flip_axis(metadata: Mapping[str, Any] | None) -> tuple[int, str]:
+    """The dim of a (C, d, h, w) sample that ``data.augment`` flips for volumes described by
+    ``metadata`` (a config's ``volume`` section), and its name for the log."""
+    recipe = RECIPES.get(str((metadata or {}).get("intensity")), RECIPES["unknown"])
+    return recipe.flip_dim, FLIP_AXES[recipe.flip_dim]
 
 
 def recipe_manifest(dataset: str, size: int) -> dict[str, Any]:

@@ -8,6 +8,13 @@ i.e. MONAI ``Orientation(axcodes="IPL")``). A dict item (MONAI's dictionary tran
 is read under the key ``"image"``. ``volume_items`` checks the first item and says what
 is wrong.
 
+``data.augment`` applies to a user dataset as to the built-in data: its items go through
+the same batch path (``prdit_fast.data.feed``), which flips each drawn sample with p = 0.5
+along w (patient right-left, the last axis; the recipe of a user dataset is unknown, see
+``prdit_fast.data.recipes.flip_axis``). Leave random flips out of the dataset's own
+transforms when it is on, or the flips compound; a random transform inside the dataset
+is outside the training stream that a resume reproduces.
+
 The MONAI recipe that reproduces the built-in pipeline for files already in [0, 1]
 (``monai_transforms``; the test compares both)::
 

@@ -43,7 +43,6 @@ OTHER_NAMES: dict[str, str | None] = {
     "training.log_every": "logging.log_every",  # read in one place: config.yaml lists each once
     "training.ckpt_every": "logging.ckpt_every",
     "data.val_frac": None,
-    "data.augment": None,  # warned about when true: no random flips here
     "data.normalize": None,
     "model.num_classes": None,
     "model.checkpoint": None,
@@ -87,6 +86,7 @@ class DataConfig(Section):
     cache: bool = True  # volume files go through the training cache (prdit_fast.data.cache); false: read each step
     on_device: Any = key("auto", choices=ON_DEVICE_CHOICES)  # the cached set in device memory (prdit_fast.data.feed)
     phantom_length: int = key(64, number=int, low=1)  # phantom volumes when no data is named
+    augment: bool = False  # flip each training sample with p = 0.5 (data_order.StreamSampler, data.recipes.Recipe)
 
 
 @dataclass
@@ -343,8 +343,6 @@ def resolve_config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
         for name in values:
             if name not in names and f"{section}.{name}" not in OTHER_NAMES:
                 warnings.warn(f"unknown config key {section}.{name} ignored", stacklevel=2)
-    if (config.get("data") or {}).get("augment"):
-        warnings.warn("data.augment is not implemented by prdit_fast (no random flips); training without", stacklevel=2)
     missing = [
         f"{section}.{f.name}" for section, cls in classes.items() for f in dataclasses.fields(cls)
         if f.metadata.get("required") and (config.get(section) or {}).get(f.name) is None

@@ -7,6 +7,11 @@ stored in every checkpoint, so a resumed run continues the stream exactly where 
 stopped. The random state of each rank (torch CPU and CUDA, numpy, python ``random`` and
 the diffusion noise generator) is stored too, so on one CPU process the resumed run is
 bit-for-bit the uninterrupted one.
+
+With ``data.augment`` each stream position also carries a flip bit (``FLIP_PROBABILITY``),
+a function of ``(training.seed, e)`` and the position like the permutation, drawn from no
+global random state: a resumed run and any number of ranks flip the same samples, and a
+run without augmentation draws nothing for it.
 """
 from __future__ import annotations
 
@@ -18,28 +23,44 @@ import torch
 from torch.utils.data import Sampler
 
 
+FLIP_PROBABILITY = 0.5  # data.augment: the official loaders flip a training sample when rand() > 0.5
+_FLIP_STREAM = 0x666C6970  # a third seed word: the flip bits are a stream of their own beside the permutation
+
+
 class StreamSampler(Sampler[int]):
     """This rank's indices of the endless training stream from ``position`` on (see the
-    module docstring): per step, the global batch's slice [rank b, (rank + 1) b)."""
+    module docstring): per step, the global batch's slice [rank b, (rank + 1) b).
+    ``draws`` gives each index with its flip bit (all False unless ``augment``)."""
 
-    def __init__(self, length: int, global_batch: int, rank: int, world: int, seed: int, position: int):
+    def __init__(self, length: int, global_batch: int, rank: int, world: int, seed: int, position: int,
+                 augment: bool = False):
         self.length, self.global_batch, self.rank, self.world = length, global_batch, rank, world
         self.per_rank = global_batch // world
-        self.seed, self.position = seed, position
+        self.seed, self.position, self.augment = seed, position, augment
 
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.length)
 
-    def __iter__(self) -> Iterator[int]:
+    def flips(self, epoch: int) -> np.ndarray:
+        """(length,) bool: which positions of ``epoch``'s permutation are flipped."""
+        if not self.augment:
+            return np.zeros(self.length, dtype=bool)
+        return np.random.default_rng([self.seed, epoch, _FLIP_STREAM]).random(self.length) < FLIP_PROBABILITY
+
+    def draws(self) -> Iterator[tuple[int, bool]]:
+        """(dataset index, flip) of this rank's stream positions, in order."""
         start = self.position
-        epoch, perm = -1, None
+        epoch, perm, flips = -1, None, None
         while True:
             for j in range(self.per_rank):
                 e, i = divmod(start + self.rank * self.per_rank + j, self.length)
                 if e != epoch:
-                    epoch, perm = e, self.permutation(e)
-                yield int(perm[i])
+                    epoch, perm, flips = e, self.permutation(e), self.flips(e)
+                yield int(perm[i]), bool(flips[i])
             start += self.global_batch
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.draws())
 
 
 def seed_everything(seed: int) -> None:

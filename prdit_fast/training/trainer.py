@@ -48,12 +48,13 @@ from ..checkpoint import (
     training_checkpoint_path,
 )
 from ..data.feed import WAIT_WARNING, DataWait
+from ..data.recipes import flip_axis
 from ..diffusion import IaNDiffusion, default_noise_std
 from ..flow_matching import FlowMatching
 from ..models import PRDiT
 from ..sr import PRDiTSR, sr_parameter_groups, training_losses_with_consistency
 from .config import ConfigError, TrainConfig, resolve_config, run_identity
-from .data_order import StreamSampler, noise_seed, rng_state, seed_everything, set_rng_state
+from .data_order import FLIP_PROBABILITY, StreamSampler, noise_seed, rng_state, seed_everything, set_rng_state
 from .model import build_model, enable_activation_checkpointing
 from .retention import checkpoints_to_remove, ema_decay_at, ema_warning
 
@@ -257,9 +258,9 @@ class Trainer:
         from ..data.cache import CachedVolumes
         from ..data.feed import DeviceBatches, PrefetchedBatches, data_on_device, read_seconds, upload
 
-        sampler = StreamSampler(
-            len(self.dataset), self.global_batch, self.rank, self.world, self.config.training.seed, self.position
-        )
+        sampler = StreamSampler(len(self.dataset), self.global_batch, self.rank, self.world,
+                                self.config.training.seed, self.position, augment=self.config.data.augment)
+        draws, (flip_dim, _) = sampler.draws(), flip_axis(self.config.volume)
         per_rank, choice = self.global_batch // self.world, self.config.data.on_device
         if isinstance(self.dataset, CachedVolumes):
             on_device, why = data_on_device(choice, self.dataset.nbytes, self.device)
@@ -269,12 +270,12 @@ class Trainer:
             on_device, why = False, "no training cache (data.cache: false, the phantom or a user dataset)"
         if on_device:
             self._info(f"data: the cached set on {self.device} ({why}); batches gathered there")
-            return DeviceBatches(upload(self.dataset.array, self.device), sampler, per_rank)
+            return DeviceBatches(upload(self.dataset.array, self.device), draws, per_rank, flip_dim)
         if self.read_ms is None:
             self.read_ms = 1e3 * read_seconds(self.dataset)
         self._info(f"data: loader with {self.workers} workers, {self.read_ms:.1f} ms per sample on one core, next "
                    f"batch prefetched to {self.device} ({why})")
-        return PrefetchedBatches(self.dataset, sampler, per_rank, self.device, self.workers)
+        return PrefetchedBatches(self.dataset, draws, per_rank, self.device, self.workers, flip_dim)
 
     def _more_workers(self, wait: dict, samples_per_s: float) -> bool:
         """After a window that waited for data more than 5% of the time: raise this rank's
@@ -488,6 +489,9 @@ class Trainer:
         if self.step >= self.total_steps:
             self._info(f"already at step {self.step} of {self.total_steps}; nothing to train")
             return self.last_checkpoint or self.save()
+        if self.config.data.augment:
+            self._info(f"data.augment on: each training sample flipped with p = {FLIP_PROBABILITY} along "
+                       f"{flip_axis(self.config.volume)[1]}, as the official loader; validation unflipped")
         batches = self._loader()
         self.data_wait = DataWait()
         window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
