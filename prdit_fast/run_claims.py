@@ -1,7 +1,7 @@
-"""An output folder belongs to one run: claimed atomically, held while the run works.
+"""An output folder (or file) belongs to one run: claimed atomically, held while the run works.
 
 Every command that writes a run's results into a folder (``sample``, ``reconstruct``,
-``features``, ``evaluate``) claims it first::
+``features``) claims it first::
 
     with claim_run_folder(out, identity, outputs=("sample_*",)) as claim:
         ...  # write the run's files
@@ -24,6 +24,15 @@ Every command that writes a run's results into a folder (``sample``, ``reconstru
   gives the folder up: its run.json is removed and any run may use the folder. A
   crashed run that wrote no outputs is treated the same way by the next claimant.
 
+A command whose result is one file (``evaluate``'s report, a JSON object) claims the file
+instead (``claim_output_file``): while it works it holds an exclusive lock on the hidden
+``DIR/.NAME.claim`` (holder pid, host and start time; dropped by the kernel when the process
+dies, removed on release), so a second run with the same file is refused before any work.
+The identity is recorded inside the file; an existing file of another identity (or of none)
+is refused unless the caller overwrites on the user's request, and the same identity
+replaces its own file. Leftover temporary files of interrupted writes of the file are
+removed under the lock.
+
 Locks are advisory and need a file system with ``flock`` (local disks; NFS v4 maps it
 onto byte-range locks).
 """
@@ -38,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale_temps
 from .errors import UsageError
 
 RUN_FILE = "run.json"
@@ -69,6 +78,27 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _lock_removable(path: Path) -> int | None:
+    """``_try_lock`` for a lock file that its holder deletes on release: the lock counts only
+    when ``path`` still names the locked inode (else a process that opened the file before
+    its deletion and one that created it anew would both hold "the" lock)."""
+    while True:
+        fd = _try_lock(path)
+        if fd is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        os.close(fd)  # deleted by its last holder meanwhile: lock the current file
+
+
+def _write_holder(fd: int) -> None:
+    """Record this process (pid, host, start time) in the locked file ``fd``, for ``_holder``."""
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+
+
 def _holder(path: Path) -> str:
     """'pid P on HOST since TIME' from a member file, or a plain description."""
     try:
@@ -86,9 +116,9 @@ def _outputs(out: Path, patterns: Iterable[str] | None) -> list[Path]:
     return sorted({p for pattern in patterns for p in out.glob(pattern)})
 
 
-def _differences(owner: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
+def _differences(owner: Mapping[str, Any], identity: Mapping[str, Any], where: str = "folder") -> str:
     keys = sorted(set(owner) | set(identity), key=str)
-    return "; ".join(f"{k} {owner.get(k)!r} (folder) vs {identity.get(k)!r}" for k in keys if owner.get(k) != identity.get(k))
+    return "; ".join(f"{k} {owner.get(k)!r} ({where}) vs {identity.get(k)!r}" for k in keys if owner.get(k) != identity.get(k))
 
 
 class RunClaim:
@@ -129,14 +159,20 @@ def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is a file; give a folder (it will be created)")
-    existing = out
+    _check_creatable(out, out, flag)
+    return out
+
+
+def _check_creatable(folder: Path, out: Path, flag: str) -> None:
+    """UsageError (naming ``flag`` and ``out``) unless ``folder`` is, or can be created as, a
+    writable folder."""
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{flag} {out}: {existing} is a file, so the folder cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {out}: {existing} is not writable")
-    return out
 
 
 def claim_run_folder(
@@ -195,7 +231,97 @@ def claim_run_folder(
         fd = _try_lock(member_file)
         if fd is None:  # cannot happen under the decision lock unless a process ignores it
             raise UsageError(f"{flag} {out} is in use ({_holder(member_file)})")
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        _write_holder(fd)
     return RunClaim(out, fd, member_file, patterns, resumed=owner == identity)
+
+
+class FileClaim:
+    """The held claim of one process on an output file (``claim_output_file``)."""
+
+    def __init__(self, path: Path, lock: Path, fd: int, identity: dict[str, Any]):
+        self.path, self._lock, self._fd = path, lock, fd
+        self.identity = identity  # as the file records it (JSON types)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the claim (the lock file is removed while still locked; see ``_lock_removable``)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self._lock.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FileClaim":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+def _recorded_identity(path: Path, key: str) -> Any:
+    """What ``path`` (a JSON object) records under ``key``; None when unreadable or absent."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def claim_output_file(
+    path: str | os.PathLike,
+    identity: Mapping[str, Any],
+    key: str = "identity",
+    companions: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+    overwrite_flag: str = "--overwrite",
+) -> FileClaim:
+    """Claim the output file ``path`` (its folder created when absent) for the run
+    ``identity`` and hold it until ``release()`` (or the end of a ``with`` block, or the
+    process). The run writes ``path`` as a JSON object holding ``FileClaim.identity`` under
+    ``key``, and the ``companions`` (files written beside it, e.g. a Markdown copy).
+
+    Raises UsageError, naming ``flag``, when another live process holds the claim (its pid
+    named), or, unless ``overwrite``, when ``path`` holds another identity or none, or a
+    companion exists without ``path``. Stale temporary files of ``path`` and the companions
+    are removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    _check_creatable(path.parent, path, flag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = json.loads(json.dumps(dict(identity)))  # as the file will hold it (tuples -> lists)
+    companions = [Path(c) for c in companions]
+    lock = path.parent / f".{path.name}.claim"
+    fd = _lock_removable(lock)
+    if fd is None:
+        raise UsageError(f"{flag} {path} is being written by another run ({_holder(lock)}); "
+                         f"wait for it to finish or choose another {flag}")
+    claim = FileClaim(path, lock, fd, identity)
+    try:
+        _write_holder(fd)
+        for target in (path, *companions):  # no live writer of these files but us
+            remove_stale_temps(target.parent, owned=lambda name, target=target: name == target.name)
+        if overwrite:
+            return claim
+        retry = f"pass {overwrite_flag} to replace it or choose another {flag}"
+        if path.exists():
+            owner = _recorded_identity(path, key)
+            if owner != identity:
+                whose = (f"another run ({_differences(owner, identity, 'existing')})" if isinstance(owner, Mapping)
+                         else f"a file with no recorded {key} (another tool or an older prdit_fast)")
+                raise UsageError(f"{flag} {path} holds the output of {whose}; {retry}")
+        else:
+            for companion in companions:
+                if companion.exists():
+                    raise UsageError(f"{flag} {path}: {companion} exists without {path.name}, so it is not this "
+                                     f"run's; {retry}")
+    except BaseException:
+        claim.release()
+        raise
+    return claim

@@ -50,10 +50,12 @@ def test_evaluate_writes_json_and_markdown_reports(folders, tmp_path, capsys):
     markdown = out.with_suffix(".md").read_text()
     assert "3D FID x10^3" in markdown and report["weights_sha256"][:16] in markdown
     assert "3D FID x10^3" in printed and str(out) in printed
-    # the same real files and weights: the cached real features are reused
-    assert _evaluate(folders, "--out", str(tmp_path / "again.json"), "--cache-dir", str(tmp_path / "cache")) == 0
-    again = json.loads((tmp_path / "again.json").read_text())
+    assert report["identity"]["real"] == str((folders / "real").resolve()) and report["identity"]["bootstrap"] == 10
+    # the same evaluation again at the same --out replaces its report; the cached real features are reused
+    assert _evaluate(folders, "--out", str(out), "--cache-dir", str(tmp_path / "cache")) == 0
+    again = json.loads(out.read_text())
     assert again["real_cache"] == "hit" and again["fid"] == pytest.approx(report["fid"], rel=1e-12)
+    assert again["identity"] == report["identity"]  # replaced: real_cache was "miss" in the first report
 
 
 def test_evaluate_refuses_wrong_weights_and_mismatched_ranges(folders, tmp_path, capsys):

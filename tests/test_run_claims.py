@@ -4,6 +4,7 @@ claim is released; a finished run's outputs refuse another identity; a failed ru
 wrote nothing gives the folder up. Concurrency is tested with real processes."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ import pytest
 
 import prdit_fast
 
+from prdit_fast import run_claims
 from prdit_fast.errors import UsageError
-from prdit_fast.run_claims import check_out_folder, claim_run_folder
+from prdit_fast.run_claims import check_out_folder, claim_output_file, claim_run_folder
 
 # A child process: for each round r, wait for the start signal (a line on stdin; the parent
 # writes it to every child at once, and a closed stdin, the parent gone, ends the child),
@@ -163,3 +165,29 @@ def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path):
         check_out_folder(tmp_path / "file" / "sub")
     assert check_out_folder(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
     assert not (tmp_path / "new").exists()
+
+
+def test_an_output_file_lock_deleted_meanwhile_is_not_taken_as_held(tmp_path, monkeypatch):
+    """A file claim's lock file is deleted on release: a process that opened it before the
+    deletion and locks it after must not count as holding the claim of the file's successor."""
+    out, lock = tmp_path / "report.json", tmp_path / ".report.json.claim"
+    first = claim_output_file(out, {"seed": 1})
+    opened_before = os.open(lock, os.O_RDWR)  # another process opened the lock file ...
+    first.release()  # ... its holder deleted it ...
+    second = claim_output_file(out, {"seed": 1})  # ... and a new run created and locked a new one
+    assert lock.exists() and not os.path.samestat(os.fstat(opened_before), os.stat(lock))
+    real_try_lock, calls = run_claims._try_lock, []
+
+    def late_lock(path):  # the first attempt locks the deleted file (nobody holds it)
+        calls.append(path)
+        if len(calls) == 1:
+            fcntl.flock(opened_before, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return opened_before
+        return real_try_lock(path)
+
+    monkeypatch.setattr(run_claims, "_try_lock", late_lock)
+    with pytest.raises(UsageError, match=f"is being written by another run \\(pid {os.getpid()} on "):
+        claim_output_file(out, {"seed": 1})
+    assert calls == [lock, lock]  # retried on the current file, found it held
+    second.release()
+    assert not lock.exists()

@@ -1,16 +1,20 @@
 """``prdit-fast evaluate``: 3D FID, MMD and MS-SSIM of sampled volumes against a real set,
-written as a JSON + Markdown report (``prdit_fast.metrics``, spec section 10)."""
+written as a JSON + Markdown report (``prdit_fast.metrics``, spec section 10).
+
+The report file belongs to one evaluation (``prdit_fast.run_claims.claim_output_file``): the
+running job holds a lock tied to ``--out``, so a second job with the same ``--out`` is refused
+before any work; the report records its ``identity`` (``report_identity``), and a report of
+another identity is replaced only with ``--overwrite``."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from prdit_fast.errors import UsageError
+from prdit_fast.run_claims import FileClaim, claim_output_file
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names (torch is imported when the work starts)
 RANDOM_WEIGHTS = "random"
 
 
@@ -29,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None,
                         help="evaluated edge; real volumes are average-pooled to it (default: the generated edge)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"),
-                        help="report file (JSON); the Markdown report goes next to it as .md (default evaluation.json)")
+                        help="report file (JSON); the Markdown report goes next to it as .md (default evaluation.json); "
+                             "one job at a time per file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a report at --out made by an evaluation of other inputs or settings (the same "
+                             "evaluation run again replaces its own report without it)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="volumes per feature-network call (default 8)")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32",
@@ -76,6 +84,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--wscore-seeds must be distinct, got {args.wscore_seeds}")
     if args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder; give the report's file name (e.g. {args.out / 'report.json'})")
+    if args.out.suffix == ".md":
+        raise UsageError(f"--out {args.out}: the Markdown report is written next to the JSON one as .md; give the "
+                         f"JSON file's name (e.g. {args.out.with_suffix('.json')})")
     if args.ms_ssim_pairs is not None and args.ms_ssim_pairs < 1:
         raise UsageError(f"--ms-ssim-pairs must be >= 1, got {args.ms_ssim_pairs}")
     if args.size is not None and args.size < 1:
@@ -118,9 +129,43 @@ def _network(args: argparse.Namespace, device):
     return load_medicalnet(path, map_location=device), str(path)
 
 
+def report_identity(args: argparse.Namespace) -> dict:
+    """What decides the report's numbers, recorded in it as ``identity``: the resolved input
+    folders, the weights and every setting that changes a number. Not recorded: the device,
+    batch sizes, cache and progress options, ``--size`` (it must equal the generated edge)
+    and ``--range-tolerance`` (it decides only whether the sets are scored)."""
+    def resolved(path):
+        return None if path is None else str(Path(path).resolve())
+
+    weights = args.weights if args.weights in (None, RANDOM_WEIGHTS) else resolved(args.weights)
+    return {
+        "real": resolved(args.real), "fake": resolved(args.fake), "reference": resolved(args.reference),
+        "weights": "MedicalNet from the Hugging Face Hub" if weights is None else weights,
+        "dtype": args.dtype, "fid_method": args.fid_method, "bootstrap": args.bootstrap, "seed": args.seed,
+        "ms_ssim": False if args.no_ms_ssim else (args.ms_ssim_pairs or "all pairs"),
+        "wscore": None if args.reference is None else {
+            "seeds": args.wscore_seeds, "epochs": args.wscore_epochs, "checkpoint": args.wscore_checkpoint,
+            "split": args.wscore_split, "precision": args.wscore_precision},
+    }
+
+
+def claim_report(args: argparse.Namespace) -> FileClaim:
+    """Claim ``--out`` (and its ``.md``) for this evaluation: UsageError when another job
+    holds it or, without ``--overwrite``, when it holds another evaluation's report."""
+    return claim_output_file(args.out, report_identity(args), companions=(args.out.with_suffix(".md"),),
+                             overwrite=args.overwrite)
+
+
 def evaluate_folders(args: argparse.Namespace) -> dict:
-    """Read both folders as the module docstring of ``prdit_fast.metrics.volume_sets`` says,
-    evaluate, write the report; returns the result."""
+    """Check the arguments, claim ``--out``, read both folders as the module docstring of
+    ``prdit_fast.metrics.volume_sets`` says, evaluate, write the report; returns the result."""
+    _validate(args)
+    with claim_report(args) as claim:
+        return _evaluate_claimed(args, claim.identity)
+
+
+def _evaluate_claimed(args: argparse.Namespace, identity: dict) -> dict:
+    import torch
     from tqdm.auto import tqdm
 
     from prdit_fast.devices import resolve_device
@@ -128,7 +173,6 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     from prdit_fast.metrics.evaluate import RANGE_TOLERANCE, default_cache_dir
     from prdit_fast.metrics.volume_sets import batches, files_key, read_generated
 
-    _validate(args)
     fake_files, hu_window, size, real = _edges(args)
     reference = None
     if args.reference is not None:  # checked before any work too
@@ -160,14 +204,15 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
     result = evaluate(
         batches(real_volumes(), args.batch_size), batches(fake_volumes(), args.batch_size), net,
         batch_size=args.batch_size, device=device,
-        dtype=_DTYPES[args.dtype], ms_ssim=not args.no_ms_ssim, ms_ssim_pairs=args.ms_ssim_pairs,
+        dtype=getattr(torch, _DTYPES[args.dtype]), ms_ssim=not args.no_ms_ssim, ms_ssim_pairs=args.ms_ssim_pairs,
         pairs_per_call=args.pairs_per_call, bootstrap=args.bootstrap, seed=args.seed, cache_dir=cache_dir,
         real_key=real_key, progress=show, log=lambda m: print(m, file=sys.stderr), fid_method=args.fid_method,
         range_tolerance=RANGE_TOLERANCE if args.range_tolerance is None else args.range_tolerance,
         random_weights=weights_name == RANDOM_WEIGHTS,
     )
     result.update({"weights": weights_name, "real": str(args.real), "fake": str(args.fake),
-                   "fake_units": "HU" if hu_window else "normalized", "fake_hu_window": hu_window})
+                   "fake_units": "HU" if hu_window else "normalized", "fake_hu_window": hu_window,
+                   "identity": identity})
     if reference is not None:
         result["wscore"] = _wscore(args, real, fake_files, hu_window, size, reference, device, show)
     json_path, md_path = write_report(result, args.out)
