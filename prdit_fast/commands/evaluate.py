@@ -165,6 +165,7 @@ def evaluate_folders(args: argparse.Namespace) -> dict:
 
 
 def _evaluate_claimed(args: argparse.Namespace, identity: dict) -> dict:
+    """The evaluation itself, run while ``--out`` is claimed; ``identity`` goes into the report."""
     import torch
     from tqdm.auto import tqdm
 
