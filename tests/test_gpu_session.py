@@ -4,7 +4,9 @@ its resume from an earlier run's results, the CUDA-only test selection, the targ
 verdicts, and the pieces of ``benchmarks/bench_sampling.py`` that need no run (labels, ratios).
 
 The dry run takes ~2-6 minutes on two busy cores (one module fixture, run once); its
-figures are CPU figures and nothing here asserts a speed.
+figures are CPU figures and nothing here asserts a speed. Its sr and features stages run
+the tiny configurations those benchmarks are checked in (their rows are asserted here, not
+run a second time in-process).
 """
 from __future__ import annotations
 
@@ -141,11 +143,11 @@ def test_a_failing_test_is_named_and_later_stages_still_run(tmp_path):
     failing.parent.mkdir()
     failing.write_text("def test_passes():\n    assert True\n\n\ndef test_breaks():\n    assert 1 == 2\n")
     out = tmp_path / "out"
-    done = _session(out, STAGES="tests features", PYTEST_ARGS=str(failing))
+    done = _session(out, STAGES="tests epilogue", PYTEST_ARGS=str(failing))  # epilogue: a later stage, seconds
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "results.json").read_text())
     assert result["stages"][0]["status"] == "failed (exit 1)"
-    assert result["stages"][1]["stage"] == "features" and result["stages"][1]["status"] != "skipped: 0s left"
+    assert result["stages"][1]["stage"] == "epilogue" and result["stages"][1]["status"] == "ok", result["stages"]
     (name,) = result["tests"]["failed"]  # pytest names it relative to the checkout
     assert name.endswith("cases/test_broken.py::test_breaks"), name
     assert f"FAILED {name}" in (out / "summary.md").read_text()
@@ -213,6 +215,45 @@ def test_ratios_are_within_the_run_and_skip_failed_rows():
         sampling.baseline_rows(rows=("fastest",), device="cpu")
     with pytest.raises(ValueError, match="increasing"):
         sampling.baseline_rows(step_counts=(1000, 100), device="cpu")
+
+
+def test_dry_run_sr_rows_sample_the_wrapper(dry_run):
+    """The sr stage (benchmarks/bench_sampling.py --sr-size, PRDiT-XS/10/1 8 -> 16): the
+    official loop and the fast backend both sample the PRDiT-SR wrapper, the fast one
+    agreeing with the reference (CPU figures: structure, not performance)."""
+    from prdit_fast import create_model
+    from prdit_fast.flops import flops_per_step
+
+    _, _, result = dry_run
+    sr = result["sr"]
+    assert sr["settings"]["variant"] == "PRDiT-SR(PRDiT-XS/10/1)" and sr["settings"]["size"] == 16
+    assert sr["flop_per_step"] == flops_per_step(bench_sampling.randomized_sr_model(create_model("PRDiT-XS/10/1", 8),
+                                                                                    16).config)
+    rows = {r["row"]: r for r in sr["rows"]}
+    assert rows["official"]["status"] == "ok" and rows["fast-eager"]["status"] == "ok", rows
+    assert rows["fast-eager"]["whole_s_1"] > 0 and rows["fast-eager"]["rel_rms_error"] < 1e-4
+
+
+def test_dry_run_features_rows(dry_run):
+    """The features stage (benchmarks/bench_features.py, PRDiT-XS/10/8 at 16^3) runs every row
+    (CPU: the structure of the result and the rows' agreement, not figures); the fast features
+    at batch 3 are checked in tests/test_interface.py."""
+    from benchmarks import bench_features
+
+    _, _, result = dry_run
+    features = result["features"]
+    assert features["label"] == "CPU results (not GPU figures)" and features["block"] == 5
+    rows = {r["row"]: r for r in features["rows"]}
+    assert list(rows) == list(bench_features.ROWS)
+    assert rows["compile"]["status"].startswith("skipped")
+    for name in ("official", "reference-bf16", "fast"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["shape"] == [1, 8, 192] and row["ms_per_batch"] > 0 and row["volumes_per_s"] > 0
+        assert row["x_official"] > 0 and row["attention"]
+    assert rows["fast"]["compute_dtype"] == "float32"
+    assert rows["fast"]["max_abs_err"] < 1e-4  # fp32 on the CPU: only summation order differs
+    assert rows["reference-bf16"]["max_abs_err"] < 0.5  # bf16 autocast against fp32
 
 
 def test_dry_run_fp8_stage(dry_run):
