@@ -10,8 +10,9 @@ features, each unordered pair once with every volume's pyramid computed once.
     # the W-Score of 1,000 vs 1,000 (+ 1,000 reference) with 5 seeds (--wscore-full: the whole run)
     python benchmarks/bench_metrics.py --num 1000 --size 128 --device cuda --pairs-per-call 4096 \
         --wscore-seeds 5 --wscore-full --out benchmarks/results/metrics.json
-    # tiny, on a CPU (tests/test_bench_metrics.py)
-    python benchmarks/bench_metrics.py --num 2 --size 48 --official-volumes 1 --official-pairs 1 --fid-methods factors
+    # tiny, on a CPU: the MS-SSIM rows at their smallest edge (tests/test_bench_metrics.py); the
+    # feature rows run in benchmarks/gpu_session.sh's dry run (tests/test_gpu_session.py)
+    python benchmarks/bench_metrics.py --num 2 --size 48 --no-features --official-pairs 1 --wscore-seeds 0
 
 W-Score rows: one critic step of every seed at once (4 + 4 volumes each, ``time_call``) and
 that step times the authors' step count (int(0.6 N) // 4 steps x 20 epochs), an
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from prdit_fast.atomic import write_json
-from prdit_fast.bench.timing import time_call
+from prdit_fast.bench.timing import synchronize, time_call
 from prdit_fast.devices import resolve_device
 from prdit_fast.metrics import MedicalNetResNet50, load_medicalnet, ms_ssim_diversity
 from prdit_fast.metrics.distances import bootstrap_intervals, fid, fid_via_factors, mmd
@@ -107,39 +109,12 @@ def wscore_rows(args, device: torch.device, real: torch.Tensor, fake: torch.Tens
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, default=1000, help="real volumes, and generated volumes (default 1000)")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--batch-size", type=int, default=16, help="feature batch (ours)")
-    parser.add_argument("--pairs-per-call", type=int, default=32, help="MS-SSIM pairs per call (ours)")
-    parser.add_argument("--official-volumes", type=int, default=16, help="volumes timed the official way")
-    parser.add_argument("--official-pairs", type=int, default=8, help="ordered pairs timed the official way (MONAI)")
-    parser.add_argument("--fid-methods", nargs="+", choices=("sqrtm", "factors"), default=["sqrtm", "factors"])
-    parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--weights", type=Path, default=None, help="MedicalNet's resnet_50.pth (default: random weights)")
-    parser.add_argument("--no-ms-ssim", action="store_true")
-    parser.add_argument("--torch-pairs", type=int, default=256,
-                        help="pairs timed with the torch cross term, extrapolated to all pairs")
-    parser.add_argument("--wscore-seeds", type=int, default=5, help="critics trained at once (0: no W-Score rows)")
-    parser.add_argument("--wscore-edge", type=int, default=EDGE, help="critic input edge (the authors': 128)")
-    parser.add_argument("--wscore-widths", type=int, nargs=4, default=list(WIDTHS),
-                        help="critic channels (the authors': 64 128 256 256; smaller only for the CPU smoke test)")
-    parser.add_argument("--wscore-precision", choices=("fp32", "tf32", "bf16"), default="tf32")
-    parser.add_argument("--wscore-full", action="store_true",
-                        help="also run the whole W-Score (N real, N generated, N reference; 20 epochs)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+def feature_rows(args, device: torch.device, real: torch.Tensor, fake: torch.Tensor, result: dict) -> None:
+    """Features of ``real`` and ``fake`` (ours: batched, fp32 and bf16; the official way: one
+    volume per call, fp32), the bf16 features' error, FID, MMD and the bootstrap, into ``result``."""
+    seconds, official = result["seconds"], result["official_seconds"]
     torch.manual_seed(0)
     net = load_medicalnet(args.weights, map_location=device) if args.weights else MedicalNetResNet50().to(device).eval()
-    real = smooth_volumes(args.num, args.size, 1, device)
-    fake = smooth_volumes(args.num, args.size, 2, device)
-    result: dict = {"num": args.num, "size": args.size, "device": str(device), "seconds": {}, "official_seconds": {}}
-    seconds, official = result["seconds"], result["official_seconds"]
-
-    # features: ours (batched, fp32 and bf16) and the official way (one volume per call, fp32)
     feats: dict[str, FeatureSet] = {}
     for name, volumes in (("real", real), ("fake", fake)):
         feats[name], seconds[f"features_{name}_fp32"] = timed(
@@ -167,6 +142,41 @@ def main(argv: list[str] | None = None) -> dict:
             feats["real"].features, feats["fake"].features, args.bootstrap, device=device))
     seconds["features_and_fid_mmd"] = (seconds["features_real_fp32"] + seconds["features_fake_fp32"]
                                        + seconds[f"fid_{args.fid_methods[0]}"] + seconds["mmd"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=1000, help="real volumes, and generated volumes (default 1000)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=16, help="feature batch (ours)")
+    parser.add_argument("--pairs-per-call", type=int, default=32, help="MS-SSIM pairs per call (ours)")
+    parser.add_argument("--official-volumes", type=int, default=16, help="volumes timed the official way")
+    parser.add_argument("--official-pairs", type=int, default=8, help="ordered pairs timed the official way (MONAI)")
+    parser.add_argument("--fid-methods", nargs="+", choices=("sqrtm", "factors"), default=["sqrtm", "factors"])
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--weights", type=Path, default=None, help="MedicalNet's resnet_50.pth (default: random weights)")
+    parser.add_argument("--no-features", action="store_true", help="no feature rows (features, FID, MMD)")
+    parser.add_argument("--no-ms-ssim", action="store_true")
+    parser.add_argument("--torch-pairs", type=int, default=256,
+                        help="pairs timed with the torch cross term, extrapolated to all pairs")
+    parser.add_argument("--wscore-seeds", type=int, default=5, help="critics trained at once (0: no W-Score rows)")
+    parser.add_argument("--wscore-edge", type=int, default=EDGE, help="critic input edge (the authors': 128)")
+    parser.add_argument("--wscore-widths", type=int, nargs=4, default=list(WIDTHS),
+                        help="critic channels (the authors': 64 128 256 256; smaller only for the CPU smoke test)")
+    parser.add_argument("--wscore-precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    parser.add_argument("--wscore-full", action="store_true",
+                        help="also run the whole W-Score (N real, N generated, N reference; 20 epochs)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    real = smooth_volumes(args.num, args.size, 1, device)
+    fake = smooth_volumes(args.num, args.size, 2, device)
+    result: dict = {"num": args.num, "size": args.size, "device": str(device), "seconds": {}, "official_seconds": {}}
+    seconds, official = result["seconds"], result["official_seconds"]
+
+    if not args.no_features:
+        feature_rows(args, device, real, fake, result)
 
     if not args.no_ms_ssim:
         (result["ms_ssim"], result["ms_ssim_pairs"]), seconds["ms_ssim_all_pairs"] = timed(

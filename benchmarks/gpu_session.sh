@@ -141,7 +141,7 @@ stage_command() {
       python3 -m benchmarks.bench_fp8 "${DEVICE[@]}" "${TINY_FLAG[@]}" --json "$WORK/fp8.json" ;;
     metrics)
       if [ "$DRY_RUN" = 1 ]; then
-        python3 -m benchmarks.bench_metrics "${DEVICE[@]}" --num 2 --size 32 --official-volumes 1 --official-pairs 1 \
+        python3 -m benchmarks.bench_metrics "${DEVICE[@]}" --num 2 --size 16 --official-volumes 1 --official-pairs 1 \
           --fid-methods factors --bootstrap 4 --no-ms-ssim --wscore-seeds 1 --wscore-edge 32 \
           --wscore-widths 4 8 8 8 --wscore-precision fp32 --out "$WORK/metrics.json"
       else

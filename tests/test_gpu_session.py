@@ -256,6 +256,18 @@ def test_dry_run_features_rows(dry_run):
     assert rows["reference-bf16"]["max_abs_err"] < 0.5  # bf16 autocast against fp32
 
 
+def test_dry_run_metrics_feature_rows(dry_run):
+    """The metrics stage (benchmarks/bench_metrics.py, 2 + 2 volumes at 16^3, no MS-SSIM)
+    reports every feature timing; tests/test_bench_metrics.py runs the MS-SSIM rows."""
+    _, _, result = dry_run
+    metrics = result["metrics"]
+    for key in ("features_real_fp32", "features_fake_fp32", "features_fake_bf16", "fid_factors", "mmd", "bootstrap"):
+        assert metrics["seconds"][key] > 0, key
+    assert metrics["official_seconds"]["features_2n_extrapolated"] > 0
+    assert 0 <= metrics["bf16_feature_max_error_relative_to_max"] < 0.1
+    assert metrics["wscore"]["seeds"] == 1 and metrics["wscore"]["step_ms"] > 0
+
+
 def test_dry_run_fp8_stage(dry_run):
     _, _, result = dry_run
     fp8 = result["fp8"]
