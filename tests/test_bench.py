@@ -24,14 +24,27 @@ from prdit_fast.testing import randomized_model
 # --------------------------------------------------------------------------- #
 
 
+# The end-to-end run names XS variants (without and with a transformer, as the --quick CPU
+# defaults B/12/0 and B/12/4 are): the same cells and files in a fraction of the time;
+# test_quick_cpu_defaults checks what --quick picks on its own.
+VARIANTS = ("PRDiT-XS/10/0", "PRDiT-XS/10/1")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["bench", "--quick", "--device", "cpu", "--out", str(out)])
+        rc = main(["bench", "--quick", "--device", "cpu", "--variants", *VARIANTS, "--out", str(out)])
     folders = [p for p in out.iterdir() if p.is_dir()]
     return rc, out, folders, stdout.getvalue().splitlines()
+
+
+def test_quick_cpu_defaults():
+    opts = bench.BenchOptions(quick=True)
+    opts.resolve(torch.device("cpu"))
+    assert opts.variants == ("PRDiT-B/12/0", "PRDiT-B/12/4") and opts.sizes == (16,)
+    assert opts.steps_per_rep == 1 and opts.compile_mode == "default" and opts.backends == bench.SETUP_NAMES
 
 
 def test_quick_cpu_run_writes_json_markdown_png(quick_run):
@@ -71,7 +84,7 @@ def test_quick_cpu_json_is_labelled_cpu_with_required_keys(quick_run):
 
     rows = result["rows"]
     assert {(r["variant"], r["backend"]) for r in rows} == {
-        (v, b) for v in ("PRDiT-B/12/0", "PRDiT-B/12/4") for b in ("eager-fp32", "bf16-autocast")
+        (v, b) for v in VARIANTS for b in ("eager-fp32", "bf16-autocast")
     }
     for r in rows:
         assert r["device_type"] == "cpu"
@@ -83,7 +96,7 @@ def test_quick_cpu_json_is_labelled_cpu_with_required_keys(quick_run):
         if r["backend"] == "eager-fp32":
             assert r["sample_speedup"] == r["train_speedup"] == 1.0
     by_key = {(r["variant"], r["backend"]): r for r in rows}
-    fast, ref = by_key[("PRDiT-B/12/4", "bf16-autocast")], by_key[("PRDiT-B/12/4", "eager-fp32")]
+    fast, ref = by_key[("PRDiT-XS/10/1", "bf16-autocast")], by_key[("PRDiT-XS/10/1", "eager-fp32")]
     assert math.isclose(fast["sample_speedup"], ref["sample_step_ms"] / fast["sample_step_ms"])
 
     # a CPU run projects no GPU-hours, per row or for the paper's recipe
@@ -97,7 +110,7 @@ def test_quick_cpu_markdown_carries_the_cpu_label(quick_run):
     first = text.splitlines()[0]
     assert first.startswith("# ") and "CPU results" in first and "not GPU figures" in first
     assert "CPU-hour" not in text and "None: a CPU run projects no GPU-hours." in text
-    assert "| PRDiT-B/12/4 | 16 | bf16-autocast |" in text
+    assert "| PRDiT-XS/10/1 | 16 | bf16-autocast |" in text
     assert "1.00x" in text  # the reference's own ratio column
     assert "`fast`:" in text  # skipped backends are listed with their reason
 
