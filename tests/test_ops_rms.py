@@ -153,8 +153,9 @@ def test_fast_tf_prdit_matches_reference_fp32():
     for g, r in zip(grads_f, grads_r):
         assert_close_scaled(g, r)
     # the same weights in the LayerNorm network are far off: the RMS form is really used
-    layer = accelerate(randomized_model("PRDiT-XS/10/2", 16), dtype=torch.float32)
-    assert (layer(x, t) - out_r).abs().max() > 100 * GEMM_TOL * out_r.abs().max()
+    layer = accelerate(randomized_model("PRDiT-XS/10/2", 16), dtype=torch.float32, impl={"local_denoiser": "torch"})
+    with torch.no_grad():
+        assert (layer(x, t) - out_r).abs().max() > 100 * GEMM_TOL * out_r.abs().max()
 
 
 def test_accelerate_foreign_module_takes_its_norm():
