@@ -152,7 +152,9 @@ def report_identity(args: argparse.Namespace) -> dict:
 def claim_report(args: argparse.Namespace) -> FileClaim:
     """Claim ``--out`` (and its ``.md``) for this evaluation: UsageError when another job
     holds it or, without ``--overwrite``, when it holds another evaluation's report."""
-    return claim_output_file(args.out, report_identity(args), companions=(args.out.with_suffix(".md"),),
+    from prdit_fast.metrics.evaluate import markdown_report_path
+
+    return claim_output_file(args.out, report_identity(args), companions=(markdown_report_path(args.out),),
                              overwrite=args.overwrite)
 
 

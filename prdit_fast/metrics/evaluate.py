@@ -355,10 +355,15 @@ def markdown_report(result: dict[str, Any], title: str = "prdit_fast evaluation"
     return "\n".join(lines) + "\n"
 
 
+def markdown_report_path(path: str | os.PathLike) -> Path:
+    """Where ``write_report`` puts the Markdown copy of the JSON report ``path``."""
+    return Path(path).with_suffix(".md")
+
+
 def write_report(result: dict[str, Any], path: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``result`` as JSON to ``path`` and as Markdown next to it (``.md``), atomically."""
     path = Path(path)
-    markdown = path.with_suffix(".md")
+    markdown = markdown_report_path(path)
     write_json(path, result)
     with atomic_path(markdown) as tmp:
         tmp.write_text(markdown_report(result))
